@@ -1,0 +1,64 @@
+"""Environment report for `videor1 doctor` (pure inspection, no side effects)."""
+
+from __future__ import annotations
+
+import importlib
+import platform
+import shutil
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from pipelines.config import Config
+
+PACKAGES = [
+    "torch", "torchvision", "transformers", "trl", "accelerate", "peft", "datasets", "huggingface_hub",
+    "decord", "av", "qwen-vl-utils", "math-verify", "rouge-score", "vllm", "deepspeed", "flash-attn",
+]
+
+
+def _version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _importable(module: str) -> str:
+    try:
+        importlib.import_module(module)
+        return "ok"
+    except Exception as e:  # noqa: BLE001 - report why it does not import
+        return f"fails: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+
+
+def collect(cfg: Config) -> dict[str, Any]:
+    info: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform()}
+    for p in PACKAGES:
+        info[p] = _version(p)
+    try:
+        import torch
+
+        info["cuda"] = (
+            f"{torch.cuda.device_count()} device(s): "
+            + ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+            if torch.cuda.is_available()
+            else "no CUDA device (CPU only)"
+        )
+        info["bf16 supported"] = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        info["cpu threads"] = torch.get_num_threads()
+    except Exception as e:  # noqa: BLE001
+        info["cuda"] = f"torch fails to import: {e}"
+    info["decord import"] = _importable("decord")
+    info["pyav import"] = _importable("av")
+    info["vllm import"] = _importable("vllm") if info["vllm"] != "not installed" else "not installed ([vllm] extra)"
+    info["deepspeed import"] = (
+        _importable("deepspeed") if info["deepspeed"] != "not installed" else "not installed ([deepspeed] extra)"
+    )
+    reg = cfg.registry_path()
+    info["registry"] = str(reg.resolve())
+    probe = reg.parent if reg.parent.exists() else Path.cwd()
+    usage = shutil.disk_usage(probe)
+    info["free disk"] = f"{usage.free / 2**30:.1f} GiB free at {probe.resolve()}"
+    info["model"] = cfg.model.name_or_path
+    return info

@@ -1,0 +1,100 @@
+"""Root of the `videor1` command: global options, the command groups, and errors as one line + exit code."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import traceback
+
+import typer
+
+from pipelines.config import ConfigError
+from pipelines.errors import VideoR1Error
+from videor1_cli.common import err_console
+
+app = typer.Typer(
+    name="videor1",
+    help="The Video-R1 pipeline: data -> annotate -> train sft -> train rl (T-GRPO) -> eval -> push, "
+    "configured in one schema and recorded in a local run registry.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+# (module, name, help). Groups are Typer sub-apps; single commands register themselves on `app` via `register`.
+GROUPS = [
+    ("data", "data", "Fetch, unzip, validate, describe and synthesise Video-R1 records."),
+    ("model", "model", "Build models (the tiny offline Qwen2.5-VL)."),
+    ("config", "config", "Show, validate and describe the configuration."),
+    ("runs", "runs", "The local run registry: list, show, lineage, compare, plot, delete."),
+    ("train", "train", "Training stages: sft (cold start) and rl (GRPO / T-GRPO)."),
+    ("rewards", "rewards", "Score completions with the reward functions."),
+    ("bench", "bench", "Performance benchmarks against peers (figures go to BENCHMARKS.md)."),
+]
+COMMANDS = ["annotate", "eval", "push", "doctor", "quickstart"]
+
+
+@app.callback()
+def root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.", envvar="VIDEOR1_DEBUG"),
+) -> None:
+    if debug:
+        os.environ["VIDEOR1_DEBUG"] = "1"
+
+
+def _load() -> None:
+    for module, name, help_ in GROUPS:
+        mod = importlib.import_module(f"videor1_cli.{module}")
+        app.add_typer(mod.app, name=name, help=help_)
+    for module in COMMANDS:
+        mod = importlib.import_module(f"videor1_cli.{module}")
+        mod.register(app)
+
+
+_load()
+
+
+def _debug() -> bool:
+    return os.environ.get("VIDEOR1_DEBUG") == "1" or "--debug" in sys.argv
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app(standalone_mode=False)
+    except ConfigError as e:
+        _fail(e, 2, e.hint or "`videor1 config show` prints every key with its help")
+    except VideoR1Error as e:
+        _fail(e, e.exit_code, e.hint)
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/yellow]")
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as e:  # noqa: BLE001 - one readable line for anything unexpected
+        import click
+
+        if isinstance(e, click.exceptions.Exit):
+            sys.exit(e.exit_code)
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            err_console.print("[yellow]aborted[/yellow]")
+            sys.exit(1)
+        _fail(e, 1, "run again with --debug for the full traceback")
+
+
+def _fail(e: BaseException, code: int, hint: str | None) -> None:
+    if _debug():
+        traceback.print_exc()
+    msg = str(e) if isinstance(e, (ConfigError, VideoR1Error)) else f"{type(e).__name__}: {e}"
+    err_console.print(f"[bold red]error:[/bold red] {msg}", soft_wrap=True)
+    if hint:
+        err_console.print(f"[dim]hint: {hint}[/dim]", soft_wrap=True)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

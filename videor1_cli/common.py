@@ -1,0 +1,97 @@
+"""What every command shares: the config flags, the registered run, the console.
+
+`@config_command(...)` adds the same flags to every command that does work (--config, --preset, --set and the
+shortcuts --model / --data / --root), resolves the Config once and hands it to the command. Extra shortcuts map a
+flag to exactly one config key, so the CLI never knows a setting the schema does not (litgpt's rule).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import typer
+from rich.console import Console
+
+from pipelines.config import Config, load_config
+from pipelines.registry import Registry, Run
+
+console = Console(stderr=False, highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+
+class Shortcut:
+    """A command flag that sets one config key (e.g. --frames -> eval.frames)."""
+
+    def __init__(self, key: str, flags: list[str], type_: Any, help: str):
+        self.key, self.flags, self.type_, self.help = key, flags, type_, help
+
+
+MODEL = Shortcut("model.name_or_path", ["--model"], Optional[str], "Model directory or hub id (model.name_or_path).")
+DATA = Shortcut("data.file", ["--data"], Optional[str], "Input records, JSON or JSONL (data.file).")
+ROOT = Shortcut("data.root", ["--root"], Optional[str], "Directory record paths resolve against (data.root).")
+
+
+def _param(name: str, default: Any, annotation: Any) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+
+def config_command(*shortcuts: Shortcut) -> Callable:
+    """Decorate a command `fn(cfg: Config, ...)`: adds the shared config flags and passes the resolved Config."""
+
+    def deco(fn: Callable) -> Callable:
+        sig = inspect.signature(fn)
+        own = [p for p in sig.parameters.values() if p.name != "cfg"]
+        extra = [
+            _param("config_file", typer.Option(None, "--config", "-c", help="YAML config file (overrides the preset).",
+                                               rich_help_panel="Config"), Optional[Path]),
+            _param("preset", typer.Option(None, "--preset", "-p", help="Preset: cpu-tiny (default), video-r1-7b, "
+                                          "video-r1-eval.", rich_help_panel="Config"), Optional[str]),
+            _param("set_", typer.Option(None, "--set", "-s", help="Override one key: dotted.key=value (repeatable).",
+                                        rich_help_panel="Config"), Optional[list[str]]),
+        ]
+        names = []
+        for i, sc in enumerate(shortcuts):
+            pname = f"_sc{i}"
+            names.append((pname, sc.key))
+            extra.append(_param(pname, typer.Option(None, *sc.flags, help=sc.help, rich_help_panel="Config"),
+                                sc.type_))
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            config_file = kwargs.pop("config_file", None)
+            preset = kwargs.pop("preset", None)
+            overrides = kwargs.pop("set_", None) or []
+            sc_values = {key: kwargs.pop(pname, None) for pname, key in names}
+            cfg = load_config(preset=preset, file=config_file, overrides=overrides, shortcuts=sc_values)
+            return fn(cfg, *args, **kwargs)
+
+        wrapper.__signature__ = sig.replace(parameters=own + extra)  # type: ignore[attr-defined]
+        return wrapper
+
+    return deco
+
+
+def run_dir_for(cfg: Config, kind: str, run: Run) -> Path:
+    d = Path(cfg.run.output_dir) / f"{kind}-{run.id}"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+@contextlib.contextmanager
+def registered_run(cfg: Config, kind: str, run_dir: Optional[Path] = None) -> Iterator[tuple[Run, Path]]:
+    """Open a registry run for this command; always ends it (finished / failed / interrupted)."""
+    reg = Registry(cfg.registry_path())
+    command = "videor1 " + " ".join(sys.argv[1:]) if sys.argv and "videor1" in Path(sys.argv[0]).name else None
+    with reg.run(kind, cfg, command=command, name=cfg.run.name, tags=cfg.run.tags) as run:
+        d = Path(run_dir) if run_dir else run_dir_for(cfg, kind, run)
+        d.mkdir(parents=True, exist_ok=True)
+        run.set_run_dir(d)
+        if os.environ.get("VIDEOR1_QUIET") != "1":
+            err_console.print(f"[dim]run {run.id} ({kind}) -> {d}[/dim]")
+        yield run, d

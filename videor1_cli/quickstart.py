@@ -1,0 +1,9 @@
+"""`videor1 quickstart`."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    pass
