@@ -46,13 +46,13 @@ def synth_world(tmp_path_factory):
     return synthesize(out, train=24, test=12, seed=0)
 
 
-def run_cli(*args: str, check: bool = True):
-    """Invoke the Typer app in-process; returns the click Result."""
+def run_cli(*args, check: bool = True):
+    """Invoke the Typer app in-process (errors map to exit codes as in the real CLI); returns the click Result."""
     from typer.testing import CliRunner
 
     from videor1_cli.app import app
 
-    result = CliRunner().invoke(app, list(args), catch_exceptions=False)
+    result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
     if check and result.exit_code != 0:
         raise AssertionError(f"videor1 {' '.join(args)} exited {result.exit_code}:\n{result.output}")
     return result

@@ -7,13 +7,32 @@ import os
 import sys
 import traceback
 
+import click
 import typer
+from typer.core import TyperGroup
 
 from pipelines.config import ConfigError
 from pipelines.errors import VideoR1Error
 from videor1_cli.common import err_console
 
+class VideoR1Group(TyperGroup):
+    """Maps errors to one readable line and an exit code, for the real CLI and for CliRunner in tests alike."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except ConfigError as e:
+            _fail(e, 2, e.hint or "`videor1 config show` prints every key with its help")
+        except VideoR1Error as e:
+            _fail(e, e.exit_code, e.hint)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort, SystemExit, KeyboardInterrupt):
+            raise
+        except Exception as e:  # noqa: BLE001 - one readable line for anything unexpected
+            _fail(e, 1, "run again with --debug for the full traceback")
+
+
 app = typer.Typer(
+    cls=VideoR1Group,
     name="videor1",
     help="The Video-R1 pipeline: data -> annotate -> train sft -> train rl (T-GRPO) -> eval -> push, "
     "configured in one schema and recorded in a local run registry.",
@@ -62,28 +81,10 @@ def _debug() -> bool:
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        app(standalone_mode=False)
-    except ConfigError as e:
-        _fail(e, 2, e.hint or "`videor1 config show` prints every key with its help")
-    except VideoR1Error as e:
-        _fail(e, e.exit_code, e.hint)
+        app()
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/yellow]")
         sys.exit(130)
-    except SystemExit:
-        raise
-    except Exception as e:  # noqa: BLE001 - one readable line for anything unexpected
-        import click
-
-        if isinstance(e, click.exceptions.Exit):
-            sys.exit(e.exit_code)
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
-            err_console.print("[yellow]aborted[/yellow]")
-            sys.exit(1)
-        _fail(e, 1, "run again with --debug for the full traceback")
 
 
 def _fail(e: BaseException, code: int, hint: str | None) -> None:
