@@ -1,0 +1,377 @@
+"""Models and processors: load Qwen2.5-VL (or a videor1 checkpoint), build the tiny offline one, encode batches.
+
+The one place that knows the model family's quirks under transformers 5:
+- frames are decoded and sized by `pipelines.video` and handed to the processor as arrays (``do_resize=False``),
+  so the processor's own pixel bounds never silently re-size them;
+- the processor takes a single scalar ``fps``; a batch mixes videos of different sampled fps, so
+  ``second_per_grid_ts`` (what M-RoPE's time axis uses) is recomputed per video here;
+- ``mm_token_type_ids`` must cover prompt + completion for a forward on both, or the model silently falls back to
+  1-D positions (``extend_for_completion``).
+The tiny model is the recipe from ``environment.md``: real Qwen2.5-VL classes at toy sizes with a byte-level BPE
+tokenizer trained offline, so every test and the CPU quickstart exercise the same code as the 7B path.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+    "<|image_pad|>", "<|video_pad|>",
+]
+
+# A Qwen2.5-VL chat template (identical to the one the released checkpoints ship, as vendored by trl).
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in "
+    "content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] "
+    "== 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content "
+    "%}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n{% endif %}"
+)
+
+# Text the tiny tokenizer is trained on: the shipped prompt templates, answer formats, and the synthetic world's words.
+_TINY_CORPUS = [
+    "You are a helpful assistant.",
+    "<think> </think> <answer> </answer> <think>The square is red in every frame.</think>\n<answer>A</answer>",
+    "Please think about this question as if you were a human pondering deeply. Engage in an internal dialogue using "
+    "expressions such as 'let me think', 'wait', 'Hmm', 'oh, I see', 'let's break it down', etc, or other natural "
+    "language thought expressions It's encouraged to include self-reflection or verification in the reasoning "
+    "process. Provide your detailed reasoning between the <think> </think> tags, and then give your final answer "
+    "between the <answer> </answer> tags.",
+    "Provide your detailed reasoning between the <think> and </think> tags, and then give your final answer between "
+    "the <answer> and </answer> tags.",
+    " Please provide only the single option letter (e.g., A, B, C, D, etc.) within the <answer> </answer> tags.",
+    " Please provide the numerical value (e.g., 42 or 3.14) within the <answer> </answer> tags.",
+    " Please transcribe text from the image/video clearly and provide your text answer within the <answer> </answer> "
+    "tags.",
+    " Please provide your text answer within the <answer> </answer> tags.",
+    "Options:\nA. red\nB. green\nC. blue\nD. yellow\nE. F. G. H.",
+    "What colour is the square? Which direction does the square move? left right up down. Which colour appears "
+    "first? How many frames is the square red? How many squares are in the image? What word is written? Describe "
+    "the motion of the square. How many pixels wide is the square? How far does the square travel? The square moves "
+    "from the left to the right. It starts on the right and ends on the left. The word is CAT SUN BOX RED DOG HAT.",
+    "0 1 2 3 4 5 6 7 8 9 10 12 16 20 24 28 32 40 48 56 64 0.5 1.5 3.14 42 100",
+    "the a an in on of to is it first then after before every frame frames video image square squares colour color",
+]
+
+
+@dataclass
+class TinySpec:
+    """Sizes of the tiny Qwen2.5-VL (defaults: ~0.19 M parameters, measured learnable on 2 CPU cores)."""
+
+    vocab_size: int = 1024
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    mrope_section: tuple[int, int, int] = (2, 3, 3)
+    rope_theta: float = 10000.0
+    vision_depth: int = 2
+    vision_hidden_size: int = 32
+    vision_heads: int = 2
+    vision_intermediate_size: int = 64
+    max_position_embeddings: int = 4096
+
+
+def train_tiny_tokenizer(vocab_size: int = 1024, extra_corpus: Sequence[str] = ()):
+    """A byte-level BPE with Qwen's special tokens by name, trained offline in milliseconds."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=QWEN_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    corpus = list(_TINY_CORPUS) + list(extra_corpus)
+    tok.train_from_iterator(corpus * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        padding_side="left",
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=32768,
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+    )
+
+
+def build_processor(tokenizer, min_pixels: int = 28 * 28, max_pixels: int = 16384 * 28 * 28):
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+    return Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(size=size),
+        video_processor=Qwen2VLVideoProcessor(size=size),
+        tokenizer=tokenizer,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build_tiny_model(out_dir: str | Path, seed: int = 0, spec: TinySpec | None = None) -> Path:
+    """Write a tiny random Qwen2.5-VL (model + tokenizer + processor) to out_dir; from_pretrained round-trips it."""
+    import torch
+    from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    spec = spec or TinySpec()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    tokenizer = train_tiny_tokenizer(spec.vocab_size)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+    head_dim = spec.hidden_size // spec.num_attention_heads
+    if sum(spec.mrope_section) * 2 != head_dim:
+        raise ValueError(f"mrope_section {spec.mrope_section} must sum to head_dim/2 = {head_dim // 2}")
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=spec.hidden_size,
+            intermediate_size=spec.intermediate_size,
+            num_hidden_layers=spec.num_hidden_layers,
+            num_attention_heads=spec.num_attention_heads,
+            num_key_value_heads=spec.num_key_value_heads,
+            max_position_embeddings=spec.max_position_embeddings,
+            rope_parameters={"rope_type": "default", "rope_theta": spec.rope_theta,
+                             "mrope_section": list(spec.mrope_section)},
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
+            tie_word_embeddings=True,
+        ),
+        vision_config=dict(
+            depth=spec.vision_depth,
+            hidden_size=spec.vision_hidden_size,
+            intermediate_size=spec.vision_intermediate_size,
+            num_heads=spec.vision_heads,
+            patch_size=14,
+            temporal_patch_size=2,
+            spatial_merge_size=2,
+            out_hidden_size=spec.hidden_size,
+            window_size=112,
+            fullatt_block_indexes=[spec.vision_depth - 1],
+            tokens_per_second=2,
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(
+        eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], bos_token_id=ids["<|endoftext|>"]
+    )
+    model.save_pretrained(out)
+    build_processor(tokenizer).save_pretrained(out)
+    (out / "videor1_tiny.json").write_text(json.dumps({"seed": seed, "spec": spec.__dict__}, default=list))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+def resolve_device(device: str = "auto"):
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device) -> Any:
+    import torch
+
+    if dtype == "auto":
+        if getattr(device, "type", str(device)) == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def resolve_attn(attn: str, device) -> str:
+    if attn != "auto":
+        return attn
+    if getattr(device, "type", str(device)) == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def load_processor(path: str | Path, revision: str | None = None):
+    from transformers import AutoProcessor
+
+    proc = AutoProcessor.from_pretrained(str(path), revision=revision)
+    proc.tokenizer.padding_side = "left"
+    return proc
+
+
+def load_model(model_cfg, path: str | Path | None = None, device=None, for_training: bool = False):
+    """Load a Qwen2.5-VL model from model_cfg.name_or_path (or `path`), on `device`, in the configured dtype."""
+    from transformers import AutoModelForImageTextToText
+    from transformers.utils import logging as hf_logging
+
+    from pipelines.errors import VideoR1Error
+
+    hf_logging.disable_progress_bar()
+
+    device = device or resolve_device(model_cfg.device)
+    dtype = resolve_dtype(model_cfg.dtype, device)
+    name = str(path or model_cfg.name_or_path)
+    if not Path(name).exists() and Path(name).is_absolute():
+        raise VideoR1Error(f"model directory not found: {name}", hint="build one with `videor1 model tiny --out DIR`")
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(
+            name, revision=model_cfg.revision, dtype=dtype, attn_implementation=resolve_attn(
+                model_cfg.attn_implementation, device)
+        )
+    except OSError as e:
+        raise VideoR1Error(
+            f"cannot load model '{name}': {str(e).splitlines()[0]}",
+            hint="pass --model DIR (a local Qwen2.5-VL or videor1 checkpoint); offline machines need a local path",
+        ) from None
+    model.to(device)
+    if for_training:
+        model.train()
+        if model_cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        if model_cfg.freeze_vision:
+            for p in visual_module(model).parameters():
+                p.requires_grad_(False)
+    else:
+        model.eval()
+    return model
+
+
+def visual_module(model):
+    base = getattr(model, "model", model)
+    return getattr(base, "visual", None) or getattr(model, "visual")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass
+class Media:
+    """Decoded media of one sample: exactly one of `video` (T,H,W,3 uint8) or `image` (H,W,3 uint8)."""
+
+    video: np.ndarray | None = None
+    image: np.ndarray | None = None
+    fps: float | None = None  # sampled fps of the video (Frames.sample_fps)
+
+    @property
+    def kind(self) -> str:
+        return "video" if self.video is not None else "image" if self.image is not None else "text"
+
+
+def decode_media(record: dict, cfg, root: str | Path | None) -> Media:
+    """Decode a record's video (frame sampler) or image; raises MediaError naming the path."""
+    from pipelines import video as V
+    from pipelines.records import resolve_media
+
+    path = resolve_media(record, root)
+    if record.get("data_type") == "video":
+        fr = V.sample_video(path, cfg.video)
+        return Media(video=fr.frames, fps=fr.sample_fps)
+    if record.get("data_type") == "image":
+        return Media(image=V.load_image(path, cfg.image))
+    return Media()
+
+
+def shuffled(media: Media, generator) -> Media:
+    """The same video with its frames in one random permutation (T-GRPO's contrast)."""
+    import torch
+
+    if media.video is None:
+        return media
+    perm = torch.randperm(media.video.shape[0], generator=generator).numpy()
+    return Media(video=media.video[perm], fps=media.fps)
+
+
+def encode_batch(processor, texts: Sequence[str], media: Sequence[Media], padding_side: str = "left"):
+    """Processor call for a batch mixing video, image and text-only samples; per-video fps honoured.
+
+    `texts` are chat-rendered prompts holding one <|video_pad|> / <|image_pad|> placeholder per media item.
+    """
+    import torch
+
+    videos = [m.video for m in media if m.video is not None]
+    images = [m.image for m in media if m.image is not None]
+    kwargs: dict[str, Any] = {"text": list(texts), "return_tensors": "pt", "padding": True}
+    if videos:
+        kwargs["videos"] = [v for v in videos]
+        kwargs["videos_kwargs"] = {"do_resize": False, "do_sample_frames": False}
+        if hasattr(processor.video_processor, "cap_pixels_per_frame"):
+            # Frames were already sized by pipelines.video under video.total_pixels; no second cap.
+            kwargs["videos_kwargs"]["cap_pixels_per_frame"] = False
+    if images:
+        kwargs["images"] = images
+        kwargs["images_kwargs"] = {"do_resize": False}
+    tok = processor.tokenizer
+    old_side = tok.padding_side
+    tok.padding_side = padding_side
+    try:
+        batch = processor(**kwargs)
+    finally:
+        tok.padding_side = old_side
+    if videos:
+        tp = processor.video_processor.temporal_patch_size
+        fps = [m.fps or 2.0 for m in media if m.video is not None]
+        batch["second_per_grid_ts"] = torch.tensor([tp / f for f in fps], dtype=torch.float32)
+    return batch
+
+
+def extend_for_completion(batch: dict, completion_ids, completion_mask=None) -> dict:
+    """Inputs for a forward on prompt + completion: concatenated ids/mask, mm_token_type_ids extended with zeros."""
+    import torch
+
+    out = dict(batch)
+    out["input_ids"] = torch.cat([batch["input_ids"], completion_ids], dim=1)
+    cmask = completion_mask if completion_mask is not None else torch.ones_like(completion_ids)
+    out["attention_mask"] = torch.cat([batch["attention_mask"], cmask.to(batch["attention_mask"].dtype)], dim=1)
+    if "mm_token_type_ids" in batch:
+        tt = batch["mm_token_type_ids"]
+        out["mm_token_type_ids"] = torch.cat([tt, torch.zeros_like(completion_ids, dtype=tt.dtype)], dim=1)
+    return out
+
+
+def repeat_batch(batch: dict, n: int) -> dict:
+    """Repeat every sample of a single-prompt batch n times (visual tensors included), for G completions."""
+    import torch
+
+    out = {}
+    for k, v in batch.items():
+        if not torch.is_tensor(v):
+            out[k] = v
+        elif k in ("pixel_values_videos", "pixel_values"):
+            out[k] = v.repeat(n, 1)
+        elif k in ("video_grid_thw", "image_grid_thw"):
+            out[k] = v.repeat(n, 1)
+        elif k == "second_per_grid_ts":
+            out[k] = v.repeat(n)
+        else:
+            out[k] = v.repeat_interleave(n, dim=0)
+    return out
+
+
+def suppressed_token_ids(tokenizer) -> list[int]:
+    """Special tokens that must never be sampled (a sampled <|video_pad|> breaks the next forward)."""
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    return [tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS if t != "<|im_end|>"
+            and tokenizer.convert_tokens_to_ids(t) != eos]
