@@ -87,6 +87,12 @@ def run_dir_for(cfg: Config, kind: str, run: Run) -> Path:
 def registered_run(cfg: Config, kind: str, run_dir: Optional[Path] = None) -> Iterator[tuple[Run, Path]]:
     """Open a registry run for this command; always ends it (finished / failed / interrupted)."""
     reg = Registry(cfg.registry_path())
+    attached = os.environ.get("VIDEOR1_RUN_ID")
+    if attached:
+        # A worker started by pipelines.launch (torchrun): the launching process owns the run and ends it.
+        run = Run(reg, attached)
+        yield run, Path(os.environ.get("VIDEOR1_RUN_DIR") or run_dir or run_dir_for(cfg, kind, run))
+        return
     command = "videor1 " + " ".join(sys.argv[1:]) if sys.argv and "videor1" in Path(sys.argv[0]).name else None
     with reg.run(kind, cfg, command=command, name=cfg.run.name, tags=cfg.run.tags) as run:
         d = Path(run_dir) if run_dir else run_dir_for(cfg, kind, run)
