@@ -419,6 +419,11 @@ def parse_set(item: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-6" as a string; a user typing it means a number
+            value = float(value) if any(c.isdigit() for c in value) and "e" in value.lower() else value
+        except ValueError:
+            pass
     return key.split("."), value
 
 

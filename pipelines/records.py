@@ -32,6 +32,7 @@ the same records:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -473,15 +474,7 @@ def write_records(records: Iterable[Any], path: str | os.PathLike, *, fmt: str |
                 f.write("\n]\n" if n else "]\n")
         os.replace(tmp, path)
     except BaseException:
-        with _suppress():
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     return n
-
-
-class _suppress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return exc[0] is not None and issubclass(exc[0], OSError)

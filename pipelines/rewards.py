@@ -34,7 +34,7 @@ import math
 import re
 import threading
 from functools import lru_cache
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from pipelines.errors import VideoR1Error
 
@@ -217,10 +217,12 @@ def word_error_rate(reference: str, hypothesis: str) -> float:
 
 
 @lru_cache(maxsize=1)
-def _rouge_scorer():
-    from rouge_score import rouge_scorer
+def _rouge():
+    """(scorer, tokenizer), built once: RougeScorer construction loads the Porter stemmer."""
+    from rouge_score import rouge_scorer, tokenizers
 
-    return rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    tokenizer = tokenizers.DefaultTokenizer(use_stemmer=True)
+    return rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], tokenizer=tokenizer), tokenizer
 
 
 def rouge_mean(reference: str, hypothesis: str) -> float:
@@ -229,9 +231,9 @@ def rouge_mean(reference: str, hypothesis: str) -> float:
     Deviation: when both sides tokenise to the same non-empty tokens the score is 1 (Video-R1 gives a one-word
     exact answer 2/3, since ROUGE-2 of a single token is 0).
     """
-    scorer = _rouge_scorer()
-    ref_tokens = scorer._tokenizer.tokenize(reference)
-    if ref_tokens and ref_tokens == scorer._tokenizer.tokenize(hypothesis):
+    scorer, tokenizer = _rouge()
+    ref_tokens = tokenizer.tokenize(reference)
+    if ref_tokens and ref_tokens == tokenizer.tokenize(hypothesis):
         return 1.0
     s = scorer.score(reference, hypothesis)
     mean = (s["rouge1"].fmeasure + s["rouge2"].fmeasure + s["rougeL"].fmeasure) / 3
@@ -454,10 +456,6 @@ def compute_rewards(
         per[name] = values
         total = [t + float(w) * v for t, v in zip(total, values)]
     return total, per
-
-
-def iter_names(rewards: Iterable[str]) -> list[str]:
-    return list(dict.fromkeys(rewards))
 
 
 __all__ = [
