@@ -79,10 +79,10 @@ class Kind:
 KINDS: dict[str, Kind] = {
     k.name: k
     for k in [
-        Kind("color", "video", "multiple choice", "synthetic/color", 0.30, ("steady",)),
-        Kind("direction", "video", "multiple choice", "synthetic/order/direction", 0.40, ("steady", "switch")),
-        Kind("first-color", "video", "multiple choice", "synthetic/order/first-color", 0.15, ("switch",)),
-        Kind("last-color", "video", "multiple choice", "synthetic/order/last-color", 0.15, ("switch",)),
+        Kind("color", "video", "multiple choice", "synthetic/color", 0.29, ("steady",)),
+        Kind("direction", "video", "multiple choice", "synthetic/order/direction", 0.43, ("steady", "switch")),
+        Kind("first-color", "video", "multiple choice", "synthetic/order/first-color", 0.14, ("switch",)),
+        Kind("last-color", "video", "multiple choice", "synthetic/order/last-color", 0.14, ("switch",)),
         Kind("count-frames", "video", "numerical", "synthetic/count-frames", 1.0, ("steady", "switch")),
         Kind("describe", "video", "free-form", "synthetic/order/describe", 1.0, ("steady", "switch")),
         Kind("distance", "video", "regression", "synthetic/distance", 1.0, ("steady", "switch")),

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import lzma
 import os
 import posixpath
 import re
@@ -28,6 +29,7 @@ import shutil
 import stat
 import time
 import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -186,7 +188,7 @@ def extract_archive(
             res.status = "extracted"
     except UnsafeArchive as e:
         res.error = f"unsafe archive, nothing extracted: {e}"
-    except zipfile.BadZipFile as e:
+    except (zipfile.BadZipFile, zlib.error, lzma.LZMAError) as e:
         res.error = f"corrupt archive: {e}"
     except (OSError, EOFError, RuntimeError, NotImplementedError, ValueError) as e:
         res.error = f"{type(e).__name__}: {e}"

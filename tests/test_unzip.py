@@ -89,7 +89,7 @@ def test_zip_slip_refused(tmp_path, name):
     root = tmp_path / "root"
     z = make_zip(root / "evil" / "evil.zip", {"good.txt": b"good", name: b"bad"})
     r = extract_archive(z)
-    assert r.status == "error" and "unsafe" in r.error and name in r.error
+    assert r.status == "error" and "unsafe" in r.error and repr(name) in r.error
     assert not (root / "evil" / "good.txt").exists()  # refused before anything was written
     assert not (root / "escaped.txt").exists() and not (tmp_path / "escaped.txt").exists()
     assert not Path("/tmp/abs-escaped.txt").exists()
@@ -129,9 +129,18 @@ def test_corrupt_archives_named(tree):
         data[k] ^= 0xFF
     crc.write_bytes(bytes(data))
     assert i is None  # really compressed, so the flip corrupts the stream
+    stored = tree / "PerceptionTest" / "pt.zip"  # stored (no compression): a flipped byte is a CRC error
+    stored.parent.mkdir()
+    with zipfile.ZipFile(stored, "w", compression=zipfile.ZIP_STORED) as zf:
+        zf.writestr("p.mp4", b"B" * 3000)
+    data = bytearray(stored.read_bytes())
+    data[data.index(b"B" * 100) + 50] ^= 0x01
+    stored.write_bytes(bytes(data))
     results = {Path(r.archive).name: r for r in extract_all(tree, jobs=2)}
     assert results["NeXT-QA.zip"].status == "error" and "corrupt" in results["NeXT-QA.zip"].error
-    assert results["STAR.zip"].status == "error"
+    assert results["STAR.zip"].status == "error" and "corrupt" in results["STAR.zip"].error
+    assert results["pt.zip"].status == "error" and "CRC" in results["pt.zip"].error
+    assert not (tree / "PerceptionTest" / "p.mp4").exists()
     assert not (tree / "STAR" / "s.mp4").exists() and not list(tree.rglob(f"{TMP_PREFIX}*"))
     assert results["CLEVRER.zip"].status == "extracted" and (tree / "CLEVRER" / "videos" / "v1.mp4").exists()
 
@@ -156,7 +165,7 @@ def test_cli_unzip_summary_exit_code_and_registry(tree):
     m = reg.metrics_summary(latest["id"])
     assert m["archives"]["last"] == 3 and m["skipped"]["last"] == 3 and m["errors"]["last"] == 0
     first = reg.metrics_summary(runs[1]["id"])
-    assert first["errors"]["last"] == 1 and first["files"]["last"] == 5 and first["bytes"]["last"] == 1510
+    assert first["errors"]["last"] == 1 and first["files"]["last"] == 4 and first["bytes"]["last"] == 1510
 
 
 def test_cli_unzip_not_a_directory(tmp_path):
