@@ -25,7 +25,8 @@ class VideoR1Group(TyperGroup):
             _fail(e, 2, e.hint or "`videor1 config show` prints every key with its help")
         except VideoR1Error as e:
             _fail(e, e.exit_code, e.hint)
-        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort, SystemExit, KeyboardInterrupt):
+        except (click.exceptions.Exit, typer.Exit, click.ClickException, click.exceptions.Abort, SystemExit,
+                KeyboardInterrupt):
             raise
         except Exception as e:  # noqa: BLE001 - one readable line for anything unexpected
             _fail(e, 1, "run again with --debug for the full traceback")

