@@ -235,3 +235,79 @@ def stats(
                   str(m["questions_per_item_max"]))
     console.print(t)
     console.print(f"{s['records']:,} records, {s['unique_media']:,} unique media files")
+
+
+@app.command("synth")
+@config_command()
+def synth(
+    cfg: Config,
+    out: Path = typer.Option(Path("videor1-synth"), "--out", "-o", help="Directory of the world (created)."),
+    train: int = typer.Option(4000, "--train", min=0, help="RL pool records, without CoT (rl.json)."),
+    test: int = typer.Option(1000, "--test", min=0, help="Held-out records (test.json)."),
+    sft: Optional[int] = typer.Option(None, "--sft", min=0,
+                                      help="Cold-start records with gold <think> CoT (sft.json; default train/4)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the world (default: run.seed)."),
+    frames: int = typer.Option(8, "--frames", min=2, help="Frames per video."),
+    size: int = typer.Option(56, "--size", min=16, help="Width = height of videos and images (even)."),
+    fps: float = typer.Option(4.0, "--fps", min=0.1, help="Frame rate written into the mp4s."),
+    image_fraction: float = typer.Option(0.25, "--image-fraction", min=0.0, max=1.0, help="Share of image records."),
+) -> None:
+    """Write the synthetic world: Video-R1 records (rl.json, sft.json with CoT, test.json) + mp4 videos + png images.
+
+    All five problem types on videos and images (colour, direction, which colour first, frame counts, OCR words,
+    descriptions, distances); data_sources containing 'order' need frame order. Same seed, same bytes. world.json
+    holds counts and the chance level of every data_source.
+    """
+    import time as _time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TimeRemainingColumn
+    from rich.table import Table
+    from rich.text import Text
+
+    from pipelines.synth import synthesize
+    from videor1_cli.common import console, err_console, registered_run
+
+    class _Rate(ProgressColumn):
+        def render(self, task):  # noqa: D102
+            return Text(f"{task.speed:,.0f} items/s" if task.speed else "- items/s", style="progress.data.speed")
+
+    if seed is not None:
+        cfg.run.seed = seed  # recorded with the run's config
+    seed = cfg.run.seed
+    with registered_run(cfg, "data-synth") as (run, _run_dir):
+        t0 = _time.perf_counter()
+        columns = ("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(), _Rate(),
+                   TimeRemainingColumn())
+        with Progress(*columns, console=err_console, transient=True) as bar:
+            task = bar.add_task("synthesizing records", total=None)
+            world = synthesize(out, train=train, test=test, seed=seed, sft=sft, frames=frames, size=size, fps=fps,
+                               image_fraction=image_fraction,
+                               progress=lambda done, total: bar.update(task, completed=done, total=total))
+        seconds = _time.perf_counter() - t0
+        man, counts = world["manifest"], world["counts"]
+        aid = run.log_artifact("dataset", out, meta={"format": man["format"], "seed": seed, **counts})
+        for split in ("rl", "sft", "test"):
+            run.log_artifact("records", world[split], meta={"split": split, "dataset": aid,
+                                                            "records": counts[split]})
+        metrics = {"records": counts["records"], "videos": counts["videos"], "images": counts["images"],
+                   "seconds": seconds, "records_per_s": counts["records"] / max(seconds, 1e-9)}
+        for split in ("rl", "sft", "test"):
+            metrics[f"{split}/records"] = counts[split]
+            metrics[f"{split}/chance"] = man["counts"][split]["chance"]
+            metrics[f"{split}/questions_per_video"] = man["counts"][split]["questions_per_video"]
+        run.log_metrics(0, metrics)
+        run.set_summary({"out": str(Path(out).resolve()), "seed": seed, "counts": counts, "dataset": aid,
+                         "files": {s: world[s] for s in ("rl", "sft", "test", "world")},
+                         "chance": {s: man["counts"][s]["chance"] for s in ("rl", "sft", "test")},
+                         "seconds": round(seconds, 2)})
+    table = Table("split", "file", "records", "videos", "images", "q/video", "MC/num/OCR/free/regr",
+                  "chance", title=f"data synth {out} (seed {seed})")
+    for split in ("rl", "sft", "test"):
+        c = man["counts"][split]
+        bt = c["by_problem_type"]
+        mix = "/".join(str(bt.get(k, 0)) for k in ("multiple choice", "numerical", "OCR", "free-form", "regression"))
+        table.add_row(split, Path(world[split]).name, f"{c['records']:,}", f"{c['videos']:,}", f"{c['images']:,}",
+                      f"{c['questions_per_video'] or 0:.2f}", mix, f"{c['chance'] or 0:.3f}")
+    console.print(table)
+    console.print(f"{counts['records']:,} records in {seconds:.1f}s -> {out} (world.json: chance per data_source)",
+                  soft_wrap=True)

@@ -1,0 +1,366 @@
+"""Multi-process launch shared by `train rl`, `train sft`, `annotate` and `eval`.
+
+The command a user types runs once (the *launcher*: it owns the registry run). When `distributed.nproc > 1` or
+`distributed.nnodes > 1`, `launch()` re-runs the SAME command line under torchrun (or `accelerate launch`) with the
+same interpreter; the workers see `RANK` / `LOCAL_RANK` (so `is_distributed_worker()` is true and they do not relaunch)
+and `VIDEOR1_RUN_ID` / `VIDEOR1_RUN_DIR` (so `registered_run` attaches them to the launcher's run). A command looks
+like::
+
+    with registered_run(cfg, "rl") as (run, run_dir):
+        if needs_launch(cfg):
+            code = launch(cfg, sys.argv[1:], run, run_dir)
+            if code: raise TrainingError(f"workers exited with {code}")
+            return
+        init_distributed(cfg)         # or make_accelerator(cfg, ...), which does it
+        ...                           # rank-0-only logging: is_main_process()
+
+Traps handled here (measured, /work/shared/reference/environment.md): `accelerate launch --cpu --num_processes 2`
+silently starts ONE process, so CPU runs use `--multi_gpu` with `Accelerator(cpu=True)` (what `make_accelerator`
+builds) or torchrun; Qwen2.5-VL's config has no top-level `hidden_size`, so accelerate cannot fill ZeRO-3's
+hidden-size "auto" keys itself (`resolve_deepspeed_config` does).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Sequence
+
+from pipelines.errors import VideoR1Error
+
+LAUNCH_CONFIG_DIR = Path(__file__).resolve().parent / "launch_configs"
+DEEPSPEED_CONFIGS = {"zero2": "zero2.json", "zero3": "zero3.json", "zero3_offload": "zero3_offload.json"}
+APP_MODULE = "videor1_cli.app"
+_GRACE_SECONDS = 30.0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Where am I
+def is_distributed_worker() -> bool:
+    """True inside a process started by torchrun / accelerate / deepspeed / SLURM-srun-with-torchrun (RANK or LOCAL_RANK set)."""
+    return "LOCAL_RANK" in os.environ or "RANK" in os.environ
+
+
+def _dist():
+    try:
+        import torch.distributed as dist
+
+        return dist if dist.is_available() and dist.is_initialized() else None
+    except ImportError:
+        return None
+
+
+def rank() -> int:
+    d = _dist()
+    return d.get_rank() if d else int(os.environ.get("RANK", 0))
+
+
+def world_size() -> int:
+    d = _dist()
+    return d.get_world_size() if d else int(os.environ.get("WORLD_SIZE", 1))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def needs_launch(cfg) -> bool:
+    """True in the user's process when the config asks for more than one process (workers never relaunch)."""
+    d = cfg.distributed
+    return (d.nproc > 1 or d.nnodes > 1) and not is_distributed_worker()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# DeepSpeed configs
+def deepspeed_config_path(name_or_path: str | os.PathLike) -> Path:
+    """A shipped config by name (zero2, zero3, zero3_offload) or an existing JSON path."""
+    key = str(name_or_path)
+    if key in DEEPSPEED_CONFIGS:
+        return LAUNCH_CONFIG_DIR / DEEPSPEED_CONFIGS[key]
+    path = Path(key).expanduser()
+    if path.is_file():
+        return path.resolve()
+    raise VideoR1Error(
+        f"DeepSpeed config '{key}' is neither a shipped name nor an existing file",
+        hint=f"use one of {', '.join(DEEPSPEED_CONFIGS)} or a path to a DeepSpeed JSON config",
+    )
+
+
+def load_deepspeed_config(name_or_path: str | os.PathLike) -> dict[str, Any]:
+    path = deepspeed_config_path(name_or_path)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise VideoR1Error(f"cannot read DeepSpeed config {path}: {e}") from None
+
+
+def model_hidden_size(model) -> int | None:
+    """Hidden size of a (possibly multimodal) HF model: config.hidden_size or config.text_config.hidden_size."""
+    cfg = getattr(model, "config", None)
+    for c in (cfg, getattr(cfg, "text_config", None)):
+        if c is not None and isinstance(getattr(c, "hidden_size", None), int):
+            return c.hidden_size
+    return None
+
+
+def resolve_deepspeed_config(
+    config: dict[str, Any] | str | os.PathLike,
+    *,
+    micro_batch_size: int | None = None,
+    gradient_accumulation_steps: int | None = None,
+    world_size: int | None = None,
+    max_grad_norm: float | None = None,
+    mixed_precision: str = "no",
+    hidden_size: int | None = None,
+) -> dict[str, Any]:
+    """Replace the HF-style "auto" values we can know (accelerate fills the rest, but cannot fill hidden-size keys for
+    Qwen2.5-VL, nor the batch size without a prepared DataLoader)."""
+    ds = copy.deepcopy(config) if isinstance(config, dict) else load_deepspeed_config(config)
+
+    def fill(d: dict, key: str, value) -> None:
+        if value is not None and d.get(key) == "auto":
+            d[key] = value
+
+    fill(ds, "train_micro_batch_size_per_gpu", micro_batch_size)
+    fill(ds, "gradient_accumulation_steps", gradient_accumulation_steps)
+    fill(ds, "gradient_clipping", max_grad_norm)
+    if micro_batch_size is not None and gradient_accumulation_steps is not None and world_size is not None:
+        fill(ds, "train_batch_size", micro_batch_size * gradient_accumulation_steps * world_size)
+    for key, on in (("bf16", mixed_precision == "bf16"), ("fp16", mixed_precision == "fp16")):
+        if isinstance(ds.get(key), dict):
+            fill(ds[key], "enabled", on)
+    zo = ds.get("zero_optimization")
+    if isinstance(zo, dict) and hidden_size:
+        fill(zo, "reduce_bucket_size", hidden_size * hidden_size)
+        fill(zo, "stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size))
+        fill(zo, "stage3_param_persistence_threshold", 10 * hidden_size)
+    return ds
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The command line
+def build_launch_command(cfg, argv: Sequence[str], python: str | None = None) -> list[str]:
+    """The launcher command that re-runs `videor1 <argv>` on every rank of this node."""
+    d = cfg.distributed
+    py = python or sys.executable
+    if d.launcher == "accelerate":
+        cmd = [py, "-m", "accelerate.commands.launch"]
+        if d.deepspeed:
+            cmd += ["--use_deepspeed", "--deepspeed_config_file", str(deepspeed_config_path(d.deepspeed))]
+            if d.nnodes > 1:
+                cmd += ["--deepspeed_multinode_launcher", "standard"]
+        else:
+            # Never --cpu: `--cpu --num_processes 2` silently starts one process. On CPU the workers build
+            # Accelerator(cpu=True) (make_accelerator), and --multi_gpu gives gloo ranks.
+            cmd += ["--multi_gpu"]
+        cmd += [
+            "--num_processes", str(d.nproc * d.nnodes),
+            "--num_machines", str(d.nnodes),
+            "--machine_rank", str(d.node_rank),
+            "--main_process_ip", d.master_addr,
+            "--main_process_port", str(d.master_port),
+            "--mixed_precision", "no",  # the command's own config decides (bf16 flags), not accelerate's
+            "--dynamo_backend", "no",
+        ]
+    else:
+        cmd = [
+            py, "-m", "torch.distributed.run",
+            "--nproc_per_node", str(d.nproc),
+            "--nnodes", str(d.nnodes),
+            "--node_rank", str(d.node_rank),
+            "--master_addr", d.master_addr,
+            "--master_port", str(d.master_port),
+        ]
+    return cmd + ["-m", APP_MODULE, *[str(a) for a in argv]]
+
+
+def launch_env(run_id: str | None, run_dir: str | os.PathLike | None, base: dict[str, str] | None = None,
+               ) -> dict[str, str]:
+    env = dict(os.environ if base is None else base)
+    if run_id:
+        env["VIDEOR1_RUN_ID"] = str(run_id)
+    if run_dir:
+        env["VIDEOR1_RUN_DIR"] = str(Path(run_dir).resolve())
+    env["VIDEOR1_LAUNCHED"] = "1"
+    env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default, set here so it does not warn
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def launch(cfg, argv: Sequence[str], run=None, run_dir: str | os.PathLike | None = None, *,
+           python: str | None = None) -> int:
+    """Re-run this command under torchrun / accelerate; stream the workers' output; return the exit code.
+
+    The caller (inside `registered_run`) turns a non-zero code into a failed run. SIGINT / SIGTERM are forwarded to
+    the launcher's process group; when the workers have stopped, KeyboardInterrupt is raised so the run is marked
+    interrupted.
+    """
+    if is_distributed_worker():
+        raise RuntimeError("launch() called inside a distributed worker; check needs_launch(cfg) first")
+    run_id = getattr(run, "id", None)
+    if run_dir is None and run is not None:
+        try:
+            run_dir = (run.info or {}).get("run_dir")
+        except Exception:  # noqa: BLE001 - a run without registry row: workers fall back to their own dir
+            run_dir = None
+    cmd = build_launch_command(cfg, argv, python=python)
+    env = launch_env(run_id, run_dir)
+    if os.environ.get("VIDEOR1_QUIET") != "1":
+        print(f"launching {cfg.distributed.nproc * cfg.distributed.nnodes} processes "
+              f"({cfg.distributed.launcher}): {' '.join(cmd)}", file=sys.stderr, flush=True)
+
+    try:
+        out_fd = sys.stdout.fileno()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pipe = False
+    except (AttributeError, OSError, ValueError):  # stdout replaced (pytest capsys, CliRunner): pump lines into it
+        out_fd, pipe = None, True
+    proc = subprocess.Popen(
+        cmd, env=env, start_new_session=True,
+        stdout=subprocess.PIPE if pipe else None, stderr=subprocess.STDOUT if pipe else None,
+        text=pipe, bufsize=1 if pipe else -1,
+    )
+    pump = None
+    if pipe:
+        def _pump():
+            for line in proc.stdout:  # type: ignore[union-attr]
+                sys.stdout.write(line)
+                sys.stdout.flush()
+        pump = threading.Thread(target=_pump, daemon=True)
+        pump.start()
+
+    interrupted: list[int] = []
+
+    def forward(signum, frame):  # noqa: ARG001
+        interrupted.append(signum)
+        try:
+            os.killpg(proc.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, forward)
+    try:
+        while True:
+            try:
+                code = proc.wait(timeout=_GRACE_SECONDS if interrupted else None)
+                break
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)  # workers ignored the signal for the grace period
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if pump is not None:
+            pump.join(timeout=5)
+    if interrupted:
+        raise KeyboardInterrupt(f"signal {interrupted[0]} forwarded to the workers")
+    return code
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Inside the workers
+def resolve_backend(cfg) -> str:
+    backend = cfg.distributed.backend
+    if backend == "auto":
+        import torch
+
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    return backend
+
+
+def init_distributed(cfg) -> bool:
+    """Init the default process group in a worker (env://); no-op outside workers or when already done."""
+    if not is_distributed_worker():
+        return False
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return True
+    backend = resolve_backend(cfg)
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank())
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=cfg.distributed.timeout_minutes))
+    return True
+
+
+def barrier() -> None:
+    d = _dist()
+    if d is not None:
+        d.barrier()
+
+
+def cleanup() -> None:
+    d = _dist()
+    if d is not None:
+        d.destroy_process_group()
+
+
+def make_accelerator(
+    cfg,
+    gradient_accumulation_steps: int = 1,
+    mixed_precision: str = "no",
+    *,
+    micro_batch_size: int | None = None,
+    max_grad_norm: float | None = None,
+    hidden_size: int | None = None,
+    **accelerator_kwargs: Any,
+):
+    """An `accelerate.Accelerator` for this process: cpu=True without CUDA (gloo), DeepSpeed when configured.
+
+    With DeepSpeed, pass `micro_batch_size` when you do not `prepare()` a DataLoader, and `hidden_size`
+    (`model_hidden_size(model)`) for ZeRO-3's bucket sizes.
+    """
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    cpu = not torch.cuda.is_available()
+    if cpu and mixed_precision == "fp16":
+        mixed_precision = "no"  # no fp16 autocast on CPU
+    handlers = list(accelerator_kwargs.pop("kwargs_handlers", []) or [])
+    handlers.append(InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=cfg.distributed.timeout_minutes)))
+    plugin = None
+    if cfg.distributed.deepspeed:
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            raise VideoR1Error(
+                "distributed.deepspeed is set but DeepSpeed is not installed",
+                hint="pip install 'videor1[deepspeed]' (CPU: pip install --no-build-isolation deepspeed ninja)",
+            ) from None
+        from accelerate.utils import DeepSpeedPlugin
+
+        ds = resolve_deepspeed_config(
+            cfg.distributed.deepspeed,
+            micro_batch_size=micro_batch_size,
+            gradient_accumulation_steps=gradient_accumulation_steps,
+            world_size=world_size(),
+            max_grad_norm=max_grad_norm,
+            mixed_precision=mixed_precision,
+            hidden_size=hidden_size,
+        )
+        plugin = DeepSpeedPlugin(hf_ds_config=ds, gradient_accumulation_steps=gradient_accumulation_steps)
+    return Accelerator(
+        cpu=cpu,
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        deepspeed_plugin=plugin,
+        kwargs_handlers=handlers,
+        **accelerator_kwargs,
+    )
