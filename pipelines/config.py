@@ -304,6 +304,10 @@ class EvalConfig(Section):
     output_dir: str | None = Field(None, description="Where per-sample JSONL and results.json go (default: run dir).")
     compare: Literal["none", "paper"] = Field("none", description="paper = add the paper's row and the delta.")
     limit: int | None = Field(None, ge=1, description="Evaluate only the first N samples of each benchmark.")
+    paper_model: str | None = Field(
+        None, description="Paper row compared with under compare=paper (e.g. 'Video-R1-7B', 'Qwen2.5-VL-7B-SFT'); "
+        "default: guessed from the model path."
+    )
 
 
 class PushConfig(Section):

@@ -150,8 +150,8 @@ def resolve_deepspeed_config(
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The command line
-def build_launch_command(cfg, argv: Sequence[str], python: str | None = None) -> list[str]:
-    """The launcher command that re-runs `videor1 <argv>` on every rank of this node."""
+def build_launch_command(cfg, argv: Sequence[str], python: str | None = None, module: str = APP_MODULE) -> list[str]:
+    """The launcher command that re-runs `videor1 <argv>` (`python -m <module> <argv>`) on every rank of this node."""
     d = cfg.distributed
     py = python or sys.executable
     if d.launcher == "accelerate":
@@ -182,7 +182,7 @@ def build_launch_command(cfg, argv: Sequence[str], python: str | None = None) ->
             "--master_addr", d.master_addr,
             "--master_port", str(d.master_port),
         ]
-    return cmd + ["-m", APP_MODULE, *[str(a) for a in argv]]
+    return cmd + ["-m", module, *[str(a) for a in argv]]
 
 
 def launch_env(run_id: str | None, run_dir: str | os.PathLike | None, base: dict[str, str] | None = None,
@@ -199,7 +199,7 @@ def launch_env(run_id: str | None, run_dir: str | os.PathLike | None, base: dict
 
 
 def launch(cfg, argv: Sequence[str], run=None, run_dir: str | os.PathLike | None = None, *,
-           python: str | None = None) -> int:
+           python: str | None = None, module: str = APP_MODULE) -> int:
     """Re-run this command under torchrun / accelerate; stream the workers' output; return the exit code.
 
     The caller (inside `registered_run`) turns a non-zero code into a failed run. SIGINT / SIGTERM are forwarded to
@@ -214,7 +214,7 @@ def launch(cfg, argv: Sequence[str], run=None, run_dir: str | os.PathLike | None
             run_dir = (run.info or {}).get("run_dir")
         except Exception:  # noqa: BLE001 - a run without registry row: workers fall back to their own dir
             run_dir = None
-    cmd = build_launch_command(cfg, argv, python=python)
+    cmd = build_launch_command(cfg, argv, python=python, module=module)
     env = launch_env(run_id, run_dir)
     if os.environ.get("VIDEOR1_QUIET") != "1":
         print(f"launching {cfg.distributed.nproc * cfg.distributed.nnodes} processes "

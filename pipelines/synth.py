@@ -689,7 +689,7 @@ def synthesize(
         "params": {"train": train, "sft": sft, "test": test, "frames": frames, "size": size, "fps": fps,
                    "square": square, "image_fraction": image_fraction, "mix": mix_n,
                    "questions_per_video": questions_per_video, "questions_per_image": questions_per_image,
-                   "noise": noise, "colors": COLORS, "words": list(WORDS)},
+                   "noise": noise, "colors": {k: list(v) for k, v in COLORS.items()}, "words": list(WORDS)},
         "files": {s: files[s].name for s in SPLITS} | {"media": "media.json"},
         "counts": counts,
         "chance": chance,

@@ -158,8 +158,7 @@ def test_cli_validate_report_and_exit_codes(world, tmp_path):
     m = reg.metrics_summary(runs[0]["id"])
     assert m["errors"]["last"] == 9 and m["issues/duplicate_id"]["last"] == 1
     arts = reg.artifacts_of(runs[0]["id"])
-    assert [a.kind for a in arts["outputs"]] == ["validation-report"] or "validation-report" in [
-        a.kind for a in arts["outputs"]]
+    assert "validation-report" in [a.kind for a in arts["outputs"]]
     assert any(a.kind == "external:records" for a in arts["inputs"])
 
 
@@ -183,7 +182,7 @@ def test_stats_numbers(world, tmp_path):
     assert s["by_data_type"] == {"video": 12, "image": 2}
     assert s["by_problem_type"] == {"multiple choice": 12, "numerical": 2}
     assert s["by_data_source"] == {"synthetic": 14}
-    # videos: good.mp4 x7 (0, 6, 7, 8, 9, 10, 12, 13 minus ...) -> computed by hand below
+    # videos: good.mp4 x8 (records 0 6 7 8 9 10 12 13), other, missing, broken, clip.xyz; record 11 is an 'image'
     video_paths = [r["path"] for r in recs if r["data_type"] == "video"]
     counts = {p: video_paths.count(p) for p in set(video_paths)}
     assert s["videos"]["unique"] == len(counts) == 5

@@ -1,0 +1,670 @@
+"""`RLTrainer`: GRPO / T-GRPO on Qwen2.5-VL with video and image prompts (torchtune-style recipe class).
+
+    trainer = RLTrainer(cfg, run, run_dir, resume="auto")
+    trainer.setup()          # accelerator, data shard, policy (+ frozen reference), optimizer, scheduler, backend
+    summary = trainer.train()
+    trainer.cleanup()
+
+One step on each rank (``rl.per_device_prompts * rl.gradient_accumulation_steps`` prompts from this rank's shard):
+
+1. decode media once, render prompts, shuffle frames of videos (T-GRPO)        -> rollout.prepare_samples
+2. ONE generation for ordered (G) and shuffled (G~) completions                -> rollout.generate_groups
+3. rewards (+ accuracy for the bonuses), temporal bonus and length bonus per group, advantages
+                                                                               -> rollout.score_groups, advantages
+4. reference log-probs (no grad), then ``rl.num_iterations`` optimizer updates over the rollout: each runs the
+   policy log-prob forward (every group of a micro-batch in one forward, visual tensors included) and the loss
+   (losses.policy_loss), with old log-probs from the first pass (ratio == 1 when num_iterations == 1)
+5. metrics reduced over ranks -> registry (rank 0), checkpoints every ``rl.save_steps``.
+
+A "step" is one rollout; with num_iterations > 1 it makes that many optimizer updates (the LR schedule counts updates).
+Distributed: accelerate (DDP on gloo/NCCL, or DeepSpeed ZeRO-2/3 from ``distributed.deepspeed``) under torchrun; each
+rank reads a disjoint shard of the records; advantages are per group so no gather is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from pipelines.errors import DataError, TrainingError, VideoR1Error
+from pipelines.generation import Sampling
+from pipelines.rl import advantages as A
+from pipelines.rl import losses as L
+from pipelines.rl import rollout as R
+
+log = logging.getLogger("videor1.rl")
+
+CHECKPOINT_DIR = "checkpoints"
+STATE_FILE = "trainer_state.json"
+
+
+def _warn(msg: str) -> None:
+    log.warning(msg)
+    if os.environ.get("VIDEOR1_QUIET") != "1":
+        print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+def checkpoint_steps(run_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run dir, oldest first (in-progress ones are named .step-N.tmp and never listed)."""
+    d = Path(run_dir) / CHECKPOINT_DIR
+    out = []
+    if d.is_dir():
+        for p in d.iterdir():
+            if p.is_dir() and p.name.startswith("step-") and (p / STATE_FILE).exists():
+                try:
+                    out.append((int(p.name[5:]), p))
+                except ValueError:
+                    pass
+    return sorted(out)
+
+
+def find_resume_checkpoint(resume: str | None, cfg, run_id: str | None = None) -> Path | None:
+    """`--resume PATH` (a step-N dir, or a run dir: its latest checkpoint) or `auto`: the latest checkpoint of the
+    newest other train-rl run in the registry (falling back to a scan of run.output_dir). None = start fresh."""
+    if not resume:
+        return None
+    if resume != "auto":
+        p = Path(resume)
+        if (p / STATE_FILE).exists():
+            return p
+        steps = checkpoint_steps(p)
+        if steps:
+            return steps[-1][1]
+        raise VideoR1Error(f"--resume {resume}: no checkpoint there",
+                           hint="pass a <run dir>/checkpoints/step-N directory, a run directory, or 'auto'")
+    candidates: list[Path] = []
+    try:
+        from pipelines.registry import Registry
+
+        for r in Registry(cfg.registry_path()).list_runs(kind="train-rl"):
+            if r.get("id") != run_id and r.get("run_dir"):
+                candidates.append(Path(r["run_dir"]))
+    except Exception:  # noqa: BLE001 - the registry is a convenience here; fall back to the directory scan
+        pass
+    out_dir = Path(cfg.run.output_dir)
+    if out_dir.is_dir():
+        candidates += sorted((p for p in out_dir.glob("train-rl-*") if run_id is None or run_id not in p.name),
+                             key=lambda p: p.stat().st_mtime, reverse=True)
+    best: tuple[float, Path] | None = None
+    for d in candidates:
+        steps = checkpoint_steps(d)
+        if steps:
+            mt = (steps[-1][1] / STATE_FILE).stat().st_mtime
+            if best is None or mt > best[0]:
+                best = (mt, steps[-1][1])
+    return best[1] if best else None
+
+
+class RLTrainer:
+    def __init__(self, cfg, run, run_dir, resume: str | None = None, backend=None,
+                 on_step: Callable[[int, int, dict], None] | None = None):
+        self.cfg = cfg
+        self.run = run
+        self.run_dir = Path(run_dir)
+        self.resume = resume
+        self.on_step = on_step
+        self._backend = backend  # tests / callers may inject one
+        self.step = 0
+        self.epoch = 0
+        self.position = 0  # index into this rank's shard of the current epoch
+        self.skipped_total = 0
+        self.history: list[dict[str, float]] = []
+        self.resumed_from: Path | None = None
+        self.ref_model = None
+
+    # ------------------------------------------------------------------------------------------------------ setup
+    def _accelerator(self):
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        dcfg = self.cfg.distributed
+        kwargs: dict[str, Any] = {}
+        if dcfg.deepspeed:
+            from accelerate.utils import DeepSpeedPlugin
+
+            kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=self._deepspeed_config(dcfg.deepspeed))
+        if self.cfg.run.report_to:
+            kwargs["log_with"] = list(self.cfg.run.report_to)
+            kwargs["project_dir"] = str(self.run_dir)
+        use_cpu = not torch.cuda.is_available() or str(self.cfg.model.device).startswith("cpu")
+        return Accelerator(
+            cpu=use_cpu,
+            mixed_precision="bf16" if self.cfg.rl.bf16 else "no",
+            # A rank whose every record of a step was broken still joins the backward (dummy forward): its unused
+            # vision tower must not stall DDP's reducer.
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+            **kwargs,
+        )
+
+    def _deepspeed_config(self, name: str) -> dict:
+        p = Path(name)
+        if not p.exists():
+            p = Path(__file__).resolve().parent.parent / "launch_configs" / f"{name}.json"
+        if not p.exists():
+            raise VideoR1Error(f"DeepSpeed config '{name}' not found",
+                               hint="distributed.deepspeed: zero2, zero3, zero3_offload or a path to a JSON file")
+        ds = json.loads(p.read_text())
+        # No DataLoader goes through accelerate, so 'auto' batch sizes are resolved here.
+        ds["train_micro_batch_size_per_gpu"] = 1 if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto" \
+            else ds["train_micro_batch_size_per_gpu"]
+        ds["gradient_accumulation_steps"] = 1
+        ds.pop("train_batch_size", None)
+        if ds.get("gradient_clipping") == "auto":
+            ds["gradient_clipping"] = self.cfg.rl.max_grad_norm
+        return ds
+
+    def setup(self) -> None:
+        from pipelines.models import load_model, load_processor
+        from pipelines.prompts import load_template
+        from pipelines.records import json_columns, load_records
+
+        cfg, rl = self.cfg, self.cfg.rl
+        if not cfg.data.file:
+            raise VideoR1Error("no RL records given", hint="pass --data FILE (a Video-R1 JSON/JSONL file)")
+        self.accelerator = acc = self._accelerator()
+        self.rank, self.world = acc.process_index, acc.num_processes
+        self.is_main = acc.is_main_process
+        self.device = acc.device
+        self.temporal = rl.algo == "tgrpo"
+        self.G, self.G_shuf = rl.num_generations, (rl.shuffled_count if rl.algo == "tgrpo" else 0)
+        self.prompts_per_step = rl.per_device_prompts * rl.gradient_accumulation_steps
+        self.deepspeed = bool(cfg.distributed.deepspeed)
+
+        seed = cfg.run.seed + self.rank
+        random.seed(seed)
+        np.random.seed(seed % (2**32))
+        torch.manual_seed(seed)
+        self.shuffle_gen = torch.Generator().manual_seed(cfg.run.seed * 7919 + self.rank)
+
+        # data
+        self.records = load_records(cfg.data.file)
+        self.json_cols = json_columns(self.records)
+        self.root = cfg.data_root()
+        n = len(self.records)
+        pool = list(range(n))
+        if cfg.data.shuffle:
+            pool = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.run.seed)).tolist()
+        if cfg.data.max_samples:
+            pool = pool[: cfg.data.max_samples]
+        self.pool = pool
+        self.shard_len = len(pool) // self.world
+        if self.shard_len == 0:
+            raise DataError(f"{len(pool)} records cannot feed {self.world} ranks", file=cfg.data.file)
+        self.steps_per_epoch = math.ceil(self.shard_len / self.prompts_per_step)
+        self.total_steps = max(1, min(rl.max_steps, int(rl.num_epochs * self.steps_per_epoch)))
+
+        # resume point (the policy starts from its weights; the reference from the original model)
+        self.resumed_from = find_resume_checkpoint(self.resume, cfg, getattr(self.run, "id", None))
+        if self.resume == "auto" and self.resumed_from is None and self.is_main:
+            _warn("--resume auto: no checkpoint found, starting from step 0")
+        base = cfg.model.name_or_path
+        policy_path = str(self.resumed_from) if self.resumed_from else base
+
+        self.processor = load_processor(policy_path)
+        self.template = load_template(cfg.prompt.template)
+        model = load_model(cfg.model, path=policy_path, device=self.device, for_training=True)
+        self.lora = cfg.model.lora.enabled
+        if self.lora:
+            model = self._wrap_lora(model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=rl.learning_rate, betas=(rl.adam_beta1, rl.adam_beta2),
+                                      weight_decay=rl.weight_decay)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        from transformers import get_scheduler
+
+        self.scheduler = get_scheduler(rl.lr_scheduler, self.optimizer, num_warmup_steps=rl.warmup_steps,
+                                       num_training_steps=self.total_steps * rl.num_iterations)
+        if rl.beta > 0 and not self.lora:
+            ref = load_model(cfg.model, path=base, device=self.device, for_training=False)
+            for p in ref.parameters():
+                p.requires_grad_(False)
+            if self.deepspeed:
+                from trl.models.utils import prepare_deepspeed
+
+                ref = prepare_deepspeed(ref, acc)
+            self.ref_model = ref
+        self.backend = self._backend if self._backend is not None else self._make_backend()
+        if self.resumed_from:
+            self.load_checkpoint(self.resumed_from)
+        if self.cfg.run.report_to:
+            try:
+                acc.init_trackers(cfg.run.name or "videor1-rl", config=cfg.model_dump(mode="json"))
+            except Exception as e:  # noqa: BLE001 - trackers are optional extras
+                _warn(f"trackers {cfg.run.report_to} not started: {e}")
+        if self.is_main:
+            self.run.use_path("model", base)
+            self.run.use_path("records", cfg.data.file)
+            if self.resumed_from:
+                self.run.use_path("checkpoint", self.resumed_from)
+
+    def _wrap_lora(self, model):
+        from peft import LoraConfig, get_peft_model
+
+        lc = self.cfg.model.lora
+        return get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+                                                target_modules=lc.target_modules, task_type="CAUSAL_LM"))
+
+    def _make_backend(self):
+        rl = self.cfg.rl
+        if rl.backend == "vllm":
+            from pipelines.generation.vllm import VLLMBackend
+
+            b = VLLMBackend.from_config(str(self.resumed_from or self.cfg.model.name_or_path), rl.vllm,
+                                        seed=self.cfg.run.seed, colocate=True)
+            b.sync_weights(self.accelerator.unwrap_model(self.model))
+            return b
+        from pipelines.generation.hf import HFBackend
+
+        per_step = self.prompts_per_step * (self.G + self.G_shuf)
+        return HFBackend(self.accelerator.unwrap_model(self.model), self.processor, batch_size=max(1, per_step))
+
+    @property
+    def unwrapped(self):
+        return self.accelerator.unwrap_model(self.model)
+
+    # -------------------------------------------------------------------------------------------------------- data
+    def _epoch_order(self, epoch: int) -> list[int]:
+        order = list(self.pool)
+        if self.cfg.data.shuffle and epoch > 0:
+            g = torch.Generator().manual_seed(self.cfg.run.seed + 1000003 * epoch)
+            order = [order[i] for i in torch.randperm(len(order), generator=g).tolist()]
+        return order[self.rank:: self.world][: self.shard_len]
+
+    def _next_rows(self) -> list[tuple[int, dict]]:
+        from pipelines.records import record_dict
+
+        if self.position >= self.shard_len:
+            self.epoch += 1
+            self.position = 0
+        order = self._epoch_order(self.epoch)
+        idx = order[self.position: self.position + self.prompts_per_step]
+        self.position += len(idx)
+        return [(i, record_dict(self.records[int(i)], self.json_cols)) for i in idx]
+
+    # ----------------------------------------------------------------------------------------------------- train
+    @contextmanager
+    def _generation(self):
+        """The model the backend generates with: ZeRO-3 parameters gathered; vLLM woken up for the rollout."""
+        if hasattr(self.backend, "wake_up") and self.cfg.rl.vllm.enable_sleep_mode:
+            self.backend.wake_up()
+        try:
+            if self.deepspeed and hasattr(self.backend, "model"):
+                from trl.models.utils import unwrap_model_for_generation
+
+                with unwrap_model_for_generation(self.model, self.accelerator) as m:
+                    self.backend.model = m
+                    yield
+            else:
+                if hasattr(self.backend, "model"):
+                    self.backend.model = self.unwrapped
+                yield
+        finally:
+            if hasattr(self.backend, "sleep") and self.cfg.rl.vllm.enable_sleep_mode:
+                self.backend.sleep()
+
+    @contextmanager
+    def _reference(self):
+        """Forward of the frozen reference: a separate copy of the starting weights, or (LoRA) the adapters off."""
+        if self.lora:
+            with self.unwrapped.disable_adapter():
+                yield self.model
+        else:
+            yield self.ref_model
+
+    def train(self) -> dict[str, Any]:
+        rl = self.cfg.rl
+        t_start = time.perf_counter()
+        start_step = self.step
+        while self.step < self.total_steps:
+            metrics = self.train_step()
+            self.step += 1
+            if self.is_main:
+                if self.step % rl.logging_steps == 0 or self.step == self.total_steps:
+                    self.run.log_metrics(self.step, metrics)
+                    if self.cfg.run.report_to:
+                        try:
+                            self.accelerator.log(metrics, step=self.step)
+                        except Exception:  # noqa: BLE001
+                            pass
+                self.history.append(metrics)
+            if self.on_step and self.is_main:
+                self.on_step(self.step, self.total_steps, metrics)
+            if self.step % rl.save_steps == 0 and self.step < self.total_steps:
+                self.save_checkpoint()
+        out = self.save_final()
+        elapsed = time.perf_counter() - t_start
+        summary = self._summary(out, elapsed, self.step - start_step)
+        if self.is_main:
+            self.run.set_summary(summary)
+        return summary
+
+    def _summary(self, out: Path, elapsed: float, steps_run: int) -> dict[str, Any]:
+        h = self.history
+        last = h[-1] if h else {}
+        k = max(1, len(h) // 4)
+
+        def avg(key, rows):
+            vals = [r[key] for r in rows if key in r and r[key] == r[key]]
+            return sum(vals) / len(vals) if vals else None
+
+        return {
+            "algo": self.cfg.rl.algo, "steps": self.step, "steps_run": steps_run, "world_size": self.world,
+            "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+            "model": str(out), "seconds": round(elapsed, 2),
+            "reward_first": avg("reward", h[:k]), "reward_last": avg("reward", h[-k:]),
+            "kl_last": last.get("kl"), "skipped": self.skipped_total,
+            "step_time_median": float(np.median([r["step_time"] for r in h])) if h else None,
+        }
+
+    def train_step(self) -> dict[str, float]:
+        cfg, rl, acc = self.cfg, self.cfg.rl, self.accelerator
+        t0 = time.perf_counter()
+        rows = self._next_rows()
+        samples, skipped = R.prepare_samples(rows, cfg, self.processor, self.template, self.root,
+                                             self.shuffle_gen, self.temporal)
+        for s in skipped:
+            _warn(f"step {self.step + 1}: skipped record {s.id} (rank {self.rank}): {s.reason}")
+        self._record_skipped(skipped)
+
+        sampling = Sampling(max_new_tokens=rl.max_completion_length, temperature=rl.temperature, top_p=rl.top_p)
+        from pipelines.generation.hf import HFBackend
+
+        expand = isinstance(self.backend, HFBackend)
+        t_gen = time.perf_counter()
+        with self._generation():
+            groups = R.generate_groups(self.backend, samples, sampling, self.G, self.G_shuf, expand=expand)
+        gen_time = time.perf_counter() - t_gen
+        gen_tokens = sum(len(c.token_ids) for g in groups for c in g.ordered + g.shuffled)
+
+        N = len(groups)
+        stats = _Stats()
+        stats.add("skipped", len(skipped), 1 if self.is_main else 0)  # summed, not averaged (count on rank 0)
+        if N:
+            sc = R.score_groups(groups, rl, self.G, self.G_shuf)
+            rewards = sc.total.clone()
+            is_video = torch.tensor([g.sample.is_video for g in groups])
+            if self.temporal:
+                bonus, granted, p, p_shuf = A.temporal_bonus(
+                    sc.accuracy, sc.accuracy_shuffled, is_video & torch.tensor([bool(g.shuffled) for g in groups]),
+                    mu=rl.temporal_mu, alpha=rl.temporal_alpha, threshold=rl.correct_threshold)
+                rewards = rewards + bonus
+                vid = is_video & torch.tensor([bool(g.shuffled) for g in groups])
+                stats.add("temporal_bonus_rate", granted[vid].double().sum().item(), int(vid.sum()))
+                stats.add("p_ordered", p[vid].sum().item(), int(vid.sum()))
+                stats.add("p_shuffled", p_shuf[vid].sum().item(), int(vid.sum()))
+            if rl.length_bonus:
+                rewards = rewards + A.length_bonus(sc.accuracy, sc.lengths, omega=rl.length_omega,
+                                                   min_len=rl.length_min, max_len=rl.length_max,
+                                                   threshold=rl.correct_threshold)
+            adv = A.compute_advantages(rewards, rl.advantage)
+            gs = A.group_stats(rewards, sc.accuracy, rl.correct_threshold)
+            stats.add("reward", rewards.sum().item(), rewards.numel())
+            stats.add("reward_std", rewards.std(dim=1).sum().item(), N)
+            for name, v in sc.per_reward.items():
+                stats.add(f"rewards/{name}", v.sum().item(), v.numel())
+            stats.add("completion_length", sc.lengths.double().sum().item(), sc.lengths.numel())
+            stats.add("frac_all_correct", gs["all_correct"].double().sum().item(), N)
+            stats.add("frac_all_wrong", gs["all_wrong"].double().sum().item(), N)
+        else:
+            adv = torch.zeros(0, self.G, dtype=torch.float64)
+        for name in list(rl.rewards):
+            stats.ensure(f"rewards/{name}")
+        for name in ("reward", "reward_std", "completion_length", "frac_all_correct", "frac_all_wrong"):
+            stats.ensure(name)
+        if self.temporal:
+            for name in ("temporal_bonus_rate", "p_ordered", "p_shuffled"):
+                stats.ensure(name)
+
+        loss_val, grad_norm = self._optimize(samples, groups, adv, stats)
+        if self.backend is not None and hasattr(self.backend, "sync_weights"):
+            self.backend.sync_weights(self.unwrapped)
+
+        step_time = time.perf_counter() - t0
+        stats.add("loss", loss_val, 1)
+        stats.add("step_time", step_time, 1)
+        stats.add("gen_time", gen_time, 1)
+        stats.add("_gen_tokens", float(gen_tokens), 0)
+        metrics = stats.reduce(acc)
+        metrics["tokens_per_s"] = metrics.pop("_gen_tokens") / max(1e-9, metrics["gen_time"])
+        metrics["skipped"] = metrics.pop("skipped")
+        metrics["lr"] = float(self.scheduler.get_last_lr()[0])
+        metrics["grad_norm"] = grad_norm
+        metrics["epoch"] = float(self.epoch)
+        return metrics
+
+    def _record_skipped(self, skipped) -> None:
+        self.skipped_total += len(skipped)
+        if not skipped:
+            return
+        path = self.run_dir / f"skipped-rank{self.rank}.jsonl"
+        with open(path, "a") as f:
+            for s in skipped:
+                f.write(json.dumps({"step": self.step + 1, "index": s.index, "id": s.id, "reason": s.reason},
+                                   default=str) + "\n")
+
+    def _optimize(self, samples, groups, adv: torch.Tensor, stats: "_Stats") -> tuple[float, float]:
+        """Reference log-probs, then num_iterations updates over this rollout; returns (mean loss, grad norm)."""
+        rl, acc = self.cfg.rl, self.accelerator
+        pad_id = self.processor.tokenizer.pad_token_id
+        # One forward/backward per micro-batch of rl.per_device_prompts groups (gradients summed). DeepSpeed steps its
+        # engine inside backward, so there every group of the step goes through one forward.
+        micro = max(1, len(groups)) if self.deepspeed else rl.per_device_prompts
+        chunks = []
+        total_seqs = len(groups) * self.G
+        for c0 in range(0, len(groups), micro):
+            gs = groups[c0: c0 + micro]
+            ids, mask = R.pad_completions(gs, pad_id)
+            inputs = R.policy_inputs(self.processor, [g.sample for g in gs], self.G, ids, mask)
+            inputs = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in inputs.items()}
+            chunks.append({"inputs": inputs, "ids": ids.to(self.device), "mask": mask.to(self.device),
+                           "adv": adv[c0: c0 + micro].reshape(-1).to(self.device, torch.float32)})
+        total_tokens = int(sum(int(c["mask"].sum()) for c in chunks))
+        if rl.beta > 0 and chunks:
+            with torch.no_grad(), self._reference() as ref:
+                for c in chunks:
+                    c["ref"] = R.completion_logprobs(ref, c["inputs"], c["ids"], rl.temperature)
+        losses, grad_norm = [], 0.0
+        for it in range(rl.num_iterations):
+            step_loss = 0.0
+            if not chunks:
+                self._dummy_backward()
+            for j, c in enumerate(chunks):
+                last = j == len(chunks) - 1
+                ctx = acc.no_sync(self.model) if not last else nullcontext()
+                with ctx:
+                    logp = R.completion_logprobs(self.model, c["inputs"], c["ids"], rl.temperature)
+                    if it == 0:
+                        c["old"] = logp.detach() if rl.num_iterations > 1 else None
+                    out = L.policy_loss(
+                        logp, c["adv"], c["mask"], old_logp=c.get("old"), ref_logp=c.get("ref"), beta=rl.beta,
+                        epsilon_low=rl.epsilon_low, epsilon_high=rl.epsilon_high, loss_type=rl.loss_type,
+                        importance_sampling=rl.importance_sampling, max_completion_length=rl.max_completion_length,
+                        num_sequences=total_seqs, num_tokens=total_tokens)
+                    step_loss += float(out.loss.detach())
+                    if math.isfinite(step_loss):
+                        acc.backward(out.loss)
+                if it == rl.num_iterations - 1:
+                    ntok = float(out.num_tokens)
+                    stats.add("kl", float(out.kl) * ntok, ntok)
+                    stats.add("clip_ratio", float(out.clip_ratio) * ntok, ntok)
+            self._check_finite(step_loss, "loss")
+            gn = acc.clip_grad_norm_(self.model.parameters(), rl.max_grad_norm)
+            grad_norm = float(gn) if gn is not None else float("nan")  # DeepSpeed clips inside its step
+            if gn is not None:
+                self._check_finite(grad_norm, "gradient norm")
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            losses.append(step_loss)
+        stats.ensure("kl")
+        stats.ensure("clip_ratio")
+        return float(np.mean(losses)), grad_norm
+
+    def _dummy_backward(self) -> None:
+        """This rank has no valid sample this step: join the collective backward with a zero loss."""
+        tok = self.processor.tokenizer
+        ids = torch.tensor([[tok.pad_token_id]], device=self.device)
+        out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+        self.accelerator.backward(out.logits.sum() * 0.0)
+
+    def _check_finite(self, value: float, what: str) -> None:
+        """All ranks agree: a NaN/inf anywhere stops the run everywhere (the last checkpoint is kept)."""
+        bad = torch.tensor([0.0 if math.isfinite(value) else 1.0], device=self.device)
+        if self.world > 1:
+            bad = self.accelerator.reduce(bad, reduction="sum")
+        if float(bad.item()) > 0:
+            steps = checkpoint_steps(self.run_dir)
+            kept = f"; last checkpoint kept: {steps[-1][1]}" if steps else "; no checkpoint was saved yet"
+            raise TrainingError(
+                f"non-finite {what} at step {self.step + 1}{kept}",
+                hint="lower rl.learning_rate or rl.max_grad_norm, check the rewards; resume with --resume auto",
+            )
+
+    # ------------------------------------------------------------------------------------------------ checkpoints
+    def _model_state_dict(self):
+        return self.accelerator.get_state_dict(self.model)
+
+    def _save_model(self, out: Path, merge_lora: bool = False) -> None:
+        state = self._model_state_dict()  # collective under ZeRO-3: every rank calls it
+        if self.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            model = self.unwrapped
+            if self.lora and merge_lora:
+                model = model.merge_and_unload()
+                model.save_pretrained(out)
+            else:
+                model.save_pretrained(out, state_dict=state, safe_serialization=True)
+            self.processor.save_pretrained(out)
+
+    def save_checkpoint(self) -> Path:
+        """<run dir>/checkpoints/step-N: HF model + processor, optimizer, scheduler, RNG (per rank), data position.
+
+        Written to .step-N.tmp and renamed when complete, so a run killed mid-save never leaves a checkpoint that
+        --resume would pick up half-written. Older ones beyond rl.save_total_limit are deleted."""
+        acc, rl = self.accelerator, self.cfg.rl
+        root = self.run_dir / CHECKPOINT_DIR
+        final = root / f"step-{self.step}"
+        tmp = root / f".step-{self.step}.tmp"
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        self._save_model(tmp)
+        if self.deepspeed:
+            acc.save_state(str(tmp / "accelerate"))
+        elif self.is_main:
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+        rng = {
+            "python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "shuffle": self.shuffle_gen.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        }
+        torch.save(rng, tmp / f"rng-rank{self.rank}.pt")
+        if self.is_main:
+            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+            state = {"step": self.step, "epoch": self.epoch, "position": self.position, "world_size": self.world,
+                     "total_steps": self.total_steps, "skipped": self.skipped_total, "config_hash": self.cfg.hash(),
+                     "run_id": getattr(self.run, "id", None), "algo": rl.algo}
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+        acc.wait_for_everyone()
+        if self.is_main:
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            if rl.save_total_limit:
+                for _, old in checkpoint_steps(self.run_dir)[: -rl.save_total_limit]:
+                    shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Restore optimizer, scheduler, RNG and data position (the weights were loaded from `path` in setup)."""
+        path = Path(path)
+        state = json.loads((path / STATE_FILE).read_text())
+        self.step, self.epoch, self.position = int(state["step"]), int(state["epoch"]), int(state["position"])
+        self.skipped_total = int(state.get("skipped", 0))
+        if state.get("world_size") != self.world and self.is_main:
+            _warn(f"checkpoint was written by {state.get('world_size')} ranks, resuming on {self.world}: "
+                  "data position and RNG streams are approximate")
+        if self.deepspeed:
+            self.accelerator.load_state(str(path / "accelerate"))
+        else:
+            self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device,
+                                                      weights_only=False))
+        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+        rng_file = path / f"rng-rank{self.rank}.pt"
+        if rng_file.exists():
+            rng = torch.load(rng_file, weights_only=False)
+            random.setstate(rng["python"])
+            np.random.set_state(rng["numpy"])
+            torch.set_rng_state(rng["torch"])
+            self.shuffle_gen.set_state(rng["shuffle"])
+            if rng.get("cuda") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+        if self.is_main:
+            _info(f"resumed from {path} at step {self.step} (epoch {self.epoch}, position {self.position})")
+
+    def save_final(self) -> Path:
+        out = Path(self.cfg.rl.output_dir) if self.cfg.rl.output_dir else self.run_dir / "model"
+        self._save_model(out, merge_lora=True)
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            self.run.log_artifact("model", out, meta={"step": self.step, "algo": self.cfg.rl.algo})
+        return out
+
+    def cleanup(self) -> None:
+        try:
+            if self.cfg.run.report_to:
+                self.accelerator.end_training()
+        except Exception:  # noqa: BLE001
+            pass
+        self.backend = None
+        self.ref_model = None
+
+
+def _info(msg: str) -> None:
+    log.info(msg)
+    if os.environ.get("VIDEOR1_QUIET") != "1":
+        print(msg, file=sys.stderr, flush=True)
+
+
+class _Stats:
+    """(sum, count) pairs with a fixed key set, all-reduced over ranks in one collective."""
+
+    def __init__(self):
+        self.d: dict[str, list[float]] = {}
+
+    def add(self, key: str, total: float, count: float) -> None:
+        s = self.d.setdefault(key, [0.0, 0.0])
+        s[0] += float(total)
+        s[1] += float(count)
+
+    def ensure(self, key: str) -> None:
+        self.d.setdefault(key, [0.0, 0.0])
+
+    def reduce(self, accelerator) -> dict[str, float]:
+        keys = sorted(self.d)
+        t = torch.tensor([self.d[k] for k in keys], dtype=torch.float64, device=accelerator.device)
+        if accelerator.num_processes > 1:
+            t = accelerator.reduce(t, reduction="sum")
+        out = {}
+        for k, (s, c) in zip(keys, t.tolist()):
+            if k in ("skipped", "_gen_tokens"):
+                out[k] = s
+            elif k in ("step_time", "gen_time", "loss"):
+                out[k] = s / max(1.0, c)
+            else:
+                out[k] = s / c if c > 0 else float("nan")
+        return out

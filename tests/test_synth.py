@@ -1,0 +1,275 @@
+"""The synthetic world: Video-R1 record format, all problem types, decodable media, rotation, determinism, CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipelines import synth as S
+
+PROBLEM_TYPES = {"multiple choice", "numerical", "OCR", "free-form", "regression"}
+KEYS = ["problem_id", "problem", "data_type", "problem_type", "options", "solution", "path", "data_source"]
+
+
+def _load(path) -> list[dict]:
+    return json.loads(Path(path).read_text())
+
+
+def _all(world) -> list[dict]:
+    return _load(world["rl"]) + _load(world["sft"]) + _load(world["test"])
+
+
+def _decode(path) -> np.ndarray:
+    import av
+
+    with av.open(str(path)) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+
+
+def _nearest_color(pix) -> str:
+    names = list(S.COLORS)
+    cols = np.array([S.COLORS[n] for n in names], dtype=int)
+    return names[int(np.argmin(((cols - np.asarray(pix, dtype=int)) ** 2).sum(1)))]
+
+
+def _tree_digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return S.synthesize(tmp_path_factory.mktemp("synth"), train=60, test=24, seed=0)
+
+
+def test_return_value_and_files(synth_world, world):
+    for w in (synth_world, world):
+        root = Path(w["root"])
+        for key in ("train", "rl", "sft", "test", "world", "media"):
+            assert Path(w[key]).is_file(), key
+        assert w["train"] == w["rl"] and Path(w["rl"]).name == "rl.json"
+        assert json.loads(Path(w["world"]).read_text()) == w["manifest"]
+        assert (root / "videos").is_dir() and (root / "images").is_dir()
+    c = synth_world["counts"]
+    assert (c["rl"], c["sft"], c["test"]) == (24, 6, 12)
+    assert len(_load(synth_world["rl"])) == 24 and len(_load(synth_world["sft"])) == 6
+    assert len(_load(synth_world["test"])) == 12
+
+
+def test_record_schema(world):
+    root = Path(world["root"])
+    ids = set()
+    for split in ("rl", "sft", "test"):
+        for r in _load(world[split]):
+            expect = KEYS[:5] + (["process"] if split == "sft" else []) + KEYS[5:]
+            assert list(r) == expect, r
+            assert isinstance(r["problem_id"], int) and r["problem_id"] not in ids
+            ids.add(r["problem_id"])
+            assert r["data_type"] in ("video", "image") and r["problem_type"] in PROBLEM_TYPES
+            assert re.fullmatch(r"<answer>[^<>]+</answer>", r["solution"])
+            assert r["path"].startswith("./") and (root / r["path"][2:]).is_file()
+            assert r["path"].endswith(".mp4" if r["data_type"] == "video" else ".png")
+            assert r["data_source"].startswith("synthetic/")
+            ans = r["solution"][8:-9]
+            if r["problem_type"] == "multiple choice":
+                letters = [o.split(". ", 1)[0] for o in r["options"]]
+                assert letters == list("ABCD"[: len(letters)]) and ans in letters
+                assert "Options" not in r["problem"]
+            else:
+                assert r["options"] == []
+            if r["problem_type"] in ("numerical", "regression"):
+                assert re.fullmatch(r"\d+", ans)
+            if split == "sft":
+                assert re.fullmatch(r"<think>[^<>]+</think>", r["process"]) and len(r["process"]) < 120
+
+
+def test_all_types_both_data_types_and_order_flag(synth_world, world):
+    for w in (synth_world, world):
+        recs = _all(w)
+        assert {r["problem_type"] for r in recs} == PROBLEM_TYPES
+        assert {r["data_type"] for r in recs} == {"video", "image"}
+        test = _load(w["test"])
+        assert {r["problem_type"] for r in test} == PROBLEM_TYPES  # a held-out set of 12 still has every type
+    recs = _all(world)
+    by_type = Counter((r["data_type"], r["problem_type"]) for r in recs)
+    for pt in PROBLEM_TYPES:
+        assert by_type[("video", pt)] + by_type[("image", pt)] > 0
+    assert max(Counter(r["problem_type"] for r in recs).items(), key=lambda kv: kv[1])[0] == "multiple choice"
+    sources = {r["data_source"] for r in recs}
+    for src in ("synthetic/color", "synthetic/order/direction", "synthetic/order/first-color"):
+        assert src in sources
+    for r in recs:
+        order_q = ("direction" in r["problem"] or "changes color" in r["problem"] or "Describe what" in r["problem"])
+        assert ("order" in r["data_source"]) == order_q, r
+        assert r["data_type"] == "video" or "order" not in r["data_source"]
+    # chance levels in the manifest for every data_source used
+    chance = world["manifest"]["chance"]
+    assert sources <= set(chance)
+    assert chance["synthetic/color"]["chance"] == 0.25 and chance["synthetic/order/direction"]["chance"] == 0.5
+    assert chance["synthetic/order/first-color"]["order_blind_ceiling"] == 0.5
+    assert all(chance[s]["order_dependent"] == ("order" in s) for s in chance)
+
+
+def test_videos_shared_by_several_questions_and_splits_disjoint(world):
+    paths = {s: [r["path"] for r in _load(world[s])] for s in ("rl", "sft", "test")}
+    vids = Counter(p for p in paths["rl"] if p.endswith(".mp4"))
+    assert max(vids.values()) >= 3 and sum(vids.values()) / len(vids) > 2
+    assert not set(paths["rl"]) & set(paths["test"]) and not set(paths["rl"]) & set(paths["sft"])
+    assert not set(paths["sft"]) & set(paths["test"])
+    sft_q = {(r["problem"], r["path"]) for r in _load(world["sft"])}
+    assert not sft_q & {(r["problem"], r["path"]) for r in _load(world["rl"])}
+
+
+def test_video_frames_colour_and_direction(world):
+    root = Path(world["root"])
+    media = json.loads(Path(world["media"]).read_text())
+    checked = 0
+    for r in _all(world):
+        if r["data_source"] not in ("synthetic/order/direction", "synthetic/color", "synthetic/order/first-color"):
+            continue
+        m = media[r["path"][2:]]
+        frames = _decode(root / r["path"])
+        assert frames.shape == (8, 56, 56, 3)
+        s, y = m["square"], m["y"]
+        centre = [frames[t, y + s // 2, m["xs"][t] + s // 2] for t in (0, 7)]
+        colours = [_nearest_color(c) for c in centre]
+        assert colours == [m["colors"][0], m["colors"][-1]]
+        for c, name in zip(centre, colours):  # the colour survives H.264 almost exactly
+            assert np.abs(c.astype(int) - np.array(S.COLORS[name])).max() < 25
+        # the background is grey: no saturated pixel where the square is not
+        bg = frames[0].astype(int).copy()
+        bg[y:y + s, m["xs"][0]:m["xs"][0] + s] = 128
+        assert (bg.max(-1) - bg.min(-1)).max() < 60
+        opt = {o[0]: o[3:] for o in r["options"]}
+        ans = opt[r["solution"][8:-9]]
+        if r["data_source"] == "synthetic/order/direction":
+            moved_right = m["xs"][-1] > m["xs"][0]
+            assert ans == ("right" if moved_right else "left")
+            # find the square in the first and last decoded frame by its colour
+            first_x = np.argwhere((frames[0].astype(int) - S.COLORS[colours[0]]).__abs__().max(-1) < 30)[:, 1].mean()
+            last_x = np.argwhere((frames[7].astype(int) - S.COLORS[colours[1]]).__abs__().max(-1) < 30)[:, 1].mean()
+            assert (last_x > first_x) == moved_right and abs(last_x - first_x) >= 7
+        elif r["data_source"] == "synthetic/color":
+            assert ans == colours[0] == colours[1]
+        else:
+            assert ans == colours[0] != colours[1]
+        checked += 1
+    assert checked >= 10
+
+
+def test_images_and_ocr(world):
+    from PIL import Image
+
+    root = Path(world["root"])
+    media = json.loads(Path(world["media"]).read_text())
+    for r in _all(world):
+        m = media[r["path"][2:]]
+        if r["data_type"] == "image":
+            img = np.asarray(Image.open(root / r["path"]))
+            assert img.shape == (56, 56, 3) and img.dtype == np.uint8
+        if r["problem_type"] == "OCR":
+            assert r["solution"] == f"<answer>{m['word']}</answer>" and m["word"] in S.WORDS
+            px = _decode(root / r["path"])[0] if r["data_type"] == "video" else img
+            assert (px.max(-1) < 60).sum() > 40  # dark text drawn
+        if r["data_source"] == "synthetic/image/count":
+            assert r["solution"] == f"<answer>{m['n']}</answer>"
+            mask = np.abs(img.astype(int) - S.COLORS[m["color"]]).max(-1) < 30
+            assert mask.sum() == m["n"] * m["side"] ** 2
+
+
+def test_options_rotate(world):
+    recs = [r for r in _all(world) if r["problem_type"] == "multiple choice"]
+    letters = Counter(r["solution"] for r in recs)
+    assert len(letters) >= 3 and max(letters.values()) < 0.6 * len(recs)
+    four = [r for r in recs if len(r["options"]) == 4]
+    assert len({tuple(r["options"]) for r in four}) > 3  # option order itself is shuffled
+
+
+def test_mix_follows_weights(tmp_path):
+    w = S.synthesize(tmp_path / "w", train=400, test=10, seed=1, sft=0, image_fraction=0.25)
+    c = w["manifest"]["counts"]["rl"]
+    assert c["by_problem_type"] == {"OCR": 24, "free-form": 48, "multiple choice": 260, "numerical": 52,
+                                    "regression": 16}
+    assert c["by_data_type"] == {"image": 100, "video": 300}
+    assert _load(w["sft"]) == []
+    w2 = S.synthesize(tmp_path / "w2", train=20, test=0, seed=1, sft=0, mix={"OCR": 1.0}, image_fraction=0.0)
+    assert {r["problem_type"] for r in _load(w2["rl"])} == {"OCR"}
+    assert {r["data_type"] for r in _load(w2["rl"])} == {"video"}
+
+
+def test_plan_and_pack_are_consistent():
+    rng = np.random.default_rng(0)
+    for n in (1, 5, 7, 33, 250):
+        kinds = S.plan_kinds(n, S.DEFAULT_MIX, 0.25)
+        assert sum(kinds.values()) == n
+        scenes = S.pack_scenes(kinds, ("steady", "switch"), 3.35, rng)
+        placed = Counter(k for _, ks in scenes for k in ks)
+        for k in ("color", "direction", "first-color", "last-color", "count-frames", "describe", "distance"):
+            assert placed[k] == kinds[k]
+        for fam, ks in scenes:
+            assert ks and len(ks) == len(set(ks)) and all(fam in S.KINDS[k].families for k in ks)
+    assert S.largest_remainder(10, {"a": 1, "b": 1, "c": 1}) == {"a": 4, "b": 3, "c": 3}
+
+
+def test_deterministic_and_seed_dependent(tmp_path):
+    a = S.synthesize(tmp_path / "a", train=16, test=6, seed=5)
+    b = S.synthesize(tmp_path / "b", train=16, test=6, seed=5)
+    c = S.synthesize(tmp_path / "c", train=16, test=6, seed=6)
+    for f in ("rl.json", "sft.json", "test.json", "world.json", "media.json"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+    assert _tree_digest(tmp_path / "a") == _tree_digest(tmp_path / "b")  # identical mp4 and png bytes
+    assert (tmp_path / "a" / "rl.json").read_bytes() != (tmp_path / "c" / "rl.json").read_bytes()
+    va = _decode(tmp_path / "a" / _load(a["rl"])[0]["path"])
+    vc = _decode(tmp_path / "c" / _load(c["rl"])[0]["path"])
+    assert not np.array_equal(va, vc)
+    # re-synthesising into the same directory replaces the old world
+    S.synthesize(tmp_path / "a", train=16, test=6, seed=5)
+    assert _tree_digest(tmp_path / "a") == _tree_digest(tmp_path / "b")
+    assert b["manifest"]["seed"] == 5
+
+
+def test_refuses_foreign_nonempty_dir(tmp_path):
+    from pipelines.errors import VideoR1Error
+
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "notes.txt").write_text("mine")
+    with pytest.raises(VideoR1Error):
+        S.synthesize(tmp_path / "x", train=4, test=2, seed=0)
+    with pytest.raises(VideoR1Error):
+        S.synthesize(tmp_path / "y", train=4, test=2, seed=0, mix={"essay": 1.0})
+
+
+def test_cli_synth_registers_run(tmp_path):
+    from conftest import run_cli
+
+    from pipelines.registry import Registry
+
+    out = tmp_path / "world"
+    res = run_cli("data", "synth", "--out", out, "--train", 12, "--test", 6, "--seed", 3, "--sft", 4,
+                  "--set", f"run.output_dir={tmp_path / 'runs'}")
+    assert "data synth" in res.output
+    for f in ("rl.json", "sft.json", "test.json", "world.json"):
+        assert (out / f).is_file()
+    assert len(_load(out / "rl.json")) == 12 and len(_load(out / "sft.json")) == 4
+    assert json.loads((out / "world.json").read_text())["seed"] == 3
+    reg = Registry(os.environ["VIDEOR1_HOME"] + "/registry.db")
+    runs = reg.list_runs()
+    assert len(runs) == 1 and runs[0]["kind"] == "data-synth" and runs[0]["status"] == "finished"
+    assert runs[0]["summary"]["counts"]["records"] == 22 and runs[0]["summary"]["seed"] == 3
+    arts = reg.artifacts_of(runs[0]["id"])["outputs"]
+    assert [Path(a.path) for a in arts if a.kind == "dataset"] == [out.resolve()]
+    assert sorted(Path(a.path).name for a in arts if a.kind == "records") == ["rl.json", "sft.json", "test.json"]
+    assert reg.metrics(runs[0]["id"], ["records"])["records"][0][1] == 22
+    # run.seed is the default seed; --seed overrides it
+    run_cli("data", "synth", "--out", tmp_path / "w2", "--train", 12, "--test", 6, "--sft", 4,
+            "--set", "run.seed=3", "--set", f"run.output_dir={tmp_path / 'runs'}")
+    assert (tmp_path / "w2" / "rl.json").read_bytes() == (out / "rl.json").read_bytes()
