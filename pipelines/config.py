@@ -309,6 +309,52 @@ class EvalConfig(Section):
         "default: guessed from the model path."
     )
 
+    @field_validator("bench", mode="before")
+    @classmethod
+    def _split_bench(cls, v: Any) -> Any:
+        # --bench vsi,videomme (a comma list) as well as a YAML list.
+        if isinstance(v, str):
+            return [b.strip() for b in v.split(",") if b.strip()]
+        return v
+
+
+class QuickstartConfig(Section):
+    out_dir: str = Field(
+        "videor1-runs/quickstart",
+        description="Directory the quickstart writes everything to (world, models, run dirs, evals, table). "
+        "Shortcut: --out.",
+    )
+    train: int = Field(4000, ge=1, description="RL pool: synthetic records without CoT (rl.json). Shortcut: --train.")
+    sft: int = Field(2000, ge=1, description="Cold-start SFT records with gold CoT (sft.json). Shortcut: --sft.")
+    test: int = Field(1000, ge=1, description="Held-out records every model is evaluated on. Shortcut: --test.")
+    seeds: list[int] | None = Field(
+        None,
+        description="Run the whole chain once per seed (world, model init, training) and report each and the mean. "
+        "Default: [run.seed]. Shortcut: --seeds 0,1,2.",
+    )
+    sft_steps: int = Field(400, ge=1, description="Optimizer steps of the SFT cold start. Shortcut: --sft-steps.")
+    rl_steps: int = Field(100, ge=1, description="Steps (rollouts) of the RL phase. Shortcut: --rl-steps.")
+    template: str = Field(
+        "answer-only",
+        description="Prompt template of every stage of the quickstart (sets prompt.template): the short "
+        "answer-only prompt suits the tiny CPU model.",
+    )
+    compare_algos: bool = Field(
+        False,
+        description="Also train GRPO (rl.algo=grpo) from the same SFT model and report it next to T-GRPO. "
+        "Shortcut: --compare-algos.",
+    )
+
+    @field_validator("seeds", mode="before")
+    @classmethod
+    def _split_seeds(cls, v: Any) -> Any:
+        # --seeds 0,1,2 (a comma list) as well as a YAML list or one integer.
+        if isinstance(v, int):
+            return [v]
+        if isinstance(v, str):
+            return [int(x) for x in v.replace(" ", "").split(",") if x]
+        return v
+
 
 class PushConfig(Section):
     repo_id: str | None = Field(None, description="Target model repo, ORG/NAME.")
@@ -347,6 +393,9 @@ class Config(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Benchmark evaluation.")
     push: PushConfig = Field(default_factory=PushConfig, description="Publishing to the Hugging Face Hub.")
     distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="Multi-process launch.")
+    quickstart: QuickstartConfig = Field(
+        default_factory=QuickstartConfig, description="`videor1 quickstart`: sizes, steps and seeds of the CPU demo."
+    )
 
     def hash(self) -> str:
         """Stable hash of the resolved config (what the registry stores)."""

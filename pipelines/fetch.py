@@ -13,6 +13,7 @@ is a no-op.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -45,6 +46,15 @@ class FetchResult:
         if self.source:
             m["source"] = self.source
         return m
+
+    def manifest(self) -> str:
+        """sha256 over (relative path, size) of the fetched files: identifies the selection without reading it
+        (the directory may also hold hundreds of GB of extracted media that are not part of the fetch)."""
+        h = hashlib.sha256()
+        for rel in sorted(self.files):
+            p = self.out / rel
+            h.update(f"{rel}\0{p.stat().st_size if p.is_file() else -1}\n".encode())
+        return "files:" + h.hexdigest()
 
 
 def _select(paths: list[str], include: list[str]) -> list[str]:

@@ -125,46 +125,24 @@ def plan_kinds(n: int, mix: dict[str, float], image_fraction: float) -> dict[str
     Every problem type with a positive weight gets at least one record when n allows, and both data types appear
     when 0 < image_fraction < 1 and n >= 2.
     """
-    cells: dict[str, float] = {}
-    for pt in PROBLEM_TYPES:
-        w = mix.get(pt, 0.0)
-        cells[f"video|{pt}"] = w * (1.0 - image_fraction)
-        cells[f"image|{pt}"] = w * image_fraction
-    counts = largest_remainder(n, cells)
+    types = largest_remainder(n, {pt: mix.get(pt, 0.0) for pt in PROBLEM_TYPES})
     positive = [pt for pt in PROBLEM_TYPES if mix.get(pt, 0.0) > 0]
-
-    def take_one(exclude: set[str]) -> bool:
-        donors = [c for c in cells if counts[c] > 1 and c not in exclude]
-        if not donors:
-            donors = [c for c in cells if counts[c] > 0 and c not in exclude
-                      and sum(counts[d] for d in cells if d.split("|")[1] == c.split("|")[1]) > 1]
-        if not donors:
-            return False
-        donor = max(donors, key=lambda c: (counts[c], -list(cells).index(c)))
-        counts[donor] -= 1
-        return True
-
     if n >= len(positive):
         for pt in positive:
-            if counts[f"video|{pt}"] + counts[f"image|{pt}"] == 0:
-                cell = f"video|{pt}" if image_fraction < 0.5 else f"image|{pt}"
-                if take_one({cell}):
-                    counts[cell] += 1
+            if types[pt] == 0:
+                donor = max(positive, key=lambda p: (types[p], -positive.index(p)))
+                types[donor] -= 1
+                types[pt] += 1
+    n_img = int(round(n * image_fraction))
     if 0 < image_fraction < 1 and n >= 2:
-        for dt, other in (("image", "video"), ("video", "image")):
-            if sum(counts[f"{dt}|{pt}"] for pt in PROBLEM_TYPES) == 0:
-                # move one record of the most common type to this data type
-                pt = max(positive, key=lambda p: counts[f"{other}|{p}"])
-                if counts[f"{other}|{pt}"] > 0:
-                    counts[f"{other}|{pt}"] -= 1
-                    counts[f"{dt}|{pt}"] += 1
-
+        n_img = min(max(n_img, 1), n - 1)
+    images = largest_remainder(n_img, {pt: float(types[pt]) for pt in PROBLEM_TYPES}) if n else types
     kinds: dict[str, int] = {k: 0 for k in KINDS}
-    for cell, c in counts.items():
-        dt, pt = cell.split("|")
-        members = {k.name: k.weight for k in KINDS.values() if k.data_type == dt and k.problem_type == pt}
-        for name, m in largest_remainder(c, members).items():
-            kinds[name] += m
+    for pt in PROBLEM_TYPES:
+        for dt, c in (("video", types[pt] - images[pt]), ("image", images[pt])):
+            members = {k.name: k.weight for k in KINDS.values() if k.data_type == dt and k.problem_type == pt}
+            for name, m in largest_remainder(c, members).items():
+                kinds[name] += m
     return kinds
 
 

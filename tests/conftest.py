@@ -23,9 +23,11 @@ def _threads():
 
 
 @pytest.fixture(autouse=True)
-def _isolated_home(tmp_path, monkeypatch):
-    """Each test gets its own registry (VIDEOR1_HOME) unless it sets one."""
+def _isolated_home(tmp_path, monkeypatch, tmp_path_factory):
+    """Each test gets its own registry (VIDEOR1_HOME) and working directory, so nothing lands in the repo."""
     monkeypatch.setenv("VIDEOR1_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path_factory.getbasetemp() / "hf-datasets-cache"))
+    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture(scope="session")

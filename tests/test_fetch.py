@@ -25,6 +25,12 @@ from conftest import run_cli
 from pipelines.fetch import FetchError, fetch_mirror
 from pipelines.registry import Registry
 
+
+@pytest.fixture(autouse=True)
+def _cwd(tmp_path, monkeypatch):
+    """Run dirs (videor1-runs/ under the cwd) land in the test's tmp dir, not the repo."""
+    monkeypatch.chdir(tmp_path)
+
 REPO = "Video-R1/Video-R1-data"
 RL = [{"problem_id": 1, "problem": "q", "data_type": "video", "problem_type": "numerical", "options": [],
        "solution": "<answer>3</answer>", "path": "./CLEVRER/v.mp4", "data_source": "CLEVRER"}]
@@ -93,12 +99,20 @@ def test_cli_fetch_source_records_artifact(mirror, tmp_path):
     arts = reg.artifacts_of(run["id"])
     ds = [a for a in arts["outputs"] if a.kind == "dataset"]
     assert len(ds) == 1 and ds[0].path == str(out.resolve())
-    assert ds[0].meta == {"repo_id": REPO, "revision": None, "include": ["*.json", "CLEVRER/*"],
-                          "source": str(mirror.resolve())}
+    meta = ds[0].meta
+    assert {k: meta[k] for k in ("repo_id", "revision", "include", "source", "files")} == {
+        "repo_id": REPO, "revision": None, "include": ["*.json", "CLEVRER/*"], "source": str(mirror.resolve()),
+        "files": 3}
+    assert meta["manifest"].startswith("files:")
+    records = sorted(Path(a.path).name for a in arts["outputs"] if a.kind == "records")
+    assert records == ["Video-R1-260k.json", "Video-R1-COT-165k.json"]
     assert any(a.kind == "external:mirror" for a in arts["inputs"])
-    # the fetched records are usable as-is
+    # the fetched records are usable as-is, and a validate run links back to the fetch run
     res = run_cli("data", "stats", out / "Video-R1-260k.json", "--json")
     assert json.loads(res.output)["records"] == 1
+    run_cli("data", "validate", out / "Video-R1-260k.json", "--allow-errors")
+    (val,) = reg.list_runs(kind="data-validate")
+    assert reg.parents(val["id"]) == [run["id"]]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -191,7 +205,8 @@ def test_fetch_from_local_hub(olah_hub, tmp_path):
     (run,) = reg.list_runs(kind="data-fetch")
     assert run["status"] == "finished"
     (art,) = [a for a in reg.artifacts_of(run["id"])["outputs"] if a.kind == "dataset"]
-    assert art.meta == {"repo_id": REPO, "revision": sha2, "include": ["*.json"]}  # main resolved to its commit
+    assert {k: art.meta[k] for k in ("repo_id", "revision", "include")} == {
+        "repo_id": REPO, "revision": sha2, "include": ["*.json"]}  # main resolved to its commit
 
     # a pinned older revision, other patterns, into another directory
     old = tmp_path / "old"

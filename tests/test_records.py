@@ -22,6 +22,12 @@ from pipelines.records import (
 )
 
 
+@pytest.fixture(autouse=True)
+def _cwd(tmp_path, monkeypatch):
+    """Run dirs (videor1-runs/ under the cwd) land in the test's tmp dir, not the repo."""
+    monkeypatch.chdir(tmp_path)
+
+
 def rec(i, **kw):
     base = {
         "problem_id": i, "problem": f"What colour is object {i}?", "data_type": "video",

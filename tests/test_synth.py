@@ -145,9 +145,10 @@ def test_video_frames_colour_and_direction(world):
         assert colours == [m["colors"][0], m["colors"][-1]]
         for c, name in zip(centre, colours):  # the colour survives H.264 almost exactly
             assert np.abs(c.astype(int) - np.array(S.COLORS[name])).max() < 25
-        # the background is grey: no saturated pixel where the square is not
+        # the background is grey: no saturated pixel away from the square (2 px of chroma bleed at its edges)
         bg = frames[0].astype(int).copy()
-        bg[y:y + s, m["xs"][0]:m["xs"][0] + s] = 128
+        x0 = m["xs"][0]
+        bg[max(0, y - 2):y + s + 2, max(0, x0 - 2):x0 + s + 2] = 128
         assert (bg.max(-1) - bg.min(-1)).max() < 60
         opt = {o[0]: o[3:] for o in r["options"]}
         ans = opt[r["solution"][8:-9]]
@@ -195,11 +196,11 @@ def test_options_rotate(world):
 
 
 def test_mix_follows_weights(tmp_path):
-    w = S.synthesize(tmp_path / "w", train=400, test=10, seed=1, sft=0, image_fraction=0.25)
+    w = S.synthesize(tmp_path / "w", train=200, test=10, seed=1, sft=0, image_fraction=0.25)
     c = w["manifest"]["counts"]["rl"]
-    assert c["by_problem_type"] == {"OCR": 24, "free-form": 48, "multiple choice": 260, "numerical": 52,
-                                    "regression": 16}
-    assert c["by_data_type"] == {"image": 100, "video": 300}
+    assert c["by_problem_type"] == {"OCR": 12, "free-form": 24, "multiple choice": 130, "numerical": 26,
+                                    "regression": 8}
+    assert c["by_data_type"] == {"image": 50, "video": 150}
     assert _load(w["sft"]) == []
     w2 = S.synthesize(tmp_path / "w2", train=20, test=0, seed=1, sft=0, mix={"OCR": 1.0}, image_fraction=0.0)
     assert {r["problem_type"] for r in _load(w2["rl"])} == {"OCR"}

@@ -14,6 +14,12 @@ from pipelines.registry import Registry
 from pipelines.unzip import TMP_PREFIX, extract_all, extract_archive, find_archives, marker_path
 
 
+@pytest.fixture(autouse=True)
+def _cwd(tmp_path, monkeypatch):
+    """Run dirs (videor1-runs/ under the cwd) land in the test's tmp dir, not the repo."""
+    monkeypatch.chdir(tmp_path)
+
+
 def make_zip(path: Path, files: dict[str, bytes]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:

@@ -14,6 +14,12 @@ from pipelines.registry import Registry
 from pipelines.validate import check_semantics, compute_stats, extract_answer, option_letter, validate_file
 
 
+@pytest.fixture(autouse=True)
+def _cwd(tmp_path, monkeypatch):
+    """Run dirs (videor1-runs/ under the cwd) land in the test's tmp dir, not the repo."""
+    monkeypatch.chdir(tmp_path)
+
+
 def write_mp4(path: Path, frames: int = 6, size: int = 32) -> Path:
     import av
 

@@ -64,7 +64,13 @@ def fetch(
             run.use_path("mirror", source)
         else:
             res = fetch_hub(cfg.data.repo_id, target, revision=cfg.data.revision, include=cfg.data.include)
-        aid = run.log_artifact("dataset", target, meta=res.meta())
+        # The directory is recorded without hashing its content (after `data unzip` it holds the extracted media);
+        # each fetched records file is recorded with its hash, so validate/train runs that read it link back here.
+        aid = run.log_artifact("dataset", target, meta={**res.meta(), "files": len(res.files),
+                                                        "manifest": res.manifest()}, hash_content=False)
+        for rel in res.files:
+            if rel.endswith((".json", ".jsonl")):
+                run.log_artifact("records", target / rel, meta={**res.meta(), "file": rel})
         run.log_metrics(0, {"files": len(res.files), "bytes": res.bytes, "linked": res.linked, "copied": res.copied,
                             "skipped": res.skipped})
         run.set_summary({"out": str(target.resolve()), "files": len(res.files), "bytes": res.bytes,
@@ -311,3 +317,35 @@ def synth(
     console.print(table)
     console.print(f"{counts['records']:,} records in {seconds:.1f}s -> {out} (world.json: chance per data_source)",
                   soft_wrap=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# probe (pipelines.video)
+@app.command("probe")
+@config_command()
+def probe(
+    cfg: Config,
+    media: Path = typer.Argument(..., help="A video or image file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Show how a video or image would be sampled and sized (video.* / image.* settings): frame count, indices,
+    resized size, sampled fps and visual tokens. Decodes nothing but the stream headers."""
+    import json as _json
+
+    from rich.table import Table
+
+    from pipelines.video import probe as probe_media
+    from videor1_cli.common import console
+
+    info = probe_media(media, cfg.video, cfg.image)
+    if as_json:
+        typer.echo(_json.dumps(info, indent=2))
+        return
+    table = Table("field", "value", title=f"data probe {media}")
+    for key, value in info.items():
+        if key == "indices":
+            value = ", ".join(str(i) for i in value)
+        elif isinstance(value, float):
+            value = f"{value:.4g}"
+        table.add_row(key, str(value))
+    console.print(table)

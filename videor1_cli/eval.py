@@ -1,9 +1,239 @@
-"""`videor1 eval`."""
+"""`videor1 eval`: benchmarks with Video-R1's protocol, both scoring modes side by side, resumable."""
 
 from __future__ import annotations
 
+import functools
+import inspect
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
 import typer
+from rich.table import Table
+
+from pipelines.config import Config
+from videor1_cli.common import DATA, MODEL, ROOT, Shortcut, config_command, console, err_console, registered_run
+
+BENCH = Shortcut("eval.bench", ["--bench", "-b"], Optional[str],
+                 "Benchmarks, comma-separated: vsi, videommmu, mmvu, mvbench, tempcompass, videomme, synthetic "
+                 "(eval.bench).")
+FRAMES = Shortcut("eval.frames", ["--frames"], Optional[int], "Frames per video: 16, 32 or 64 (eval.frames).")
+BACKEND = Shortcut("eval.backend", ["--backend"], Optional[str], "hf or vllm (eval.backend).")
+SCORING = Shortcut("eval.scoring", ["--scoring"], Optional[str],
+                   "Headline scoring: video-r1 or official; both are always stored (eval.scoring).")
+COMPARE = Shortcut("eval.compare", ["--compare"], Optional[str], "paper: add the paper's row and delta "
+                   "(eval.compare).")
+LIMIT = Shortcut("eval.limit", ["--limit"], Optional[int], "Only the first N samples per benchmark (eval.limit).")
+BATCH = Shortcut("eval.batch_size", ["--batch-size"], Optional[int], "Samples per generation call "
+                 "(eval.batch_size).")
+NPROC = Shortcut("distributed.nproc", ["--nproc"], Optional[int], "Data-parallel processes (distributed.nproc).")
+OUT = Shortcut("eval.output_dir", ["--out"], Optional[str], "Directory of the samples and results "
+               "(eval.output_dir; default: keyed on the protocol, so a rerun resumes).")
+
+_SHORTCUTS = (MODEL, DATA, ROOT, BENCH, FRAMES, BACKEND, SCORING, COMPARE, LIMIT, BATCH, NPROC, OUT)
+_BENCH_PARAM = f"_sc{_SHORTCUTS.index(BENCH)}"
+
+
+def _protocol_preset(fn):
+    """Without --preset/--config, the six benchmarks get Video-R1's protocol (video-r1-eval); the synthetic world
+    keeps the CPU default (cpu-tiny)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("preset") is None and kwargs.get("config_file") is None and not kwargs.get("rescore"):
+            benches = [b for b in (kwargs.get(_BENCH_PARAM) or "").split(",") if b.strip()]
+            if any(b.strip().lower() not in ("synthetic", "synth") for b in benches):
+                kwargs["preset"] = "video-r1-eval"
+        return fn(*args, **kwargs)
+
+    wrapper.__signature__ = inspect.signature(fn)  # type: ignore[attr-defined]
+    return wrapper
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("eval")(eval_command)
+
+
+@_protocol_preset
+@config_command(*_SHORTCUTS)
+def eval_command(
+    cfg: Config,
+    rescore: Optional[Path] = typer.Option(
+        None, "--rescore", help="Recompute every score from an eval directory or a <bench>.samples.jsonl (no model)."),
+) -> None:
+    """Evaluate a model on video benchmarks (Video-R1's protocol by default); resumable, data parallel."""
+    from pipelines.evaluate import runner
+
+    if rescore is not None:
+        with registered_run(cfg, "eval") as (run, _):
+            run.use_path("samples", rescore)
+            out, results = runner.rescore(rescore)
+            runner.record_run(run, out, results)
+            run.set_summary(_summary(results, out))
+        print_results(results)
+        console.print(f"[green]rescored[/green] -> {out / 'results.json'}")
+        return
+
+    out = runner.output_dir(cfg)
+    inputs = runner.resolve_inputs(cfg.eval.bench, cfg.data.file, cfg.data.root)  # fail fast on missing files
+    distributed = cfg.distributed.nproc > 1 or cfg.distributed.nnodes > 1
+    worker = _is_worker()
+    with registered_run(cfg, "eval", run_dir=out) as (run, run_dir):
+        if not worker:
+            run.use_path("model", cfg.model.name_or_path)
+            for bi in inputs:
+                run.use_path("data", bi.file, role=f"data:{bi.bench.name}")
+        if distributed and not worker:
+            from pipelines.launch import launch
+
+            code = launch(cfg, sys.argv[1:], run, run_dir)
+            if code != 0:
+                from pipelines.errors import VideoR1Error
+
+                raise VideoR1Error(f"eval workers exited with code {code}", hint="see the workers' output above")
+            results = runner.load_results(out)
+        else:
+            results = runner.evaluate(cfg, out, run=run, progress_factory=_progress_factory)
+            if results is None:  # a rank other than 0: rank 0 reports
+                return
+        if not worker:
+            run.set_summary(_summary(results, out))
+    if worker:
+        return  # the launcher prints
+    print_results(results)
+    console.print(f"[green]results[/green] -> {out / 'results.json'}")
+
+
+def _is_worker() -> bool:
+    try:
+        from pipelines.launch import is_distributed_worker
+
+        return bool(is_distributed_worker())
+    except ImportError:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _summary(results: dict[str, Any], out: Path) -> dict[str, Any]:
+    mode = results.get("scoring") or "video-r1"
+    return {"results": str(out / "results.json"), "scoring": mode, "frames": results.get("frames"),
+            **{name: b[mode]["overall"] for name, b in results["benchmarks"].items()},
+            "errors": sum(b["errors"] for b in results["benchmarks"].values())}
+
+
+class _Bar:
+    def __init__(self, name: str, total: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn(f"eval {name}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("[dim]{task.fields[rate]}"),
+                                 TimeRemainingColumn(), console=err_console, transient=True,
+                                 disable=os.environ.get("VIDEOR1_QUIET") == "1")
+        self.task = self.progress.add_task(name, total=total, rate="")
+        self.progress.start()
+
+    def advance(self, n: int) -> None:
+        self.progress.advance(self.task, n)
+        t = self.progress.tasks[0]
+        if t.speed:
+            self.progress.update(self.task, rate=f"{t.speed:.2f} items/s")
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+def _progress_factory(name: str, total: int) -> _Bar:
+    return _Bar(name, total)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+def _f(v: Any) -> str:
+    return "-" if v is None else f"{v:.1f}" if isinstance(v, (int, float)) else str(v)
+
+
+def bench_table(name: str, b: dict[str, Any], headline: str) -> Table:
+    vr, of = b["video-r1"], b["official"]
+    has_paper = "paper" in b
+    t = Table(title=f"{b['title']}  (n={b['n']}, errors={b['errors']}, headline: {headline})", title_justify="left",
+              caption=f"overall: video-r1 = {vr['label']}; official = {of['label']}"
+                      + (f". {of['note']}" if of.get("note") else ""), caption_justify="left")
+    for col in ("", "n", "video-r1", "official"):
+        t.add_column(col, justify="left" if not col else "right")
+    t.add_row("[bold]overall[/bold]", str(b["n"]), f"[bold]{_f(vr['overall'])}[/bold]",
+              f"[bold]{_f(of['overall'])}[/bold]")
+    t.add_row("mean_acc (non-regression)", str(vr["n_acc"]), _f(vr["mean_acc"]), "")
+    t.add_row("mean_mra (regression)", str(vr["n_mra"]), _f(vr["mean_mra"]), "")
+    t.add_row("micro (all items)", str(vr["n"]), _f(vr["micro"]), _f(of.get("micro")))
+    if name == "synthetic" and b.get("reward") is not None:
+        t.add_row("training reward (mean)", str(b["n"]), "", _f(b["reward"]))
+    for title, key in (("problem type", "by_problem_type"), (vr.get("group_key") or "group", "by_group"),
+                       ("data_source", "by_data_source"), ("order", "by_order")):
+        if key not in vr:
+            continue
+        if name == "synthetic" and key == "by_group":
+            continue  # the same as by_data_source
+        t.add_section()
+        for g, v in vr[key].items():
+            ov = of.get(key, {}).get(g, {}).get("score")
+            err = f" [red]({v['errors']} err)[/red]" if v.get("errors") else ""
+            if key == "by_data_source" and (b.get("chance") or {}).get(g) is not None:
+                err += f" [dim](chance {100 * b['chance'][g]:.0f})[/dim]"
+            t.add_row(f"{title}: {g}{err}", str(v["n"]), _f(v["score"]), _f(ov))
+    if "tasks" in of:
+        t.add_section()
+        for g, v in of["tasks"].items():
+            t.add_row(f"official task: {g}", "", "", _f(v))
+    for key in ("by_duration", "by_domain", "by_task_type"):
+        if key in of:
+            t.add_section()
+            for g, v in of[key].items():
+                t.add_row(f"official {key[3:]}: {g}", "", "", _f(v))
+    if has_paper:
+        p = b["paper"]
+        t.add_section()
+        t.add_row(f"paper: {p['model']} @ {p['frames']} frames", "", _f(p["value"]), "")
+        t.add_row("delta (video-r1 - paper)", "", f"{p['delta']:+.1f}" if p["delta"] is not None else "-", "")
+    return t
+
+
+def combined_table(results: dict[str, Any]) -> Table:
+    mode = results.get("scoring") or "video-r1"
+    t = Table(title=f"eval: {results.get('model')}  frames={results.get('frames')}  headline={mode}",
+              title_justify="left")
+    cols = ["benchmark", "n", "errors", "video-r1", "official"]
+    paper = any("paper" in b for b in results["benchmarks"].values())
+    if paper:
+        cols += ["paper", "delta"]
+    for c in cols:
+        t.add_column(c, justify="left" if c == "benchmark" else "right")
+    for name, b in results["benchmarks"].items():
+        vr, of = _f(b["video-r1"]["overall"]), _f(b["official"]["overall"])
+        if mode == "video-r1":
+            vr = f"[bold]{vr}[/bold]"
+        else:
+            of = f"[bold]{of}[/bold]"
+        row = [b["title"], str(b["n"]), str(b["errors"]), vr, of]
+        if paper:
+            p = b.get("paper") or {}
+            row += [_f(p.get("value")), f"{p['delta']:+.1f}" if p.get("delta") is not None else "-"]
+        t.add_row(*row)
+    return t
+
+
+def print_results(results: dict[str, Any]) -> None:
+    mode = results.get("scoring") or "video-r1"
+    for name, b in results["benchmarks"].items():
+        console.print(bench_table(name, b, mode))
+    if len(results["benchmarks"]) > 1 or any("paper" in b for b in results["benchmarks"].values()):
+        console.print(combined_table(results))
+    if (results.get("paper") or {}).get("model") and not results["paper"].get("found"):
+        console.print(f"[yellow]no paper row for {results['paper']['model']} at {results.get('frames')} "
+                      f"frames[/yellow]")
+    elif results.get("paper") and not results["paper"].get("model"):
+        console.print("[yellow]--compare paper: no paper model matches this model path; "
+                      "set --set eval.paper_model=NAME[/yellow]")
+
+
+def _json(results: dict[str, Any]) -> str:  # pragma: no cover - debugging aid
+    return json.dumps(results, indent=1, default=str)

@@ -5,3 +5,204 @@ from __future__ import annotations
 import typer
 
 app = typer.Typer(no_args_is_help=True)
+
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# train sft (pipelines.sft)
+from typing import Optional as _Optional  # noqa: E402
+
+from videor1_cli.common import DATA as _DATA, MODEL as _MODEL, ROOT as _ROOT  # noqa: E402
+from videor1_cli.common import Shortcut as _Shortcut, config_command as _config_command  # noqa: E402
+
+SFT_SHORTCUTS = (
+    _MODEL, _DATA, _ROOT,
+    _Shortcut("distributed.nproc", ["--nproc"], _Optional[int], "Processes per node, one per GPU (distributed.nproc)."),
+    _Shortcut("distributed.nnodes", ["--nnodes"], _Optional[int], "Number of nodes (distributed.nnodes)."),
+    _Shortcut("distributed.node_rank", ["--node-rank"], _Optional[int], "Rank of this node (distributed.node_rank)."),
+    _Shortcut("distributed.master_addr", ["--master-addr"], _Optional[str],
+              "Address of the rank-0 node (distributed.master_addr)."),
+    _Shortcut("distributed.master_port", ["--master-port"], _Optional[int],
+              "Port of the rank-0 node (distributed.master_port)."),
+    _Shortcut("sft.max_steps", ["--max-steps"], _Optional[int], "Stop after N optimizer steps (sft.max_steps)."),
+    _Shortcut("sft.eval_file", ["--eval-data"], _Optional[str],
+              "Held-out COT records; their loss is logged (sft.eval_file)."),
+    _Shortcut("sft.output_dir", ["--out"], _Optional[str],
+              "Model output directory (sft.output_dir; default: the run directory)."),
+)
+
+
+@app.command("sft")
+@_config_command(*SFT_SHORTCUTS)
+def sft(
+    cfg,
+    resume: _Optional[str] = typer.Option(
+        None, "--resume", help="Continue from a checkpoint: 'auto' (the latest checkpoint in sft.output_dir, or of the "
+        "last unfinished train-sft run on the same model and data), a checkpoint dir, or an output dir."),
+) -> None:
+    """Supervised cold start on Video-R1-COT records: loss on the assistant turn only, batched video + image.
+
+    Writes the model (+ processor) as a 'model' artifact whose lineage names the records and the base model.
+    """
+    import sys
+    from pathlib import Path
+
+    from rich.table import Table
+
+    from pipelines.errors import TrainingError
+    from pipelines.launch import is_distributed_worker, is_main_process, launch, needs_launch
+    from pipelines.registry import Registry
+    from pipelines.sft import find_resume_checkpoint, run_sft
+    from videor1_cli.common import console, err_console, registered_run
+
+    worker = is_distributed_worker()
+    ckpt = find_resume_checkpoint(resume, cfg, Registry(cfg.registry_path()))
+    if resume == "auto" and ckpt is None and not worker:
+        err_console.print("[dim]--resume auto: no checkpoint found, starting fresh[/dim]")
+    with registered_run(cfg, "train-sft") as (run, run_dir):
+        out = Path(cfg.sft.output_dir) if cfg.sft.output_dir else (ckpt.parent if ckpt else run_dir)
+        if not worker:
+            run.use_path("model", cfg.model.name_or_path)
+            if cfg.data.file:
+                run.use_path("records", cfg.data.file)
+            if cfg.sft.eval_file:
+                run.use_path("records", cfg.sft.eval_file, role="eval-records")
+            if ckpt is not None:
+                err_console.print(f"[dim]resuming from {ckpt}[/dim]")
+        summary: dict = {}
+        if needs_launch(cfg):
+            code = launch(cfg, sys.argv[1:], run)
+            if code != 0:
+                raise TrainingError(f"training workers exited with code {code}")
+            summary = dict(run.info.get("summary") or {})  # written by the rank-0 worker
+        else:
+            def on_skip(rid: str, reason: str, detail: str, train: bool) -> None:
+                if is_main_process():
+                    err_console.print(f"[yellow]skipped {'train' if train else 'eval'} record {rid} ({reason}): "
+                                      f"{detail}[/yellow]", soft_wrap=True)
+
+            res = run_sft(cfg, run, output_dir=out, resume_from=ckpt, on_skip=on_skip)
+            if not is_main_process():
+                return
+            summary = dict(steps=res.global_step, train_loss=res.train_loss, eval_loss_start=res.eval_loss_start,
+                           eval_loss_end=res.eval_loss_end, skipped=res.skipped, samples=res.samples,
+                           eval_samples=res.eval_samples, tokens_per_s=res.tokens_per_s,
+                           seconds=round(res.seconds, 2), resumed_from=res.resumed_from)
+            if worker:  # rank 0 under torchrun: the launcher records the artifact and prints
+                run.set_summary(summary)
+                return
+        aid = run.log_artifact("model", out, meta={"stage": "sft", "base": cfg.model.name_or_path,
+                                                   "data": cfg.data.file})
+        summary.update(output_dir=str(Path(out).resolve()), artifact=aid)
+        run.set_summary(summary)
+
+    def fmt(v) -> str:
+        return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    skipped = sum(sum(v.values()) for v in (summary.get("skipped") or {}).values())
+    table = Table("model", "steps", "train loss", "eval loss start -> end", "skipped", title="train sft")
+    table.add_row(str(out), fmt(summary.get("steps")), fmt(summary.get("train_loss")),
+                  f"{fmt(summary.get('eval_loss_start'))} -> {fmt(summary.get('eval_loss_end'))}", str(skipped))
+    console.print(table)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# train rl (pipelines.rl: GRPO / T-GRPO)
+from typing import Optional as _RlOptional  # noqa: E402
+
+from pipelines.config import Config as _RlConfig  # noqa: E402
+from videor1_cli.common import DATA as _RL_DATA, MODEL as _RL_MODEL, ROOT as _RL_ROOT  # noqa: E402
+from videor1_cli.common import Shortcut as _RlShortcut, config_command as _rl_config_command  # noqa: E402
+
+RL_SHORTCUTS = (
+    _RL_MODEL, _RL_DATA, _RL_ROOT,
+    _RlShortcut("rl.algo", ["--algo"], _RlOptional[str], "tgrpo (temporal GRPO, Video-R1) or grpo (rl.algo)."),
+    _RlShortcut("rl.max_steps", ["--max-steps"], _RlOptional[int], "Steps (rollouts) to run (rl.max_steps)."),
+    _RlShortcut("distributed.nproc", ["--nproc"], _RlOptional[int], "Processes per node (distributed.nproc)."),
+    _RlShortcut("distributed.nnodes", ["--nnodes"], _RlOptional[int], "Number of nodes (distributed.nnodes)."),
+    _RlShortcut("distributed.node_rank", ["--node-rank"], _RlOptional[int],
+                "Rank of this node (distributed.node_rank)."),
+    _RlShortcut("distributed.master_addr", ["--master-addr"], _RlOptional[str],
+                "Address of the rank-0 node (distributed.master_addr)."),
+    _RlShortcut("distributed.master_port", ["--master-port"], _RlOptional[int],
+                "Port of the rank-0 node (distributed.master_port)."),
+)
+
+
+@app.command("rl")
+@_rl_config_command(*RL_SHORTCUTS)
+def rl(
+    cfg: _RlConfig,
+    resume: _RlOptional[str] = typer.Option(
+        None, "--resume", help="Resume from a checkpoint: 'auto' (the newest train-rl checkpoint in the registry) "
+        "or PATH (a <run dir>/checkpoints/step-N directory, or a run directory).", rich_help_panel="Run control"),
+) -> None:
+    """GRPO / T-GRPO on video and image records (Video-R1's RL stage); the model is saved to <run dir>/model."""
+    import sys
+
+    from pipelines.errors import TrainingError
+    from pipelines.launch import is_distributed_worker, launch, needs_launch, rank
+    from videor1_cli.common import console, err_console, registered_run
+
+    with registered_run(cfg, "train-rl") as (run, run_dir):
+        if needs_launch(cfg):
+            code = launch(cfg, sys.argv[1:], run, run_dir)
+            if code:
+                raise TrainingError(f"training workers exited with code {code}",
+                                    hint="see the workers' output above; resume with --resume auto")
+            _print_rl_summary(console, run.info.get("summary") or {})
+            return
+        from pipelines.rl.trainer import RLTrainer
+
+        show = not is_distributed_worker() or rank() == 0
+        with _rl_progress(err_console, enabled=show) as on_step:
+            trainer = RLTrainer(cfg, run, run_dir, resume=resume, on_step=on_step)
+            try:
+                trainer.setup()
+                summary = trainer.train()
+            finally:
+                trainer.cleanup()
+        if show:
+            _print_rl_summary(console, summary)
+
+
+def _rl_progress(err_console, enabled: bool = True):
+    """A rich progress bar (steps/s, ETA, live reward) fed by the trainer's on_step callback."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def cm():
+        if not enabled:
+            yield None
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        columns = [TextColumn("[bold]train rl[/bold]"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), TextColumn("{task.fields[live]}")]
+        with Progress(*columns, console=err_console, transient=True) as bar:
+            task = None
+
+            def on_step(step: int, total: int, m: dict) -> None:
+                nonlocal task
+                if task is None:
+                    task = bar.add_task("rl", total=total, completed=step - 1, rate="", live="")
+                st = m.get("step_time") or 0.0
+                live = f"reward {m.get('reward', float('nan')):.3f}  kl {m.get('kl', float('nan')):.4f}"
+                bar.update(task, completed=step, rate=f"{1.0 / st:.2f} steps/s" if st else "", live=live)
+
+            yield on_step
+
+    return cm()
+
+
+def _print_rl_summary(console, s: dict) -> None:
+    from rich.table import Table
+
+    t = Table(title="train rl", show_header=False)
+    for k in ("algo", "steps", "steps_run", "world_size", "resumed_from", "reward_first", "reward_last", "kl_last",
+              "skipped", "step_time_median", "seconds", "model"):
+        v = s.get(k)
+        if v is None:
+            continue
+        t.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
+    console.print(t)

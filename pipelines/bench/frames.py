@@ -75,6 +75,8 @@ class ClipResult:
     cold_pyav_ms: float = float("nan")
     cold_peer_ms: float = float("nan")
     cold_ratio: float = float("nan")
+    cold_ours_cpu_ms: float = float("nan")
+    cold_peer_cpu_ms: float = float("nan")
     note: str = ""
 
 
@@ -167,10 +169,14 @@ def peer_fetch(path: str | os.PathLike, cfg: VideoConfig):
     return video, [int(i) for i in meta["frames_indices"]], float(sample_fps)
 
 
-def _ms(fn: Callable[[], Any]) -> float:
-    t = time.perf_counter()
+def _ms(fn: Callable[[], Any], cpu: list[float] | None = None) -> float:
+    """Wall milliseconds of fn(); appends the process CPU milliseconds (all threads) to `cpu` when given."""
+    c, t = time.process_time(), time.perf_counter()
     fn()
-    return (time.perf_counter() - t) * 1000
+    wall = (time.perf_counter() - t) * 1000
+    if cpu is not None:
+        cpu.append((time.process_time() - c) * 1000)
+    return wall
 
 
 def _median(xs: list[float]) -> float:
@@ -261,7 +267,7 @@ def run_bench(
 
     # 2. cold: one decode per video, alternating which side goes first
     for cr, (name, path) in zip(res.clips, clips):
-        ours_t, peer_t, pyav_t = [], [], []
+        ours_t, peer_t, pyav_t, ours_c, peer_c = [], [], [], [], []
         for r in range(repeats):
             tick(f"cold {name} {r + 1}/{repeats}")
 
@@ -273,15 +279,16 @@ def run_bench(
                 peer_fetch(path, cold_cfg)
 
             if r % 2 == 0:
-                ours_t.append(_ms(run_ours))
-                peer_t.append(_ms(run_peer))
+                ours_t.append(_ms(run_ours, ours_c))
+                peer_t.append(_ms(run_peer, peer_c))
             else:
-                peer_t.append(_ms(run_peer))
-                ours_t.append(_ms(run_ours))
+                peer_t.append(_ms(run_peer, peer_c))
+                ours_t.append(_ms(run_ours, ours_c))
             if pyav:
                 pyav_t.append(_ms(lambda: V.sample_video(path, pyav_cfg, use_cache=False)))
         cr.cold_ours_ms, cr.cold_peer_ms = _median(ours_t), _median(peer_t)
         cr.cold_pyav_ms = _median(pyav_t)
+        cr.cold_ours_cpu_ms, cr.cold_peer_cpu_ms = _median(ours_c), _median(peer_c)
         cr.cold_ratio = cr.cold_peer_ms / cr.cold_ours_ms
     total_ours = sum(c.cold_ours_ms for c in res.clips)
     total_peer = sum(c.cold_peer_ms for c in res.clips)

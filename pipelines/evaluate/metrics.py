@@ -67,7 +67,7 @@ def first_token(text: str) -> str:
 # MRA
 MRA_START, MRA_END, MRA_STEP = 0.5, 0.95, 0.05
 # Video-R1: torch.arange(0.5, 0.95 + 0.025, 0.05, dtype=float32) -> 10 thresholds (float32 values).
-_THRESH_F32 = (np.float32(MRA_START) + np.arange(10, dtype=np.float32) * np.float32(MRA_STEP)).astype(np.float32)
+_THRESH_F32 = np.array([MRA_START + i * MRA_STEP for i in range(10)], dtype=np.float32)  # == torch's values
 # VSI-Bench: np.linspace(.5, .95, int((.95 - .5) / .05 + 2)) -> int(10.000000000000002) = 10 thresholds (float64).
 _THRESH_F64 = np.linspace(MRA_START, MRA_END, int((MRA_END - MRA_START) / MRA_STEP + 2))
 MRA_THRESHOLDS = tuple(float(t) for t in _THRESH_F64)

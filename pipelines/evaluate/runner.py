@@ -563,7 +563,7 @@ def evaluate(
     for bi in inputs:
         rows = merge(out, bi.bench.name, len(per_bench_records[bi.bench.name]))
         benches[bi.bench.name] = finalize_bench(bi.bench, rows, out, str(bi.file), _world_manifest(bi.file))
-    results = build_results(cfg, benches, proto, stats=stats, gen_seconds=gen_seconds, world=world)
+    results = build_results(cfg, benches, proto, stats=stats, gen_seconds=round(gen_seconds, 3), world_size=world)
     write_results(out, results)
     if run is not None:
         record_run(run, out, results)

@@ -43,8 +43,9 @@ def temporal_bonus(
     p = mean ordered accuracy, p~ = mean shuffled accuracy of the same group. When p >= mu * p~ (boundary included),
     every ordered completion with accuracy > threshold gets +alpha. Images never get it.
 
-    Returns (bonus (N, G), granted (N,) bool: the condition held for a video group, p (N,), p~ (N,)); p~ is NaN for
-    image groups.
+    Returns (bonus (N, G), granted (N,) bool: the group's bonus was paid to at least one completion (condition held
+    and something was correct; Video-R1 logs the bare condition, which also counts p = p~ = 0), p (N,), p~ (N,)).
+    p~ is NaN for image groups.
     """
     acc_ordered = acc_ordered.to(torch.float64)
     is_video = is_video.to(torch.bool)
@@ -54,11 +55,11 @@ def temporal_bonus(
     else:
         p_shuf = torch.full_like(p, float("nan"))
     p_shuf = torch.where(is_video, p_shuf, torch.full_like(p_shuf, float("nan")))
-    granted = is_video & (p >= mu * torch.nan_to_num(p_shuf, nan=float("inf")) - _BOUNDARY_EPS)
+    condition = is_video & (p >= mu * torch.nan_to_num(p_shuf, nan=float("inf")) - _BOUNDARY_EPS)
     correct = acc_ordered > threshold
-    bonus = torch.where(granted.unsqueeze(1) & correct, torch.full_like(acc_ordered, alpha),
-                        torch.zeros_like(acc_ordered))
-    return bonus, granted, p, p_shuf
+    paid = condition.unsqueeze(1) & correct
+    bonus = torch.where(paid, torch.full_like(acc_ordered, alpha), torch.zeros_like(acc_ordered))
+    return bonus, paid.any(dim=1), p, p_shuf
 
 
 def length_bonus(

@@ -126,44 +126,32 @@ class RLTrainer:
 
     # ------------------------------------------------------------------------------------------------------ setup
     def _accelerator(self):
-        from accelerate import Accelerator
+        """pipelines.launch.make_accelerator: cpu=True without CUDA (gloo ranks under torchrun), DeepSpeed ZeRO-2/3
+        from distributed.deepspeed with the "auto" values we know filled in (one micro-batch per backward)."""
         from accelerate.utils import DistributedDataParallelKwargs
 
-        dcfg = self.cfg.distributed
-        kwargs: dict[str, Any] = {}
-        if dcfg.deepspeed:
-            from accelerate.utils import DeepSpeedPlugin
+        from pipelines.launch import make_accelerator, model_hidden_size
 
-            kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=self._deepspeed_config(dcfg.deepspeed))
+        hidden = None
+        if self.cfg.distributed.deepspeed:
+            from types import SimpleNamespace
+
+            from transformers import AutoConfig
+
+            hidden = model_hidden_size(SimpleNamespace(config=AutoConfig.from_pretrained(
+                self.cfg.model.name_or_path)))
+        kwargs: dict[str, Any] = {}
         if self.cfg.run.report_to:
             kwargs["log_with"] = list(self.cfg.run.report_to)
             kwargs["project_dir"] = str(self.run_dir)
-        use_cpu = not torch.cuda.is_available() or str(self.cfg.model.device).startswith("cpu")
-        return Accelerator(
-            cpu=use_cpu,
-            mixed_precision="bf16" if self.cfg.rl.bf16 else "no",
+        return make_accelerator(
+            self.cfg, gradient_accumulation_steps=1, mixed_precision="bf16" if self.cfg.rl.bf16 else "no",
+            micro_batch_size=1, max_grad_norm=self.cfg.rl.max_grad_norm, hidden_size=hidden,
             # A rank whose every record of a step was broken still joins the backward (dummy forward): its unused
             # vision tower must not stall DDP's reducer.
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
             **kwargs,
         )
-
-    def _deepspeed_config(self, name: str) -> dict:
-        p = Path(name)
-        if not p.exists():
-            p = Path(__file__).resolve().parent.parent / "launch_configs" / f"{name}.json"
-        if not p.exists():
-            raise VideoR1Error(f"DeepSpeed config '{name}' not found",
-                               hint="distributed.deepspeed: zero2, zero3, zero3_offload or a path to a JSON file")
-        ds = json.loads(p.read_text())
-        # No DataLoader goes through accelerate, so 'auto' batch sizes are resolved here.
-        ds["train_micro_batch_size_per_gpu"] = 1 if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto" \
-            else ds["train_micro_batch_size_per_gpu"]
-        ds["gradient_accumulation_steps"] = 1
-        ds.pop("train_batch_size", None)
-        if ds.get("gradient_clipping") == "auto":
-            ds["gradient_clipping"] = self.cfg.rl.max_grad_norm
-        return ds
 
     def setup(self) -> None:
         from pipelines.models import load_model, load_processor
@@ -341,7 +329,7 @@ class RLTrainer:
                 self.history.append(metrics)
             if self.on_step and self.is_main:
                 self.on_step(self.step, self.total_steps, metrics)
-            if self.step % rl.save_steps == 0 and self.step < self.total_steps:
+            if self.step % rl.save_steps == 0:  # also at the last step: a finished run can be extended
                 self.save_checkpoint()
         out = self.save_final()
         elapsed = time.perf_counter() - t_start

@@ -1,0 +1,320 @@
+"""`videor1 quickstart`: the whole Video-R1 recipe on the synthetic world and the tiny model, on a CPU.
+
+Per seed, each stage is the real command with the previous stage's output paths, so every stage is a registered run
+and lineage links them without any bookkeeping here (the registry matches an input path to the artifact that
+produced it):
+
+    data synth  -> world/{sft.json (gold CoT, small), rl.json (no CoT, larger), test.json}
+    model tiny  -> tiny-model/                        (random weights)
+    eval        -> eval-untrained/results.json        (the untrained model on test.json)
+    train sft   -> sft-model/                         (cold start on sft.json)
+    eval        -> eval-sft/results.json
+    train rl    -> rl-tgrpo-model/                    (T-GRPO from sft-model on rl.json)
+    eval        -> eval-rl-tgrpo/results.json
+    [train rl --algo grpo, eval]                      (--compare-algos: plain GRPO from the same SFT model)
+
+This module never imports the CLI: the caller passes ``invoke(argv)``, which runs one ``videor1`` command line
+(in-process). Everything here is planning (the argv of each stage), reading results back, and the table: chance,
+untrained, SFT and RL accuracy overall, per problem type and on the order-dependent questions, per seed and mean.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import yaml
+
+from pipelines.errors import VideoR1Error
+
+MARKER = ".videor1-quickstart"
+PROBLEM_TYPES = ("multiple choice", "numerical", "OCR", "free-form", "regression")
+ORDER_KEY = "order-dependent"
+
+# --smoke: the same chain at toy sizes (CI; no accuracy claim). Keys are config keys set on every stage.
+SMOKE_SIZES = {"train": 16, "sft": 16, "test": 12, "sft_steps": 2, "rl_steps": 1}
+SMOKE_OVERRIDES = {
+    "sft.per_device_batch_size": 4,
+    "sft.logging_steps": 1,
+    "rl.per_device_prompts": 2,
+    "rl.num_generations": 4,
+    "rl.logging_steps": 1,
+    "eval.batch_size": 16,
+    "eval.max_new_tokens": 24,
+}
+
+
+class QuickstartError(VideoR1Error):
+    """A stage of the quickstart failed, or its outputs are not where they should be."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Plan
+@dataclass
+class Stage:
+    key: str          # synth, tiny, eval-untrained, sft, eval-sft, rl-tgrpo, eval-rl-tgrpo, ...
+    title: str        # what the progress line says
+    argv: list[str]   # the videor1 command line (without "videor1")
+    output: Path      # the directory/file it produces
+
+
+@dataclass
+class SeedPlan:
+    seed: int
+    dir: Path
+    world: Path
+    stages: list[Stage] = field(default_factory=list)
+    evals: dict[str, Path] = field(default_factory=dict)  # model label -> eval dir (results.json inside)
+
+
+def algos(cfg) -> list[str]:
+    """The RL algorithms trained: rl.algo (T-GRPO by default), plus the other one with compare_algos."""
+    main = cfg.rl.algo
+    if cfg.quickstart.compare_algos:
+        return [main] + [a for a in ("tgrpo", "grpo") if a != main]
+    return [main]
+
+
+def seeds_of(cfg) -> list[int]:
+    return list(cfg.quickstart.seeds) if cfg.quickstart.seeds else [cfg.run.seed]
+
+
+def plan_seed(cfg, seed: int, out: Path, config_file: Path, tag: str) -> SeedPlan:
+    """The command line of every stage of one seed (all paths absolute, so the cwd never matters)."""
+    q = cfg.quickstart
+    d = (out / f"seed-{seed}").resolve()
+    world = d / "world"
+    sp = SeedPlan(seed=seed, dir=d, world=world)
+    common = ["--config", str(config_file), "--set", f"run.seed={seed}"]
+
+    def named(stage: str) -> list[str]:
+        return ["--set", f"run.name={tag}-s{seed}-{stage}"]
+
+    def add(key: str, title: str, argv: list[str], output: Path) -> None:
+        sp.stages.append(Stage(key, title, argv, output))
+
+    add("synth", f"data synth ({q.train} RL + {q.sft} SFT + {q.test} test records)",
+        ["data", "synth", *common, *named("data"), "--out", str(world), "--train", str(q.train), "--sft", str(q.sft),
+         "--test", str(q.test), "--seed", str(seed)], world)
+    tiny = d / "tiny-model"
+    add("tiny", "model tiny", ["model", "tiny", *common, *named("model"), "--out", str(tiny), "--seed", str(seed)],
+        tiny)
+
+    def evaluate(label: str, model: Path) -> None:
+        e = d / f"eval-{label}"
+        sp.evals[label] = e
+        add(f"eval-{label}", f"eval {label} model on {q.test} held-out questions",
+            ["eval", *common, *named(f"eval-{label}"), "--model", str(model), "--data", str(world / "test.json"),
+             "--bench", "synthetic", "--out", str(e)], e)
+
+    evaluate("untrained", tiny)
+    sft = d / "sft-model"
+    add("sft", f"train sft ({q.sft_steps} steps on {q.sft} CoT records)",
+        ["train", "sft", *common, *named("sft"), "--model", str(tiny), "--data", str(world / "sft.json"),
+         "--max-steps", str(q.sft_steps), "--out", str(sft)], sft)
+    evaluate("sft", sft)
+    for algo in algos(cfg):
+        m = d / f"rl-{algo}-model"
+        add(f"rl-{algo}", f"train rl --algo {algo} ({q.rl_steps} steps on {q.train} records without CoT)",
+            ["train", "rl", *common, *named(f"rl-{algo}"), "--model", str(sft), "--data", str(world / "rl.json"),
+             "--algo", algo, "--max-steps", str(q.rl_steps), "--set", f"rl.output_dir={m}"], m)
+        evaluate(f"rl-{algo}", m)
+    return sp
+
+
+def stage_config(cfg, out: Path, registry: Path, tag: str, smoke: bool) -> dict[str, Any]:
+    """The resolved config every stage starts from (written to <out>/quickstart-config.yaml)."""
+    data = cfg.model_dump(mode="json")
+    data["run"]["output_dir"] = str((out / "runs").resolve())
+    data["run"]["registry"] = str(Path(registry).resolve())
+    data["run"]["tags"] = list(dict.fromkeys([*data["run"].get("tags", []), tag]))
+    data["run"]["name"] = None
+    data["prompt"]["template"] = cfg.quickstart.template
+    if smoke:
+        for key, value in SMOKE_OVERRIDES.items():
+            sec, k = key.split(".")
+            data[sec][k] = value
+    return data
+
+
+def apply_smoke(cfg) -> None:
+    for k, v in SMOKE_SIZES.items():
+        setattr(cfg.quickstart, k, v)
+
+
+def prepare_dir(d: Path) -> None:
+    """Empty a seed directory of a previous quickstart (only one this command made: it holds the marker)."""
+    if d.exists() and any(d.iterdir()):
+        if not (d / MARKER).exists():
+            raise QuickstartError(f"{d} exists and was not written by `videor1 quickstart`; not overwriting it",
+                                  hint="pass another --out directory")
+        shutil.rmtree(d)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / MARKER).write_text("written by videor1 quickstart; the next quickstart into this directory replaces it\n")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading results back (pure over the dicts)
+def _pct(x: float | None) -> float | None:
+    return None if x is None else round(100.0 * x, 2)
+
+
+def chance_of(world: dict[str, Any], split: str = "test") -> dict[str, Any]:
+    """Chance (percent) of a uniform guess on a split: overall, per problem type and on order-dependent questions,
+    weighted by the split's questions per data_source (world.json's chance table)."""
+    table = world["chance"]
+    by_src = world["counts"][split]["by_data_source"]
+
+    def weighted(pred: Callable[[str], bool]) -> float | None:
+        n = sum(c for s, c in by_src.items() if pred(s))
+        if not n:
+            return None
+        return _pct(sum(table[s]["chance"] * c for s, c in by_src.items() if pred(s)) / n)
+
+    per_type = {}
+    for pt in PROBLEM_TYPES:
+        v = weighted(lambda s, pt=pt: table[s]["problem_type"] == pt)
+        if v is not None:
+            per_type[pt] = v
+    return {"overall": weighted(lambda s: True), "per_type": per_type,
+            "order_dependent": weighted(lambda s: table[s]["order_dependent"])}
+
+
+def scores_of(results: dict[str, Any], bench: str = "synthetic", mode: str = "video-r1") -> dict[str, Any]:
+    """Accuracy (percent) from an eval results.json: overall, per problem type, order-dependent, per data_source."""
+    b = results["benchmarks"][bench][mode]
+    return {
+        "overall": b["overall"],
+        "per_type": {pt: v["score"] for pt, v in b["by_problem_type"].items()},
+        "order_dependent": (b.get("by_order") or {}).get(ORDER_KEY, {}).get("score"),
+        "by_data_source": {s: v["score"] for s, v in (b.get("by_data_source") or {}).items()},
+        "n": results["benchmarks"][bench]["n"],
+        "errors": results["benchmarks"][bench]["errors"],
+    }
+
+
+def seed_table(chance: dict[str, Any], scores: dict[str, dict[str, Any]], main_algo: str) -> dict[str, Any]:
+    """One seed's row set in the --json shape. `scores`: label (untrained, sft, rl-<algo>) -> scores_of(...)."""
+    labels = {"untrained": "untrained", "sft": "sft", "rl": f"rl-{main_algo}"}
+    for label in scores:
+        if label.startswith("rl-") and label != f"rl-{main_algo}":
+            labels[label.removeprefix("rl-")] = label  # e.g. "grpo" next to "rl" (= tgrpo)
+
+    def col(get: Callable[[dict[str, Any]], Any]) -> dict[str, Any]:
+        return {name: get(scores[label]) if label in scores else None for name, label in labels.items()}
+
+    out: dict[str, Any] = {"chance": chance["overall"]}
+    out.update(col(lambda s: s["overall"]))
+    out["order_dependent"] = {"chance": chance["order_dependent"], **col(lambda s: s["order_dependent"])}
+    types = [pt for pt in PROBLEM_TYPES if pt in chance["per_type"] or any(pt in s["per_type"] for s in scores.values())]
+    out["per_type"] = {pt: {"chance": chance["per_type"].get(pt), **col(lambda s, pt=pt: s["per_type"].get(pt))}
+                       for pt in types}
+    out["n_test"] = next((s["n"] for s in scores.values()), None)
+    out["rl_algo"] = main_algo
+    return out
+
+
+def _mean(values: Sequence[Any]) -> float | None:
+    vals = [v for v in values if isinstance(v, (int, float)) and not math.isnan(v)]
+    return round(sum(vals) / len(vals), 2) if vals else None
+
+
+def mean_tables(tables: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The element-wise mean of per-seed tables (numbers averaged, nested dicts recursed)."""
+    if len(tables) == 1:
+        return {k: v for k, v in tables[0].items()}
+
+    def merge(items: Sequence[Any]) -> Any:
+        first = next((x for x in items if x is not None), None)
+        if isinstance(first, dict):
+            keys = list(dict.fromkeys(k for x in items if isinstance(x, dict) for k in x))
+            return {k: merge([x.get(k) if isinstance(x, dict) else None for x in items]) for k in keys}
+        if isinstance(first, (int, float)) and not isinstance(first, bool):
+            return _mean(items)
+        return first
+
+    return merge(list(tables))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Orchestration
+@dataclass
+class QuickstartResult:
+    table: dict[str, Any]                 # the --json object (means over seeds + "seeds": per-seed tables)
+    seed_dirs: dict[int, Path]
+    stage_seconds: dict[str, float]
+    eval_results: list[Path]              # every results.json (the quickstart run's inputs)
+
+
+def run_quickstart(
+    cfg,
+    invoke: Callable[[list[str]], None],
+    *,
+    registry: Path,
+    smoke: bool = False,
+    tag: str = "quickstart",
+    log: Callable[[str], None] = lambda s: None,
+    on_stage: Callable[[int, int, int, Stage, float | None], None] | None = None,
+) -> QuickstartResult:
+    """Run the chain for every seed; `invoke(argv)` runs one videor1 command (raising on failure)."""
+    if smoke:
+        apply_smoke(cfg)
+    out = Path(cfg.quickstart.out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    config_file = out / "quickstart-config.yaml"
+    config_file.write_text(
+        "# The resolved config every stage of `videor1 quickstart` starts from (each adds its own --set).\n"
+        + yaml.safe_dump(stage_config(cfg, out, registry, tag, smoke), sort_keys=False))
+    seeds = seeds_of(cfg)
+    main_algo = algos(cfg)[0]
+    t0 = time.perf_counter()
+    tables, seed_dirs, stage_seconds, eval_files = [], {}, {}, []
+    for si, seed in enumerate(seeds):
+        sp = plan_seed(cfg, seed, out, config_file, tag)
+        prepare_dir(sp.dir)
+        seed_dirs[seed] = sp.dir
+        for i, st in enumerate(sp.stages):
+            if on_stage:
+                on_stage(si, i, len(sp.stages), st, None)
+            ts = time.perf_counter()
+            invoke(st.argv)
+            dt = time.perf_counter() - ts
+            stage_seconds[f"seed-{seed}/{st.key}"] = round(dt, 1)
+            if not st.output.exists():
+                raise QuickstartError(f"stage `videor1 {' '.join(st.argv[:2])}` finished but wrote no {st.output}")
+            if on_stage:
+                on_stage(si, i, len(sp.stages), st, dt)
+        world = json.loads((sp.world / "world.json").read_text())
+        scores = {}
+        for label, e in sp.evals.items():
+            res_file = e / "results.json"
+            if not res_file.exists():
+                raise QuickstartError(f"eval of the {label} model wrote no {res_file}")
+            eval_files.append(res_file)
+            scores[label] = scores_of(json.loads(res_file.read_text()))
+        t = seed_table(chance_of(world), scores, main_algo)
+        t["seed"] = seed
+        t["by_data_source"] = {
+            src: {"chance": _pct(world["chance"][src]["chance"]),
+                  **{label: s["by_data_source"].get(src) for label, s in scores.items()}}
+            for src in world["counts"]["test"]["by_data_source"]
+        }
+        t["seconds"] = round(sum(v for k, v in stage_seconds.items() if k.startswith(f"seed-{seed}/")), 1)
+        (sp.dir / "quickstart.json").write_text(json.dumps(t, indent=1) + "\n")
+        tables.append(t)
+        log(f"seed {seed}: chance {t['chance']}, untrained {t['untrained']}, SFT {t['sft']}, RL {t['rl']} "
+            f"({t['seconds']:.0f}s)")
+    table = mean_tables([{k: v for k, v in t.items() if k not in ("seed", "by_data_source")} for t in tables])
+    table["seconds"] = round(time.perf_counter() - t0, 1)
+    table["seeds"] = tables
+    table["smoke"] = smoke
+    table["config"] = {"train": cfg.quickstart.train, "sft": cfg.quickstart.sft, "test": cfg.quickstart.test,
+                       "sft_steps": cfg.quickstart.sft_steps, "rl_steps": cfg.quickstart.rl_steps,
+                       "algos": algos(cfg), "seeds": seeds}
+    (out / "quickstart.json").write_text(json.dumps(table, indent=1) + "\n")
+    return QuickstartResult(table, seed_dirs, stage_seconds, eval_files)

@@ -1,0 +1,229 @@
+"""T-GRPO / GRPO math against hand-computed numbers: temporal bonus, length bonus, advantages, losses."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pipelines.rl import advantages as A
+from pipelines.rl import losses as L
+
+
+def t(x, dtype=torch.float64):
+    return torch.tensor(x, dtype=dtype)
+
+
+# -- temporal bonus ----------------------------------------------------------------------------------------------
+def test_temporal_bonus_is_per_group_not_per_batch():
+    # group 0: p = 0.5, p~ = 1.0 -> 0.5 < 0.8 -> nothing; group 1: p = 0.5, p~ = 0 -> bonus on the correct ones.
+    # (A batch-level mean, Video-R1 #96, would give p = 0.5 >= 0.8 * 0.5 and pay both groups.)
+    acc = t([[1, 0, 1, 0], [1, 1, 0, 0]])
+    shuf = t([[1, 1], [0, 0]])
+    bonus, granted, p, ps = A.temporal_bonus(acc, shuf, torch.tensor([True, True]), mu=0.8, alpha=0.3)
+    assert bonus.tolist() == [[0, 0, 0, 0], [0.3, 0.3, 0, 0]]
+    assert granted.tolist() == [False, True]
+    assert p.tolist() == [0.5, 0.5] and ps.tolist() == [1.0, 0.0]
+
+
+def test_temporal_bonus_mu_boundary_included():
+    # p = 2/5 = 0.4, p~ = 0.5, mu = 0.8: p == mu * p~ -> granted (>=)
+    acc = t([[1, 1, 0, 0, 0]])
+    bonus, granted, _, _ = A.temporal_bonus(acc, t([[1, 0]]), torch.tensor([True]), mu=0.8, alpha=0.3)
+    assert granted.tolist() == [True] and bonus.tolist() == [[0.3, 0.3, 0, 0, 0]]
+    # just below the boundary: p = 0.2 < 0.4
+    bonus, granted, _, _ = A.temporal_bonus(t([[1, 0, 0, 0, 0]]), t([[1, 0]]), torch.tensor([True]), mu=0.8)
+    assert granted.tolist() == [False] and bonus.abs().sum() == 0
+    # the paper's rule (mu = 1): p == p~ included, p < p~ not
+    _, g_eq, _, _ = A.temporal_bonus(t([[1, 0]]), t([[0, 1]]), torch.tensor([True]), mu=1.0)
+    _, g_lt, _, _ = A.temporal_bonus(t([[1, 0, 0, 0]]), t([[0, 1]]), torch.tensor([True]), mu=1.0)
+    assert g_eq.tolist() == [True] and g_lt.tolist() == [False]
+
+
+def test_temporal_bonus_never_for_images():
+    acc = t([[1, 1, 1, 1], [1, 1, 0, 0]])
+    shuf = t([[float("nan")] * 2, [0, 0]])
+    bonus, granted, p, ps = A.temporal_bonus(acc, shuf, torch.tensor([False, True]), mu=0.8, alpha=0.3)
+    assert bonus[0].tolist() == [0, 0, 0, 0] and not granted[0]
+    assert math.isnan(ps[0].item()) and p[0].item() == 1.0
+    assert bonus[1].tolist() == [0.3, 0.3, 0, 0]
+
+
+def test_temporal_bonus_correct_threshold():
+    # partial credit: only accuracy > 0.1 is "correct"; 0.1 itself is not
+    acc = t([[0.1, 0.11, 0.05, 1.0]])
+    bonus, _, _, _ = A.temporal_bonus(acc, t([[0.0, 0.0]]), torch.tensor([True]), mu=0.8, alpha=0.3, threshold=0.1)
+    assert bonus.tolist() == [[0.0, 0.3, 0.0, 0.3]]
+
+
+def test_temporal_bonus_alpha_and_nothing_correct():
+    # condition holds (0 >= 0.8 * 0) but nothing is correct: no bonus, and not counted as granted
+    bonus, granted, _, _ = A.temporal_bonus(t([[0, 0]]), t([[0]]), torch.tensor([True]), mu=0.8, alpha=0.2)
+    assert bonus.abs().sum() == 0 and granted.tolist() == [False]
+    bonus, _, _, _ = A.temporal_bonus(t([[1, 0]]), t([[0]]), torch.tensor([True]), alpha=0.2)
+    assert bonus.tolist() == [[0.2, 0.0]]
+
+
+# -- length bonus ------------------------------------------------------------------------------------------------
+def test_length_bonus():
+    acc = t([[1, 1, 0, 1, 1], [1, 0, 0, 0, 0]])
+    lengths = torch.tensor([[320, 512, 400, 513, 319], [400, 400, 400, 400, 400]])
+    b = A.length_bonus(acc, lengths, omega=0.2, min_len=320, max_len=512, threshold=0.1)
+    # group 0: four correct; bounds inclusive; wrong one never; group 1: only one correct -> nothing
+    assert b.tolist() == [[0.2, 0.2, 0, 0, 0], [0, 0, 0, 0, 0]]
+
+
+def test_length_bonus_threshold():
+    b = A.length_bonus(t([[0.1, 0.5, 0.5]]), torch.tensor([[330, 330, 330]]), omega=0.2, min_len=320, max_len=512)
+    assert b.tolist() == [[0.0, 0.2, 0.2]]
+
+
+# -- advantages --------------------------------------------------------------------------------------------------
+def test_group_advantage():
+    r = t([[1, 2, 3, 4]])
+    std = math.sqrt(((1.5**2 + 0.5**2) * 2) / 3)  # unbiased
+    expected = [(x - 2.5) / (std + 1e-4) for x in (1, 2, 3, 4)]
+    assert A.compute_advantages(r, "group").squeeze(0).tolist() == pytest.approx(expected, rel=1e-9)
+    assert A.compute_advantages(t([[1, 1, 1, 1]]), "group").abs().sum() == 0
+
+
+def test_mean_only_advantage():
+    assert A.compute_advantages(t([[1, 2, 3, 4], [0, 0, 0, 4]]), "mean_only").tolist() == [
+        [-1.5, -0.5, 0.5, 1.5], [-1, -1, -1, 3]]
+
+
+def test_batch_std_advantage():
+    r = t([[1, 2, 3, 4], [0, 0, 0, 4]])
+    vals = [1, 2, 3, 4, 0, 0, 0, 4]
+    m = sum(vals) / 8
+    std = math.sqrt(sum((v - m) ** 2 for v in vals) / 7)  # = sqrt(21.5 / 7)
+    assert std == pytest.approx(math.sqrt(21.5 / 7))
+    expected = [[(x - 2.5) / (std + 1e-4) for x in (1, 2, 3, 4)], [(x - 1) / (std + 1e-4) for x in (0, 0, 0, 4)]]
+    got = A.compute_advantages(r, "batch_std")
+    for row, exp in zip(got.tolist(), expected):
+        assert row == pytest.approx(exp, rel=1e-9)
+
+
+def test_unknown_advantage():
+    with pytest.raises(ValueError):
+        A.compute_advantages(t([[1, 2]]), "nope")
+
+
+# -- losses ------------------------------------------------------------------------------------------------------
+LOGP = [[-1.0, -2.0, -0.5], [-0.3, -1.0, -2.0]]
+OLD = [[-1.5, -2.0, -0.2], [-0.3, -0.5, -2.0]]
+MASK = [[1, 1, 1], [1, 1, 0]]
+ADV = [1.0, -2.0]
+# ratio = [[e^.5, 1, e^-.3], [1, e^-.5, 1]]; clip(0.8, 1.2) -> [[1.2, 1, .7408], [1, .8, 1]]
+# per-token loss: row 0 (A=1):  -min(r, clip)      = [-1.2, -1, -e^-.3]   (high side clipped at token 0)
+#                 row 1 (A=-2): -min(-2r, -2 clip) = [2, 1.6, (masked)]   (low side clipped at token 1)
+ROW0 = [-1.2, -1.0, -math.exp(-0.3)]
+ROW1 = [2.0, 1.6]
+
+
+def _loss(loss_type, **kw):
+    logp = t(LOGP, torch.float64).requires_grad_(True)
+    out = L.policy_loss(logp, t(ADV), t(MASK), old_logp=t(OLD), beta=0.0, epsilon_low=0.2, epsilon_high=0.2,
+                        loss_type=loss_type, **kw)
+    return out, logp
+
+
+def test_loss_grpo_sequence_mean_then_mean():
+    out, logp = _loss("grpo")
+    expected = (sum(ROW0) / 3 + sum(ROW1) / 2) / 2
+    assert out.loss.item() == pytest.approx(expected, rel=1e-9)
+    assert out.clip_ratio.item() == pytest.approx(2 / 5)
+    out.loss.backward()
+    g = logp.grad
+    # clipped tokens get no gradient; the others: d/dlogp of -A*r / (n_tokens_of_seq * n_seqs) = -A*r / (n * 2)
+    assert g[0, 0].item() == 0.0 and g[1, 1].item() == 0.0
+    assert g[0, 1].item() == pytest.approx(-1.0 / 6)
+    assert g[0, 2].item() == pytest.approx(-math.exp(-0.3) / 6)
+    assert g[1, 0].item() == pytest.approx(2.0 / 4)
+    assert g[1, 2].item() == 0.0  # masked
+
+
+@pytest.mark.parametrize("name", ["bnpo", "dapo"])
+def test_loss_token_level(name):
+    out, _ = _loss(name)
+    assert out.loss.item() == pytest.approx((sum(ROW0) + sum(ROW1)) / 5, rel=1e-9)
+
+
+def test_loss_dr_grpo():
+    out, _ = _loss("dr_grpo", max_completion_length=4)
+    assert out.loss.item() == pytest.approx((sum(ROW0) + sum(ROW1)) / (2 * 4), rel=1e-9)
+
+
+def test_loss_single_iteration_ratio_is_one():
+    logp = t(LOGP).requires_grad_(True)
+    out = L.policy_loss(logp, t(ADV), t(MASK), beta=0.0)  # old_logp = logp.detach()
+    assert out.loss.item() == pytest.approx((-1.0 + 2.0) / 2)
+    assert out.clip_ratio.item() == 0.0
+    out.loss.backward()
+    assert logp.grad[0].tolist() == pytest.approx([-1 / 6] * 3)
+    assert logp.grad[1].tolist() == pytest.approx([0.5, 0.5, 0.0])
+
+
+def test_kl_k3():
+    x = -0.5  # ref - logp
+    assert L.kl_k3(t([[-1.0]]), t([[-1.5]])).item() == pytest.approx(math.exp(x) - x - 1)
+    # clamped at +-10
+    assert L.kl_k3(t([[-1.0]]), t([[19.0]])).item() == pytest.approx(math.exp(10) - 11)
+    assert L.kl_k3(t([[0.0]]), t([[-30.0]])).item() == pytest.approx(math.exp(-10) + 9)
+    assert L.kl_k3(t([[-2.0]]), t([[-2.0]])).item() == 0.0
+
+
+def test_loss_with_kl():
+    logp = t([[-1.0, -2.0]]).requires_grad_(True)
+    ref = t([[-1.5, -2.0]])
+    out = L.policy_loss(logp, t([0.0]), t([[1, 1]]), ref_logp=ref, beta=0.04)
+    kl0 = math.exp(-0.5) + 0.5 - 1
+    assert out.loss.item() == pytest.approx(0.04 * kl0 / 2)
+    assert out.kl.item() == pytest.approx(kl0 / 2)
+    # beta = 0: the reference is ignored
+    out0 = L.policy_loss(logp, t([0.0]), t([[1, 1]]), ref_logp=ref, beta=0.0)
+    assert out0.loss.item() == 0.0 and out0.kl.item() == 0.0
+
+
+def test_loss_gspo_sequence_ratio():
+    out, _ = _loss("grpo", importance_sampling="sequence")
+    s0 = math.exp((0.5 + 0.0 - 0.3) / 3)  # 1.0689: inside the clip range
+    s1 = math.exp((0.0 - 0.5) / 2)  # 0.7788: masked token ignored; A < 0 and below 0.8 -> clipped term
+    row0 = -s0  # every token of the sequence shares the ratio
+    row1 = -min(-2 * s1, -2 * 0.8)
+    assert out.loss.item() == pytest.approx((row0 + row1) / 2, rel=1e-9)
+    assert out.clip_ratio.item() == pytest.approx(2 / 5)  # the two unmasked tokens of row 1
+
+
+def test_asymmetric_epsilon():
+    logp = t([[0.0]])
+    old = t([[-math.log(1.25)]])  # ratio 1.25
+    out = L.policy_loss(logp, t([1.0]), t([[1]]), old_logp=old, beta=0.0, epsilon_low=0.2, epsilon_high=0.28)
+    assert out.loss.item() == pytest.approx(-1.25)  # within 1 + 0.28: not clipped
+    out = L.policy_loss(logp, t([1.0]), t([[1]]), old_logp=old, beta=0.0, epsilon_low=0.2, epsilon_high=0.2)
+    assert out.loss.item() == pytest.approx(-1.2)
+
+
+@pytest.mark.parametrize("name", ["grpo", "bnpo", "dr_grpo"])
+def test_chunks_sum_to_the_whole_batch(name):
+    logp, old, mask, adv = t(LOGP), t(OLD), t(MASK), t(ADV)
+    kw = dict(beta=0.0, loss_type=name, max_completion_length=3)
+    whole = L.policy_loss(logp, adv, mask, old_logp=old, **kw).loss
+    parts = sum(L.policy_loss(logp[i:i + 1], adv[i:i + 1], mask[i:i + 1], old_logp=old[i:i + 1], num_sequences=2,
+                              num_tokens=5, **kw).loss for i in range(2))
+    assert parts.item() == pytest.approx(whole.item(), rel=1e-12)
+
+
+def test_new_loss_is_one_decorated_function():
+    @L.register_loss("sum_test")
+    def _sum(per_token, mask, **_):
+        return (per_token * mask).sum()
+
+    try:
+        out, _ = _loss("sum_test")
+        assert out.loss.item() == pytest.approx(sum(ROW0) + sum(ROW1))
+    finally:
+        L.AGGREGATIONS.pop("sum_test")
+    with pytest.raises(ValueError):
+        _loss("nope")
