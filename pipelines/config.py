@@ -280,7 +280,12 @@ class AnnotateConfig(Section):
     max_new_tokens: int = Field(512, ge=1, description="Most tokens per answer (paper: 512).")
     batch_size: int = Field(32, ge=1, description="Records per generation call.")
     min_reward: float = Field(0.6, ge=0, le=1, description="Keep a trace when its answer scores > this.")
-    output: str | None = Field(None, description="Output prefix (default: <run dir>/annotated).")
+    output: str | None = Field(
+        None,
+        description="Output prefix: PREFIX.jsonl (every record, append-only, resumable) and PREFIX.cot.json (kept "
+        "records, Video-R1-COT format); shards add .shard-I-of-N. Default: <run.output_dir>/annotate/<data stem>, "
+        "stable across runs so a restart resumes.",
+    )
 
 
 class EvalConfig(Section):

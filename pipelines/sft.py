@@ -79,8 +79,15 @@ def encode_example(processor, messages: list[dict], media, eos_id: int | None = 
     mm_token_type_ids and the visual inputs of its image/video (see the module docstring for the span)."""
     from pipelines.models import encode_batch
 
+    import numpy as np
+
+    from pipelines.models import Media
+
     prompt, target = split_conversation(processor, messages)
     tok = processor.tokenizer
+    # Frames may come read-only from the frame cache; torch warns on non-writable arrays.
+    media = Media(video=None if media.video is None else np.require(media.video, requirements="W"),
+                  image=None if media.image is None else np.require(media.image, requirements="W"), fps=media.fps)
     eos_id = tok.convert_tokens_to_ids(EOS_TOKEN) if eos_id is None else eos_id
     enc = encode_batch(processor, [prompt], [media], padding_side="right")
     n = int(enc["attention_mask"][0].sum())

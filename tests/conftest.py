@@ -41,7 +41,7 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def synth_world(tmp_path_factory):
-    """A small synthetic world: {'root': dir, 'train': rl.json, 'sft': cot.json, 'test': test.json}."""
+    """A small synthetic world: {'root': dir, 'train': rl.json, 'sft': sft.json, 'test': test.json}."""
     from pipelines.synth import synthesize
 
     out = tmp_path_factory.mktemp("world")

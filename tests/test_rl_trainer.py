@@ -1,0 +1,218 @@
+"""`videor1 train rl` end to end on the tiny model and the synthetic world (CPU, a few steps each)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import run_cli
+from pipelines.registry import Registry
+
+SMALL = ["--set", "rl.num_generations=4", "--set", "rl.max_completion_length=12", "--set", "rl.per_device_prompts=2",
+         "--set", "rl.save_steps=100", "--set", "rl.logging_steps=1"]
+
+
+def registry() -> Registry:
+    return Registry(Path(os.environ["VIDEOR1_HOME"]) / "registry.db")
+
+
+def rl_args(tiny_model_dir, data, tmp_path, *extra):
+    return ["train", "rl", "--model", tiny_model_dir, "--data", data, "--set", f"run.output_dir={tmp_path / 'runs'}",
+            *SMALL, *extra]
+
+
+def only_run(kind="train-rl"):
+    runs = registry().list_runs(kind=kind)
+    assert len(runs) == 1, runs
+    return registry().get_run(runs[0]["id"])
+
+
+def _length_reward(completions, **_):
+    """A test reward that varies inside a group, so advantages (and gradients) are non-zero on a random model."""
+    return [min(1.0, len(c) / 40.0) for c in completions]
+
+
+@pytest.fixture
+def length_reward():
+    from pipelines import rewards
+
+    rewards.REWARDS["test_length"] = _length_reward
+    yield "test_length"
+    rewards.REWARDS.pop("test_length", None)
+
+
+def test_train_rl_tgrpo_cli(tiny_model_dir, synth_world, tmp_path, length_reward):
+    res = run_cli(*rl_args(tiny_model_dir, synth_world["rl"], tmp_path, "--algo", "tgrpo", "--max-steps", "2",
+                           "--set", "rl.rewards=[accuracy,format,test_length]"))
+    assert "train rl" in res.output
+    run = only_run()
+    assert run["status"] == "finished"
+    reg = registry()
+    m = reg.metrics(run["id"])
+    for name in ("reward", "reward_std", "rewards/accuracy", "rewards/format", "rewards/test_length", "kl",
+                 "completion_length", "temporal_bonus_rate", "p_ordered", "p_shuffled", "frac_all_correct",
+                 "frac_all_wrong", "clip_ratio", "loss", "lr", "grad_norm", "step_time", "tokens_per_s", "skipped"):
+        assert name in m, name
+        assert [s for s, _ in m[name]] == [1, 2], name
+    assert all(v > 0 for _, v in m["grad_norm"])  # the length reward gives non-zero advantages
+    # model artifact, loadable, with lineage to the base model and the records
+    arts = reg.artifacts_of(run["id"])
+    model_dir = Path(next(a.path for a in arts["outputs"] if a.kind == "model"))
+    assert (model_dir / "config.json").exists() and (model_dir / "preprocessor_config.json").exists()
+    from transformers import AutoModelForImageTextToText
+
+    AutoModelForImageTextToText.from_pretrained(model_dir)
+    inputs = {a.path for a in arts["inputs"]}
+    assert str(Path(tiny_model_dir).resolve()) in inputs
+    assert str(Path(synth_world["rl"]).resolve()) in inputs
+    assert run["summary"]["steps"] == 2 and run["summary"]["algo"] == "tgrpo"
+
+
+def test_train_rl_grpo_cli_changes_weights(tiny_model_dir, synth_world, tmp_path, length_reward):
+    run_cli(*rl_args(tiny_model_dir, synth_world["rl"], tmp_path, "--algo", "grpo", "--max-steps", "2",
+                     "--set", "rl.rewards=[format,test_length]", "--set", "rl.loss_type=dapo",
+                     "--set", "rl.num_iterations=2", "--set", "rl.beta=0"))
+    run = only_run()
+    m = registry().metrics(run["id"])
+    assert "temporal_bonus_rate" not in m and "p_shuffled" not in m
+    assert "rewards/accuracy" not in m and "rewards/test_length" in m
+    from safetensors.torch import load_file
+
+    out = Path(run["summary"]["model"])
+    before = load_file(Path(tiny_model_dir) / "model.safetensors")
+    after = load_file(out / "model.safetensors")
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed, "no parameter changed"
+
+
+def _mixed_records(synth_world, tmp_path, n_video=2, n_image=1, extra=()):
+    recs = json.loads(Path(synth_world["rl"]).read_text())
+    vids = [r for r in recs if r["data_type"] == "video"][:n_video]
+    imgs = [r for r in recs if r["data_type"] == "image"][:n_image]
+    out = tmp_path / "mixed.json"
+    out.write_text(json.dumps(vids + imgs + list(extra)))
+    return out
+
+
+def test_visual_tensors_reach_policy_and_reference_forwards(tiny_model_dir, synth_world, tmp_path):
+    """TRL's GRPOTrainer drops pixel_values_videos / video_grid_thw from the log-prob forward; we must not."""
+    from pipelines.config import load_config
+    from pipelines.rl.trainer import RLTrainer
+
+    data = _mixed_records(synth_world, tmp_path)
+    cfg = load_config(overrides=[f"model.name_or_path={tiny_model_dir}", f"data.file={data}",
+                                 f"data.root={synth_world['root']}", "rl.num_generations=2",
+                                 "rl.max_completion_length=6", "rl.per_device_prompts=3", "rl.max_steps=1",
+                                 "data.shuffle=false", f"run.output_dir={tmp_path}"])
+    calls: dict[str, list[dict]] = {"policy": [], "ref": []}
+
+    def hook(name):
+        def fn(module, args, kwargs):
+            if name == "policy" and not torch.is_grad_enabled():
+                return  # generate's forwards; we want the log-prob (loss) forward
+            calls[name].append(dict(kwargs))
+        return fn
+
+    with registry().run("train-rl", cfg) as run:
+        tr = RLTrainer(cfg, run, tmp_path / "run")
+        tr.setup()
+        h1 = tr.unwrapped.register_forward_pre_hook(hook("policy"), with_kwargs=True)
+        h2 = tr.ref_model.register_forward_pre_hook(hook("ref"), with_kwargs=True)
+        tr.train_step()
+        h1.remove()
+        h2.remove()
+    video_id = tr.unwrapped.config.video_token_id
+    image_id = tr.unwrapped.config.image_token_id
+    for name in ("policy", "ref"):
+        assert len(calls[name]) == 1, name
+        kw = calls[name][0]
+        ids = kw["input_ids"]
+        assert ids.shape[0] == 3 * 2  # 3 prompts x G, one batched forward
+        for key in ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts", "pixel_values", "image_grid_thw",
+                    "mm_token_type_ids"):
+            assert key in kw and kw[key] is not None and kw[key].numel() > 0, (name, key)
+        assert kw["video_grid_thw"].shape[0] == 2 * 2 and kw["image_grid_thw"].shape[0] == 1 * 2
+        merge = 4  # spatial_merge_size ** 2
+        assert int((ids == video_id).sum()) == int(kw["video_grid_thw"].prod(-1).sum()) // merge
+        assert int((ids == image_id).sum()) == int(kw["image_grid_thw"].prod(-1).sum()) // merge
+        assert kw["pixel_values_videos"].shape[0] == int(kw["video_grid_thw"].prod(-1).sum())
+        assert kw["mm_token_type_ids"].shape == ids.shape  # extended over the completion tokens
+        assert kw["attention_mask"].shape == ids.shape
+
+
+def test_broken_records_are_skipped_not_replaced(tiny_model_dir, synth_world, tmp_path, capfd):
+    recs = json.loads(Path(synth_world["rl"]).read_text())
+    good = [r for r in recs if r["data_type"] == "video"][:2]
+    missing = dict(good[0], problem_id=90001, path="./videos/does-not-exist.mp4")
+    corrupt_file = tmp_path / "corrupt.mp4"
+    corrupt_file.write_bytes(b"not a video at all")
+    corrupt = dict(good[1], problem_id=90002, path=str(corrupt_file))
+    data = tmp_path / "broken.json"
+    data.write_text(json.dumps([good[0], missing, corrupt, good[1]]))
+    os.environ.pop("VIDEOR1_QUIET", None)
+    try:
+        run_cli(*rl_args(tiny_model_dir, data, tmp_path, "--root", synth_world["root"], "--max-steps", "1",
+                         "--set", "rl.per_device_prompts=4", "--set", "data.shuffle=false"))
+    finally:
+        os.environ["VIDEOR1_QUIET"] = "1"
+    run = only_run()
+    assert run["status"] == "finished"
+    m = registry().metrics(run["id"])
+    assert m["skipped"] == [(1, 2.0)]
+    lines = [json.loads(x) for x in (Path(run["run_dir"]) / "skipped-rank0.jsonl").read_text().splitlines()]
+    assert sorted(x["id"] for x in lines) == [90001, 90002]
+    err = capfd.readouterr().err
+    assert "90001" in err and "90002" in err
+    # never replaced: the step trained on exactly the 2 good records (2 groups x G=4 completions)
+    assert run["summary"]["skipped"] == 2
+
+
+def test_nan_loss_stops_with_training_error_and_keeps_checkpoint(tiny_model_dir, synth_world, tmp_path,
+                                                                  monkeypatch):
+    from pipelines.rl import losses
+
+    real = losses.policy_loss
+    calls = {"n": 0}
+
+    def nan_after_first_step(*a, **kw):
+        out = real(*a, **kw)
+        calls["n"] += 1
+        if calls["n"] > 1:  # step 1 is fine (1 chunk), step 2 goes NaN
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(losses, "policy_loss", nan_after_first_step)
+    res = run_cli(*rl_args(tiny_model_dir, synth_world["rl"], tmp_path, "--max-steps", "3",
+                           "--set", "rl.save_steps=1"), check=False)
+    assert res.exit_code == 1
+    assert "non-finite loss at step 2" in res.output
+    run = only_run()
+    assert run["status"] == "failed"
+    ck = Path(run["run_dir"]) / "checkpoints"
+    assert (ck / "step-1" / "trainer_state.json").exists()
+    assert not (Path(run["run_dir"]) / "model").exists()
+
+
+def test_resume_reproduces_an_uninterrupted_run(tiny_model_dir, synth_world, tmp_path):
+    """2 steps + resume to 4 == 4 steps straight (weights bit-identical): RNG, data position, optimizer restored."""
+    from safetensors.torch import load_file
+
+    common = ["--set", "rl.lr_scheduler=constant", "--set", "rl.save_steps=2", "--set", "rl.warmup_steps=0"]
+    run_cli(*rl_args(tiny_model_dir, synth_world["rl"], tmp_path / "a", "--max-steps", "4", *common))
+    straight = Path(registry().list_runs(kind="train-rl")[0]["run_dir"]) / "model"
+    run_cli(*rl_args(tiny_model_dir, synth_world["rl"], tmp_path / "b", "--max-steps", "2", *common))
+    run_cli(*rl_args(tiny_model_dir, synth_world["rl"], tmp_path / "b", "--max-steps", "4", "--resume", "auto",
+                     *common))
+    runs = registry().list_runs(kind="train-rl")
+    resumed = registry().get_run(max(runs, key=lambda r: r["started_at"])["id"])
+    assert resumed["summary"]["steps"] == 4 and resumed["summary"]["steps_run"] == 2
+    assert "step-2" in resumed["summary"]["resumed_from"]
+    a = load_file(straight / "model.safetensors")
+    b = load_file(Path(resumed["summary"]["model"]) / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [s for s, _ in registry().metrics(resumed["id"])["reward"]]
+    assert steps == [3, 4]

@@ -1,0 +1,381 @@
+"""VLLMBackend against vLLM's public API, driven by a stand-in engine (vLLM cannot run Qwen2.5-VL on these CPU
+machines; the real engine is exercised only on a GPU). The stand-in records requests and answers with objects shaped
+like vLLM's RequestOutput / CompletionOutput."""
+
+from __future__ import annotations
+
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.errors import VideoR1Error
+from pipelines.generation import Sampling, make_backend
+from pipelines.generation import vllm as V
+from pipelines.models import CHAT_TEMPLATE, Media, shuffled, train_tiny_tokenizer
+
+VIDEO_PROMPT = ("<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>Which colour comes first?<|im_end|>\n"
+                "<|im_start|>assistant\n")
+IMAGE_PROMPT = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What colour?<|im_end|>\n"
+                "<|im_start|>assistant\n")
+TEXT_PROMPT = "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tiny_tokenizer()
+
+
+class FakeModel:
+    def __init__(self):
+        self.loaded: list[tuple[str, torch.Tensor]] = []
+
+    def load_weights(self, weights):
+        self.loaded.extend((n, t.detach().clone()) for n, t in weights)
+
+
+class FakeLLM:
+    """Stand-in for vllm.LLM: the attributes VLLMBackend touches, with vLLM's shapes."""
+
+    def __init__(self, tokenizer, finish="stop", eos_in_ids=True, in_process=True):
+        self.tok = tokenizer
+        self.eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.calls: list[tuple[list[dict], object]] = []
+        self.events: list[tuple] = []
+        self.finish, self.eos_in_ids = finish, eos_in_ids
+        self.model = FakeModel()
+        self.rpc: list = []
+        if in_process:
+            runner = SimpleNamespace(model=self.model)
+            self.llm_engine = SimpleNamespace(model_executor=SimpleNamespace(
+                driver_worker=SimpleNamespace(worker=SimpleNamespace(model_runner=runner))))
+
+    def get_tokenizer(self):
+        return self.tok
+
+    def generate(self, requests, sampling_params=None, use_tqdm=True):
+        self.calls.append((list(requests), sampling_params))
+        self.events.append(("generate",))
+        outs = []
+        for i, _ in enumerate(requests):
+            comps = []
+            for j in range(sampling_params.n):
+                ids = [100 + i, 200 + j] + ([self.eos] if self.eos_in_ids else [])
+                comps.append(SimpleNamespace(index=j, text=f"r{i}s{j}", token_ids=tuple(ids), cumulative_logprob=None,
+                                             finish_reason=self.finish, stop_reason=None))
+            outs.append(SimpleNamespace(request_id=str(i), prompt=requests[i].get("prompt"), outputs=comps,
+                                        finished=True))
+        return outs
+
+    def sleep(self, level=1):
+        self.events.append(("sleep", level))
+
+    def wake_up(self, tags=None):
+        self.events.append(("wake_up", tuple(tags) if tags else None))
+
+    def reset_prefix_cache(self):
+        self.events.append(("reset_prefix_cache",))
+
+    def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+        self.rpc.append((method, args))
+        worker = SimpleNamespace(model_runner=SimpleNamespace(model=self.model))
+        return [method(worker, *args)]
+
+
+class FakeSamplingParams(SimpleNamespace):
+    pass
+
+
+def backend(tokenizer, **kw):
+    fake = kw.pop("llm", None) or FakeLLM(tokenizer)
+    return V.VLLMBackend("/models/qwen", llm=fake, sampling_params_cls=FakeSamplingParams, **kw), fake
+
+
+def video(t=8, h=56, w=56, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, size=(t, h, w, 3), dtype=np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Requests
+def test_video_request_carries_the_frames_fps_and_no_resample(tokenizer):
+    b, fake = backend(tokenizer)
+    frames = video()
+    b.generate([VIDEO_PROMPT], [Media(video=frames, fps=1.5)], Sampling(n=1))
+    (req,), _ = fake.calls[0]
+    assert req["prompt"] == VIDEO_PROMPT  # one unexpanded placeholder; vLLM expands it
+    got, meta = req["multi_modal_data"]["video"]
+    assert got.dtype == np.uint8 and got.shape == (8, 56, 56, 3)
+    assert np.array_equal(got, frames)
+    assert meta["fps"] == 1.5 and meta["total_num_frames"] == 8
+    assert meta["frames_indices"] == list(range(8)) and meta["do_sample_frames"] is False
+    assert meta["duration"] == pytest.approx(8 / 1.5)
+    assert req["mm_processor_kwargs"] == {"fps": 1.5, "do_resize": False, "do_sample_frames": False}
+
+
+def test_shuffled_request_carries_the_shuffled_frames(tokenizer):
+    """Video-R1 #72: its vLLM trainer sent the ordered video with the shuffled prompt, so T-GRPO did nothing."""
+    b, fake = backend(tokenizer)
+    frames = video(t=16)
+    ordered = Media(video=frames, fps=2.0)
+    shuf = shuffled(ordered, torch.Generator().manual_seed(3))
+    assert not np.array_equal(shuf.video, frames)
+    b.generate([VIDEO_PROMPT, VIDEO_PROMPT], [ordered, shuf], Sampling(n=2))
+    reqs, _ = fake.calls[0]
+    assert np.array_equal(reqs[0]["multi_modal_data"]["video"][0], frames)
+    assert np.array_equal(reqs[1]["multi_modal_data"]["video"][0], shuf.video)
+    assert not np.array_equal(reqs[1]["multi_modal_data"]["video"][0], frames)
+    assert reqs[1]["multi_modal_data"]["video"][1]["frames_indices"] == list(range(16))  # no resampling/reorder
+
+
+def test_image_and_text_requests(tokenizer):
+    from PIL import Image
+
+    b, fake = backend(tokenizer)
+    img = video(t=1)[0]
+    b.generate([IMAGE_PROMPT, TEXT_PROMPT], [Media(image=img), Media()], Sampling())
+    reqs, _ = fake.calls[0]
+    pil = reqs[0]["multi_modal_data"]["image"]
+    assert isinstance(pil, Image.Image) and np.array_equal(np.asarray(pil), img)
+    assert reqs[0]["mm_processor_kwargs"] == {"do_resize": False}
+    assert "fps" not in reqs[0]["mm_processor_kwargs"]
+    assert reqs[1] == {"prompt": TEXT_PROMPT}
+
+
+def test_prompt_rendered_with_the_chat_template_is_accepted(tokenizer):
+    msgs = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Q?"}]}]
+    prompt = tokenizer.apply_chat_template(msgs, chat_template=CHAT_TEMPLATE, tokenize=False,
+                                           add_generation_prompt=True)
+    req = V.build_request(prompt, Media(video=video(), fps=2.0))
+    assert req["prompt"].count(V.VIDEO_PLACEHOLDER) == 1
+
+
+@pytest.mark.parametrize("prompt,media", [
+    (TEXT_PROMPT, Media(video=video(), fps=2.0)),  # video without placeholder
+    (VIDEO_PROMPT.replace("<|video_pad|>", "<|video_pad|><|video_pad|>"), Media(video=video(), fps=2.0)),  # expanded
+    (VIDEO_PROMPT, Media(image=video(t=1)[0])),  # placeholder of the wrong kind
+    (IMAGE_PROMPT, Media()),
+])
+def test_placeholder_mismatch_is_an_error(prompt, media):
+    with pytest.raises(ValueError):
+        V.build_request(prompt, media)
+
+
+def test_prompts_and_media_must_pair(tokenizer):
+    b, _ = backend(tokenizer)
+    with pytest.raises(ValueError):
+        b.generate([TEXT_PROMPT, TEXT_PROMPT], [Media()], Sampling())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sampling and outputs
+def test_sampling_mapping_greedy(tokenizer):
+    b, fake = backend(tokenizer)
+    b.generate([TEXT_PROMPT], [Media()], Sampling(temperature=0.0, top_p=0.001, max_new_tokens=33))
+    sp = fake.calls[0][1]
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert sp.temperature == 0.0 and sp.top_p == 1.0 and sp.n == 1 and sp.max_tokens == 33
+    assert sp.stop_token_ids == [eos] and sp.skip_special_tokens is True
+    assert not hasattr(sp, "seed")
+
+
+def test_sampling_mapping_sampled_n_and_seed(tokenizer):
+    b, fake = backend(tokenizer)
+    out = b.generate([TEXT_PROMPT, TEXT_PROMPT], [Media(), Media()],
+                     Sampling(temperature=1.0, top_p=0.95, n=4, seed=7, max_new_tokens=768))
+    sp = fake.calls[0][1]
+    assert (sp.temperature, sp.top_p, sp.n, sp.seed, sp.max_tokens) == (1.0, 0.95, 4, 7, 768)
+    assert [len(g) for g in out] == [4, 4]
+    assert [c.text for c in out[1]] == ["r1s0", "r1s1", "r1s2", "r1s3"]  # groups stay with their prompt
+
+
+def test_special_tokens_other_than_eos_are_suppressed(tokenizer):
+    b, fake = backend(tokenizer)
+    b.generate([TEXT_PROMPT], [Media()], Sampling())
+    bias = fake.calls[0][1].logit_bias
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert bias[tokenizer.convert_tokens_to_ids("<|video_pad|>")] == -100.0
+    assert bias[tokenizer.convert_tokens_to_ids("<|image_pad|>")] == -100.0
+    assert eos not in bias
+    b2, fake2 = backend(tokenizer, suppress_special_tokens=False)
+    b2.generate([TEXT_PROMPT], [Media()], Sampling())
+    assert not hasattr(fake2.calls[0][1], "logit_bias")
+
+
+def test_completion_ids_end_at_eos_and_finished(tokenizer):
+    b, _ = backend(tokenizer)
+    eos = b.eos_id
+    (c,), = b.generate([TEXT_PROMPT], [Media()], Sampling())
+    assert c.token_ids == [100, 200, eos] and c.finished and c.text == "r0s0"
+    # ids after the first EOS are dropped
+    c = V.to_completion(SimpleNamespace(text="x", token_ids=[5, eos, 6, eos], finish_reason="stop"), eos)
+    assert c.token_ids == [5, eos] and c.finished
+    # cut by max_tokens: not finished, ids untouched
+    c = V.to_completion(SimpleNamespace(text="x", token_ids=[5, 6, 7], finish_reason="length"), eos)
+    assert c.token_ids == [5, 6, 7] and not c.finished
+    # stopped without the stop token in token_ids: EOS appended so the completion mask covers it
+    c = V.to_completion(SimpleNamespace(text="x", token_ids=(5, 6), finish_reason="stop"), eos)
+    assert c.token_ids == [5, 6, eos] and c.finished
+
+
+def test_truncated_outputs_are_unfinished(tokenizer):
+    b, _ = backend(tokenizer, llm=FakeLLM(tokenizer, finish="length", eos_in_ids=False))
+    (c,), = b.generate([TEXT_PROMPT], [Media()], Sampling())
+    assert not c.finished and c.token_ids == [100, 200]
+
+
+def test_colocated_tensor_parallel_keeps_own_share(tokenizer, monkeypatch):
+    b, fake = backend(tokenizer)
+    b.tensor_parallel_size = 2
+    monkeypatch.setenv("RANK", "1")
+    other = [{"prompt": TEXT_PROMPT}] * 3  # what TP peer rank 0 sends
+    b._all_gather_object = lambda mine: [other, mine]
+    out = b.generate([TEXT_PROMPT, TEXT_PROMPT], [Media(), Media()], Sampling())
+    assert len(fake.calls[0][0]) == 5  # the engine ran the whole TP group's requests
+    assert [g[0].text for g in out] == ["r3s0", "r4s0"]  # ...and this rank keeps its own two
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Weights and sleep mode
+def test_vllm_param_name():
+    assert V.vllm_param_name("model.language_model.layers.0.mlp.up_proj.weight") == \
+        "model.language_model.layers.0.mlp.up_proj.weight"
+    assert V.vllm_param_name("module.model.visual.blocks.0.attn.qkv.weight") == "model.visual.blocks.0.attn.qkv.weight"
+    assert V.vllm_param_name("model.language_model.layers.0._checkpoint_wrapped_module.self_attn.q_proj.weight") == \
+        "model.language_model.layers.0.self_attn.q_proj.weight"
+    assert V.vllm_param_name("base_model.model.model.language_model.layers.0.self_attn.q_proj.base_layer.weight") == \
+        "model.language_model.layers.0.self_attn.q_proj.weight"
+    assert V.vllm_param_name("_orig_mod.lm_head.weight") == "lm_head.weight"
+
+
+def test_sync_weights_pushes_every_parameter_by_hf_name(tokenizer, tiny_model_dir):
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    b, fake = backend(tokenizer)
+    n = b.sync_weights(model)
+    names = [nm for nm, _ in model.named_parameters()]
+    assert n == len(names)
+    assert [nm for nm, _ in fake.model.loaded] == names
+    params = dict(model.named_parameters())
+    assert all(torch.equal(t, params[nm].data) for nm, t in fake.model.loaded)
+    assert any(nm.startswith("model.visual.") for nm in names) and any(
+        nm.startswith("model.language_model.") for nm in names)
+    assert fake.events[-1] == ("reset_prefix_cache",)
+
+
+def test_sync_weights_strips_wrappers(tokenizer):
+    class Wrapper(torch.nn.Module):  # DDP-style `module.` and activation-checkpoint wrappers
+        def __init__(self):
+            super().__init__()
+            inner = torch.nn.Module()
+            inner._checkpoint_wrapped_module = torch.nn.Linear(2, 2)
+            self.module = inner
+
+    b, fake = backend(tokenizer)
+    b.sync_weights(Wrapper())
+    assert [nm for nm, _ in fake.model.loaded] == ["weight", "bias"]
+
+
+def test_sync_weights_merges_peft_adapters(tokenizer):
+    peft = pytest.importorskip("peft")
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+
+    torch.manual_seed(0)
+    base = Tiny()
+    w0 = base.proj.weight.detach().clone()
+    model = peft.get_peft_model(base, peft.LoraConfig(target_modules=["proj"], r=2, init_lora_weights=False))
+    b, fake = backend(tokenizer)
+    b.sync_weights(model)
+    loaded = dict(fake.model.loaded)
+    assert set(loaded) == {"proj.weight", "proj.bias"}  # no lora_A/B, no base_model.model./base_layer
+    assert not torch.allclose(loaded["proj.weight"], w0)  # the merged weight was pushed
+    assert torch.allclose(model.base_model.model.proj.base_layer.weight, w0, atol=1e-6)  # unmerged afterwards
+
+
+def test_sync_weights_falls_back_to_collective_rpc(tokenizer):
+    fake = FakeLLM(tokenizer, in_process=False)
+    b, _ = backend(tokenizer, llm=fake)
+    b.sync_weights(torch.nn.Linear(2, 2))
+    assert len(fake.rpc) == 2 and [nm for nm, _ in fake.model.loaded] == ["weight", "bias"]
+
+
+def test_sleep_level2_requires_sync_before_generate(tokenizer):
+    b, fake = backend(tokenizer, enable_sleep_mode=True)
+    b.sleep()
+    assert fake.events == [("sleep", 2)] and b.sleeping
+    with pytest.raises(VideoR1Error) as e:
+        b.generate([TEXT_PROMPT], [Media()], Sampling())
+    assert "sync_weights" in e.value.hint
+    b.sync_weights(torch.nn.Linear(2, 2))
+    assert fake.events[1] == ("wake_up", ("weights",))  # weights mapped before load_weights writes into them
+    b.generate([TEXT_PROMPT], [Media()], Sampling())
+    assert fake.events[-2:] == [("wake_up", ("kv_cache",)), ("generate",)]
+    assert not b.sleeping
+    b.sleep()
+    assert fake.events[-1] == ("sleep", 2)
+
+
+def test_sleep_level1_wakes_everything_on_generate(tokenizer):
+    b, fake = backend(tokenizer, enable_sleep_mode=True, sleep_level=1)
+    b.sleep()
+    b.generate([TEXT_PROMPT], [Media()], Sampling())
+    assert fake.events == [("sleep", 1), ("wake_up", None), ("generate",)]
+
+
+def test_sleep_is_a_noop_without_sleep_mode(tokenizer):
+    b, fake = backend(tokenizer)
+    b.sleep()
+    b.wake_up()
+    assert fake.events == [] and not b.sleeping
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Construction
+def test_missing_vllm_is_a_user_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` raises ImportError
+    with pytest.raises(VideoR1Error) as e:
+        V.VLLMBackend("/models/qwen")
+    assert "videor1[vllm]" in e.value.hint and "GPU" in e.value.hint
+
+
+def test_llm_constructor_arguments(monkeypatch, tokenizer):
+    seen = {}
+
+    class FakeVllmModule:
+        class LLM(FakeLLM):
+            def __init__(self, **kw):
+                seen.update(kw)
+                super().__init__(tokenizer)
+
+        SamplingParams = FakeSamplingParams
+
+    monkeypatch.setitem(sys.modules, "vllm", FakeVllmModule)
+    from pipelines.config import VllmConfig
+
+    b = V.VLLMBackend.from_config("/m", VllmConfig(gpu_memory_utilization=0.7, max_model_len=16384,
+                                                    enforce_eager=True), seed=3)
+    assert seen["model"] == "/m" and seen["gpu_memory_utilization"] == 0.7 and seen["max_model_len"] == 16384
+    assert seen["enforce_eager"] is True and seen["enable_prefix_caching"] is True and seen["seed"] == 3
+    assert seen["limit_mm_per_prompt"] == {"image": 1, "video": 1}
+    assert "distributed_executor_backend" not in seen and not b.sleeping  # not colocated: engine stays awake
+    b.generate([TEXT_PROMPT], [Media()], Sampling())  # default SamplingParams class comes from the vllm module
+
+    seen.clear()
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    b = V.VLLMBackend("/m", colocate=True, enable_sleep_mode=True, seed=10)
+    assert seen["distributed_executor_backend"] == "external_launcher"
+    assert seen["seed"] == 11  # one seed per TP group (tp=1: per rank)
+    assert b.sleeping  # colocated + sleep mode: memory goes to the trainer until the first sync
+
+
+def test_make_backend_vllm(tokenizer):
+    b = make_backend("vllm", model_path="/m", llm=FakeLLM(tokenizer), sampling_params_cls=FakeSamplingParams)
+    assert isinstance(b, V.VLLMBackend)
