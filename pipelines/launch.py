@@ -30,8 +30,9 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from pipelines.errors import VideoR1Error
 
@@ -44,7 +45,7 @@ _GRACE_SECONDS = 30.0
 # ---------------------------------------------------------------------------------------------------------------------
 # Where am I
 def is_distributed_worker() -> bool:
-    """True inside a process started by torchrun / accelerate / deepspeed / SLURM-srun-with-torchrun (RANK or LOCAL_RANK set)."""
+    """True inside a process started by torchrun / accelerate / deepspeed (RANK or LOCAL_RANK is set)."""
     return "LOCAL_RANK" in os.environ or "RANK" in os.environ
 
 
@@ -59,16 +60,16 @@ def _dist():
 
 def rank() -> int:
     d = _dist()
-    return d.get_rank() if d else int(os.environ.get("RANK", 0))
+    return d.get_rank() if d else int(os.environ.get("RANK", "0"))
 
 
 def world_size() -> int:
     d = _dist()
-    return d.get_world_size() if d else int(os.environ.get("WORLD_SIZE", 1))
+    return d.get_world_size() if d else int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", 0))
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def is_main_process() -> bool:
@@ -221,12 +222,12 @@ def launch(cfg, argv: Sequence[str], run=None, run_dir: str | os.PathLike | None
               f"({cfg.distributed.launcher}): {' '.join(cmd)}", file=sys.stderr, flush=True)
 
     try:
-        out_fd = sys.stdout.fileno()
+        sys.stdout.fileno()  # a real file: the workers inherit stdout/stderr (live progress bars keep working)
         sys.stdout.flush()
         sys.stderr.flush()
         pipe = False
     except (AttributeError, OSError, ValueError):  # stdout replaced (pytest capsys, CliRunner): pump lines into it
-        out_fd, pipe = None, True
+        pipe = True
     proc = subprocess.Popen(
         cmd, env=env, start_new_session=True,
         stdout=subprocess.PIPE if pipe else None, stderr=subprocess.STDOUT if pipe else None,

@@ -18,8 +18,8 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(1)
-    from pipelines.config import Config
     from pipelines import launch as L
+    from pipelines.config import Config
 
     out = Path(os.environ["PROBE_OUT"])
     mode = os.environ.get("PROBE_MODE", "ok")

@@ -313,6 +313,11 @@ def test_sleep_level2_requires_sync_before_generate(tokenizer):
     with pytest.raises(VideoR1Error) as e:
         b.generate([TEXT_PROMPT], [Media()], Sampling())
     assert "sync_weights" in e.value.hint
+    b.wake_up()  # waking does not bring discarded weights back
+    with pytest.raises(VideoR1Error):
+        b.generate([TEXT_PROMPT], [Media()], Sampling())
+    b.sleep()
+    del fake.events[1:]
     b.sync_weights(torch.nn.Linear(2, 2))
     assert fake.events[1] == ("wake_up", ("weights",))  # weights mapped before load_weights writes into them
     b.generate([TEXT_PROMPT], [Media()], Sampling())

@@ -104,3 +104,68 @@ def frames(
     if not res.ok:
         bad = [c.name for c in res.clips if not (c.indices_match and c.size_match and c.fps_match)]
         raise VideoR1Error(f"frame indices/sizes differ from qwen_vl_utils on: {', '.join(bad)}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# eval (pipelines.evaluate.runner.throughput)
+@app.command("eval")
+@config_command()
+def eval_throughput(
+    cfg: Config,
+    samples: int = typer.Option(48, "--samples", "-n", min=1, help="Synthetic test questions generated per pass."),
+    batch_size: int = typer.Option(16, "--batch-size", min=2, help="Batch size of the batched pass."),
+    repeats: int = typer.Option(3, "--repeats", "-r", min=1, help="Passes per setting (the median is reported)."),
+    workdir: Optional[Path] = typer.Option(
+        None, "--workdir", help="Where the tiny model and the synthetic world are built once (default: "
+        "$VIDEOR1_HOME/bench-eval or ~/.cache/videor1/bench-eval)."),
+) -> None:
+    """Eval generation throughput: batched (--batch-size) vs sequential (batch 1) `generate` on the tiny model and
+    the synthetic world (default preset cpu-tiny: 64 new tokens, greedy). Media are decoded once up front, so this
+    measures the generation engine. Run it alone: timings on a shared machine are noise."""
+    import os
+
+    from rich.table import Table
+
+    from pipelines.evaluate.benchmarks import get_benchmark
+    from pipelines.evaluate.runner import BenchInput, throughput
+    from videor1_cli.common import console, err_console, registered_run
+
+    if workdir is None:
+        home = os.environ.get("VIDEOR1_HOME")
+        workdir = Path(home) / "bench-eval" if home else Path.home() / ".cache" / "videor1" / "bench-eval"
+    world_dir = workdir / f"world-{samples}"
+    if not (world_dir / "test.json").exists():
+        from pipelines.synth import synthesize
+
+        err_console.print(f"[dim]building a synthetic world of {samples} test questions in {world_dir}[/dim]")
+        synthesize(world_dir, train=1, test=samples, seed=0)
+    if not Path(cfg.model.name_or_path).exists():
+        from pipelines.models import build_tiny_model
+
+        model_dir = workdir / "tiny-model"
+        if not (model_dir / "config.json").exists():
+            build_tiny_model(model_dir, seed=0)
+        cfg.model.name_or_path = str(model_dir)
+    bench_input = BenchInput(get_benchmark("synthetic"), world_dir / "test.json", world_dir)
+    with registered_run(cfg, "bench-eval") as (run, run_dir):
+        run.use_path("model", cfg.model.name_or_path)
+        res = throughput(cfg, bench_input, [1, batch_size], repeats=repeats)
+        seq, bat = res[1], res[batch_size]
+        speedup = round(bat["samples_per_s"] / seq["samples_per_s"], 2)
+        payload = {"samples": samples, "repeats": repeats, "max_new_tokens": cfg.eval.max_new_tokens,
+                   "model": cfg.model.name_or_path, "sequential": seq, "batched": bat, "speedup": speedup,
+                   "torch_threads": __import__("torch").get_num_threads()}
+        path = run_dir / "bench-eval.json"
+        path.write_text(__import__("json").dumps(payload, indent=1) + "\n")
+        run.log_artifact("bench-results", path)
+        run.log_metrics(0, {"sequential_samples_per_s": seq["samples_per_s"],
+                            "batched_samples_per_s": bat["samples_per_s"], "speedup": speedup})
+        run.set_summary({"speedup": speedup, "batch_size": batch_size, "results": str(path)})
+    t = Table("mode", "batch", "samples", "median s", "samples/s", "passes (s)",
+              title=f"eval generation throughput (tiny model, {cfg.eval.max_new_tokens} new tokens, "
+                    f"median of {repeats})")
+    for label, r in (("sequential", seq), ("batched", bat)):
+        t.add_row(label, str(r["batch_size"]), str(r["samples"]), f"{r['median_s']:.2f}",
+                  f"{r['samples_per_s']:.1f}", ", ".join(f"{x:.2f}" for x in r["seconds"]))
+    console.print(t)
+    console.print(f"speedup batched/sequential: [bold]{speedup:.2f}x[/bold]  (results: {path})")

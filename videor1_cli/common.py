@@ -93,6 +93,11 @@ def registered_run(cfg: Config, kind: str, run_dir: Optional[Path] = None) -> It
         run = Run(reg, attached)
         yield run, Path(os.environ.get("VIDEOR1_RUN_DIR") or run_dir or run_dir_for(cfg, kind, run))
         return
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        # A worker of a job launched by hand (torchrun/srun without `videor1 ... --nproc`): rank 0 records the
+        # run; the others must not open one each.
+        yield _NullRun(), Path(run_dir or Path(cfg.run.output_dir) / f"{kind}-rank{os.environ['RANK']}")
+        return
     command = "videor1 " + " ".join(sys.argv[1:]) if sys.argv and "videor1" in Path(sys.argv[0]).name else None
     with reg.run(kind, cfg, command=command, name=cfg.run.name, tags=cfg.run.tags) as run:
         d = Path(run_dir) if run_dir else run_dir_for(cfg, kind, run)
@@ -101,3 +106,12 @@ def registered_run(cfg: Config, kind: str, run_dir: Optional[Path] = None) -> It
         if os.environ.get("VIDEOR1_QUIET") != "1":
             err_console.print(f"[dim]run {run.id} ({kind}) -> {d}[/dim]")
         yield run, d
+
+
+class _NullRun:
+    """Stands in for a Run on non-zero ranks of a hand-launched job: records nothing."""
+
+    id = "worker"
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *a, **k: None

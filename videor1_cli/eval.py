@@ -88,7 +88,7 @@ def eval_command(
         if distributed and not worker:
             from pipelines.launch import launch
 
-            code = launch(cfg, sys.argv[1:], run, run_dir)
+            code = launch(cfg, _worker_argv(sys.argv[1:]), run, run_dir)
             if code != 0:
                 from pipelines.errors import VideoR1Error
 
@@ -104,6 +104,24 @@ def eval_command(
         return  # the launcher prints
     print_results(results)
     console.print(f"[green]results[/green] -> {out / 'results.json'}")
+
+
+def _worker_argv(argv: list[str]) -> list[str]:
+    """The command line for the workers, with `--nproc N` spelled `--set distributed.nproc=N`: torchrun's argument
+    parser rejects `--nproc` anywhere on its command line (an ambiguous prefix of its --nproc-per-node)."""
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--nproc" and i + 1 < len(argv):
+            out += ["--set", f"distributed.nproc={argv[i + 1]}"]
+            i += 2
+            continue
+        if a.startswith("--nproc="):
+            out += ["--set", f"distributed.nproc={a.split('=', 1)[1]}"]
+        else:
+            out.append(a)
+        i += 1
+    return out
 
 
 def _is_worker() -> bool:

@@ -34,7 +34,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -274,6 +275,7 @@ class VLLMBackend:
                 self._setup_tp_group()
             kwargs.update(llm_kwargs or {})
             llm = vllm.LLM(**kwargs)
+            self.llm = llm
             if self.enable_sleep_mode and self.colocate:
                 # The trainer needs the memory first; the first sync_weights + generate wake the engine up.
                 self.sleep()
@@ -301,12 +303,12 @@ class VLLMBackend:
 
     def generate(self, prompts: Sequence[str], media: Sequence[Media], sampling: Sampling) -> list[list[Completion]]:
         requests = self.build_requests(prompts, media)
+        if self._weights_lost:  # even if wake_up() ran since: level-2 wake-up maps memory, not the weights
+            raise VideoR1Error(
+                "the vLLM engine's weights were discarded by sleep(level=2)",
+                hint="call backend.sync_weights(policy) before generate (RL does this after each optimizer step)",
+            )
         if self._sleeping:
-            if self._weights_lost:
-                raise VideoR1Error(
-                    "the vLLM engine's weights were discarded by sleep(level=2)",
-                    hint="call backend.sync_weights(policy) before generate (RL does this after each optimizer step)",
-                )
             self.wake_up()
         own = len(requests)
         offset = 0
@@ -392,9 +394,9 @@ class VLLMBackend:
         todo = [t for t in ("weights", "kv_cache") if t in want and t in self._sleeping]
         if not todo:
             return
-        if set(todo) == self._sleeping and not tags:
+        if set(todo) == {"weights", "kv_cache"}:
             self.llm.wake_up()
-        else:
+        else:  # name the part: vLLM must never re-map memory that is already awake
             self.llm.wake_up(tags=todo)
         self._sleeping -= set(todo)
 
@@ -409,8 +411,8 @@ class VLLMBackend:
 
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-        except Exception:  # noqa: BLE001 - best effort
-            pass
+        except Exception as e:  # noqa: BLE001 - best effort
+            log.debug("torch.cuda.empty_cache failed: %s", e)
 
     @classmethod
     def from_config(cls, model_path, vllm_cfg, *, seed: int = 0, colocate: bool = False, **kw) -> "VLLMBackend":

@@ -52,8 +52,7 @@ STATE_FILE = "trainer_state.json"
 
 def _warn(msg: str) -> None:
     log.warning(msg)
-    if os.environ.get("VIDEOR1_QUIET") != "1":
-        print(f"warning: {msg}", file=sys.stderr, flush=True)
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
 def checkpoint_steps(run_dir: Path) -> list[tuple[int, Path]]:
@@ -123,6 +122,7 @@ class RLTrainer:
         self.history: list[dict[str, float]] = []
         self.resumed_from: Path | None = None
         self.ref_model = None
+        self.local_log: list[dict[str, Any]] = []  # this rank's records and un-reduced reward per step
 
     # ------------------------------------------------------------------------------------------------------ setup
     def _accelerator(self):
@@ -332,11 +332,39 @@ class RLTrainer:
             if self.step % rl.save_steps == 0:  # also at the last step: a finished run can be extended
                 self.save_checkpoint()
         out = self.save_final()
+        self._write_rank_report()
         elapsed = time.perf_counter() - t_start
         summary = self._summary(out, elapsed, self.step - start_step)
         if self.is_main:
             self.run.set_summary(summary)
         return summary
+
+    def parameter_checksum(self) -> str:
+        """sha256 over this rank's copy of every parameter (replicas must agree after each step)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for name, p in sorted(self.unwrapped.named_parameters()):
+            h.update(name.encode())
+            h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def _write_rank_report(self) -> None:
+        """<run dir>/rank-R.json: parameter checksum, the records this rank trained on, its local rewards.
+
+        A cheap end-of-run consistency check for data-parallel runs (not under ZeRO-3, whose ranks hold shards)."""
+        if self.deepspeed:
+            return
+        report = {"rank": self.rank, "world_size": self.world, "step": self.step,
+                  "checksum": self.parameter_checksum(), "steps": self.local_log}
+        (self.run_dir / f"rank-{self.rank}.json").write_text(json.dumps(report))
+        if self.world > 1:
+            import torch.distributed as dist
+
+            sums: list[Any] = [None] * self.world
+            dist.all_gather_object(sums, report["checksum"])
+            if len(set(sums)) != 1 and self.is_main:
+                _warn(f"parameters differ across ranks at the end of training: {sums}")
 
     def _summary(self, out: Path, elapsed: float, steps_run: int) -> dict[str, Any]:
         h = self.history
@@ -424,6 +452,9 @@ class RLTrainer:
         stats.add("step_time", step_time, 1)
         stats.add("gen_time", gen_time, 1)
         stats.add("_gen_tokens", float(gen_tokens), 0)
+        rs, rc = stats.d.get("reward", [0.0, 0.0])
+        self.local_log.append({"step": self.step + 1, "indices": [int(i) for i, _ in rows],
+                               "reward": rs / rc if rc else None})
         metrics = stats.reduce(acc)
         metrics["tokens_per_s"] = metrics.pop("_gen_tokens") / max(1e-9, metrics["gen_time"])
         metrics["skipped"] = metrics.pop("skipped")

@@ -1,0 +1,112 @@
+"""RL across processes (slow): a 2-rank gloo run on the CPU, and a run killed with SIGKILL then resumed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipelines.registry import Registry
+
+pytestmark = pytest.mark.slow
+
+SMALL = ["--set", "rl.num_generations=4", "--set", "rl.max_completion_length=12", "--set", "rl.per_device_prompts=2",
+         "--set", "rl.logging_steps=1"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(tmp_path) -> dict:
+    env = dict(os.environ, VIDEOR1_HOME=str(tmp_path / "home"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+               TOKENIZERS_PARALLELISM="false", VIDEOR1_QUIET="1")
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _cmd(tiny_model_dir, data, out_dir, *extra) -> list[str]:
+    return [sys.executable, "-m", "videor1_cli.app", "train", "rl", "--model", str(tiny_model_dir), "--data",
+            str(data), "--set", f"run.output_dir={out_dir}", *SMALL, *extra]
+
+
+def test_two_ranks_gloo(tiny_model_dir, synth_world, tmp_path):
+    out = tmp_path / "runs"
+    cmd = _cmd(tiny_model_dir, synth_world["rl"], out, "--nproc", "2", "--master-port", str(_free_port()),
+               "--max-steps", "3", "--set", "rl.save_steps=100")
+    p = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    reg = Registry(tmp_path / "home" / "registry.db")
+    runs = reg.list_runs(kind="train-rl")
+    assert len(runs) == 1  # the workers attached to the launcher's run
+    run = reg.get_run(runs[0]["id"])
+    assert run["status"] == "finished"
+    run_dir = Path(run["run_dir"])
+    r0 = json.loads((run_dir / "rank-0.json").read_text())
+    r1 = json.loads((run_dir / "rank-1.json").read_text())
+    assert r0["world_size"] == r1["world_size"] == 2
+    # parameters in sync
+    assert r0["checksum"] == r1["checksum"]
+    # ranks saw different prompts (disjoint shards), the same number of them
+    seen0 = {i for s in r0["steps"] for i in s["indices"]}
+    seen1 = {i for s in r1["steps"] for i in s["indices"]}
+    assert seen0 and seen1 and not (seen0 & seen1)
+    assert len(seen0) == len(seen1) == 3 * 2
+    # metrics logged once per step by rank 0, as the mean over both ranks
+    m = reg.metrics(run["id"])
+    assert [s for s, _ in m["reward"]] == [1, 2, 3]
+    for (step, value), a, b in zip(m["reward"], r0["steps"], r1["steps"]):
+        assert value == pytest.approx((a["reward"] + b["reward"]) / 2, abs=1e-9)
+    assert run["summary"]["world_size"] == 2
+    assert (Path(run["summary"]["model"]) / "model.safetensors").exists()
+
+
+def test_sigkill_then_resume_auto(tiny_model_dir, synth_world, tmp_path):
+    out = tmp_path / "runs"
+    env = _env(tmp_path)
+    total = 8
+    proc = subprocess.Popen(_cmd(tiny_model_dir, synth_world["rl"], out, "--max-steps", str(total),
+                                 "--set", "rl.save_steps=2"), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    ck = None
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            found = sorted(out.glob("train-rl-*/checkpoints/step-*/trainer_state.json"))
+            if found:
+                ck = found[0].parent
+                break
+            time.sleep(0.05)
+        assert ck is not None, "no checkpoint appeared"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    killed_at = json.loads((ck / "trainer_state.json").read_text())["step"]
+    assert killed_at < total
+
+    p = subprocess.run(_cmd(tiny_model_dir, synth_world["rl"], out, "--max-steps", str(total),
+                            "--set", "rl.save_steps=2", "--resume", "auto"),
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    reg = Registry(tmp_path / "home" / "registry.db")
+    runs = {r["id"]: reg.get_run(r["id"]) for r in reg.list_runs(kind="train-rl")}
+    assert len(runs) == 2
+    statuses = sorted(r["status"] for r in runs.values())
+    assert statuses == ["failed", "finished"]  # the killed run is reaped as failed
+    resumed = next(r for r in runs.values() if r["status"] == "finished")
+    s = resumed["summary"]
+    assert s["steps"] == total
+    assert s["resumed_from"] and Path(s["resumed_from"]).name.startswith("step-")
+    assert s["steps_run"] == total - int(Path(s["resumed_from"]).name[5:])
+    steps = [st for st, _ in reg.metrics(resumed["id"])["reward"]]
+    assert steps == list(range(total - s["steps_run"] + 1, total + 1))
+    assert (Path(s["model"]) / "model.safetensors").exists()
