@@ -183,7 +183,31 @@ def build_launch_command(cfg, argv: Sequence[str], python: str | None = None, mo
             "--master_addr", d.master_addr,
             "--master_port", str(d.master_port),
         ]
-    return cmd + ["-m", module, *[str(a) for a in argv]]
+    return cmd + ["-m", module, *worker_argv([str(a) for a in argv])]
+
+
+# The CLI's distributed shortcuts, spelled as --set for the workers: torchrun's parser scans the whole command line,
+# so `--nproc` is an ambiguous prefix of its --nproc-per-node and `--master-port` etc. would be taken as its own.
+DIST_FLAGS = {"--nproc": "distributed.nproc", "--nnodes": "distributed.nnodes",
+              "--node-rank": "distributed.node_rank", "--master-addr": "distributed.master_addr",
+              "--master-port": "distributed.master_port"}
+
+
+def worker_argv(argv: Sequence[str]) -> list[str]:
+    """argv with every distributed shortcut flag rewritten as `--set distributed.<key>=<value>`."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        key, sep, val = argv[i].partition("=")
+        if key in DIST_FLAGS:
+            if not sep:
+                i += 1
+                val = argv[i] if i < len(argv) else ""
+            out += ["--set", f"{DIST_FLAGS[key]}={val}"]
+        else:
+            out.append(argv[i])
+        i += 1
+    return out
 
 
 def launch_env(run_id: str | None, run_dir: str | os.PathLike | None, base: dict[str, str] | None = None,

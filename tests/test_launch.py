@@ -299,3 +299,12 @@ def test_launch_runs_the_real_cli_on_each_rank(no_worker_env, capfd):
     assert L.launch(cfg, ["--help"]) == 0
     out = capfd.readouterr()
     assert (out.out + out.err).count("Usage:") == 2  # python -m videor1_cli.app --help, once per rank
+
+
+def test_worker_argv_spells_distributed_flags_as_set():
+    from pipelines.launch import worker_argv
+
+    argv = ["train", "sft", "--nproc", "2", "--master-port=29511", "--nnodes", "1", "--data", "x.json"]
+    assert worker_argv(argv) == ["train", "sft", "--set", "distributed.nproc=2", "--set",
+                                 "distributed.master_port=29511", "--set", "distributed.nnodes=1", "--data", "x.json"]
+    assert worker_argv(worker_argv(argv)) == worker_argv(argv)

@@ -336,3 +336,22 @@ def test_cli_probe_json_and_set(clip, tmp_path):
     assert "nframes" in table.stdout and "visual_tokens" in table.stdout
     missing = run_cli("data", "probe", tmp_path / "nope.mp4", check=False)
     assert missing.exit_code == 1 and "nope.mp4" in missing.output and "not found" in missing.output
+
+
+def _sample_in_child(path, q):
+    fr = V.sample_video(path, VideoConfig(**R1), use_cache=False)
+    q.put(fr.indices)
+
+
+def test_forked_worker_decodes_after_parent_did(clip):
+    """A DataLoader worker forked after the parent decoded (resize thread started) must not hang."""
+    V.sample_video(clip, VideoConfig(**R1), use_cache=False)
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_sample_in_child, args=(str(clip), q))
+    p.start()
+    p.join(60)
+    if p.is_alive():
+        p.kill()
+        pytest.fail("forked worker hung")
+    assert p.exitcode == 0 and q.get(timeout=5) == V.frame_indices(48, 12)

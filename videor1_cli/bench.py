@@ -169,3 +169,61 @@ def eval_throughput(
                   f"{r['samples_per_s']:.1f}", ", ".join(f"{x:.2f}" for x in r["seconds"]))
     console.print(t)
     console.print(f"speedup batched/sequential: [bold]{speedup:.2f}x[/bold]  (results: {path})")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# rl (pipelines.bench.rl)
+@app.command("rl")
+@config_command()
+def rl_bench(
+    cfg: Config,
+    steps: int = typer.Option(10, "--steps", min=1, help="Timed steps per scenario (the median is reported)."),
+    warmup: int = typer.Option(3, "--warmup", min=0, help="Untimed steps first."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the JSON results here."),
+    work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Tiny model, synthetic world and scratch runs "
+                                            "(default: <run dir>/work)."),
+    model: Optional[str] = typer.Option(None, "--model", help="A tiny model dir to use (default: built fresh)."),
+    threads: int = typer.Option(1, "--threads", min=1, help="torch threads for both sides."),
+    no_trl: bool = typer.Option(False, "--no-trl", help="Skip the TRL GRPOTrainer comparison."),
+    frames: str = typer.Option("4,16,64", "--frames", help="Frame counts of the scaling scenario."),
+    repeats: int = typer.Option(2, "--repeats", min=1, help="Alternating rounds of ours / the peer (steps pooled)."),
+) -> None:
+    """RL step time: ours vs TRL GRPOTrainer (GRPO, image prompts), T-GRPO vs GRPO (video), 4/16/64 frames.
+    Tiny model on the CPU (plumbing, not model speed); run it alone."""
+    import json as _json
+
+    from rich.table import Table
+
+    from pipelines.bench.rl import run_bench
+    from videor1_cli.common import console, err_console, registered_run
+
+    with registered_run(cfg, "bench-rl") as (run, run_dir):
+        with err_console.status("bench rl") as status:
+            res = run_bench(work_dir or run_dir / "work", model_dir=model, steps=steps, warmup=warmup,
+                            frames=tuple(int(f) for f in frames.split(",") if f.strip()), threads=threads,
+                            skip_trl=no_trl, repeats=repeats, progress=lambda s: status.update(f"bench rl: {s}"))
+        t = Table("scenario", "ours (s/step)", "peer (s/step)", "ratio", "target", title="bench rl (median)")
+        gi = res["grpo_image"]
+        if "trl" in gi:
+            t.add_row("GRPO, image prompts, vs TRL GRPOTrainer", f"{gi['ours']['median_s']:.3f}",
+                      f"{gi['trl']['median_s']:.3f}", f"{gi['ratio']:.2f}x",
+                      f"<= {gi['target']}x {'met' if gi['met'] else 'NOT met'}")
+        v = res["video"]
+        t.add_row(f"T-GRPO vs GRPO, video ({v['frames']} frames)", f"{v['tgrpo']['median_s']:.3f}",
+                  f"{v['grpo']['median_s']:.3f} (GRPO)", f"{v['ratio']:.2f}x",
+                  f"<= {v['target']}x {'met' if v['met'] else 'NOT met'}")
+        for f, r in res["frames"].items():
+            t.add_row(f"T-GRPO, {f} frames", f"{r['median_s']:.3f}", "", "", "")
+        console.print(t)
+        metrics = {"ours_image_s": gi["ours"]["median_s"], "tgrpo_video_s": v["tgrpo"]["median_s"],
+                   "grpo_video_s": v["grpo"]["median_s"], "tgrpo_over_grpo": v["ratio"]}
+        if "trl" in gi:
+            metrics.update(trl_image_s=gi["trl"]["median_s"], ours_over_trl=gi["ratio"])
+        for f, r in res["frames"].items():
+            metrics[f"tgrpo_{f}_frames_s"] = r["median_s"]
+        run.log_metrics(0, metrics)
+        run.set_summary(metrics)
+        path = out or run_dir / "bench-rl.json"
+        Path(path).write_text(_json.dumps(res, indent=2))
+        run.log_artifact("bench", path, hash_content=True)
+        err_console.print(f"[dim]results: {path}[/dim]")

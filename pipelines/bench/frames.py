@@ -152,8 +152,9 @@ def find_bigbuckbunny() -> Path | None:
 def _peer_module(cfg: VideoConfig):
     import qwen_vl_utils.vision_process as vp
 
-    vp.FORCE_QWENVL_VIDEO_READER = "decord"  # torchvision.io.read_video is gone; torchcodec not installed
-    vp.get_video_reader_backend.cache_clear()
+    if vp.FORCE_QWENVL_VIDEO_READER != "decord":  # torchvision.io.read_video is gone; torchcodec not installed
+        vp.FORCE_QWENVL_VIDEO_READER = "decord"
+        vp.get_video_reader_backend.cache_clear()
     # Video-R1 edits these constants in its vendored source (FPS_MAX_FRAMES 16, VIDEO_MAX_PIXELS 128*28*28).
     vp.FPS, vp.FPS_MIN_FRAMES, vp.FPS_MAX_FRAMES = cfg.fps, cfg.min_frames, cfg.max_frames
     vp.VIDEO_MAX_TOKEN_NUM = cfg.max_pixels / (28 * 28)

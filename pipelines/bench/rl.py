@@ -1,0 +1,228 @@
+"""`videor1 bench rl`: RL step time of `pipelines.rl` against TRL's GRPOTrainer, T-GRPO's overhead, frame scaling.
+
+Three scenarios on the same tiny Qwen2.5-VL and one synthetic world (64-frame 56x56 videos and 56x56 images):
+
+1. ``grpo_image``: GRPO on image prompts, ours vs ``trl.GRPOTrainer`` (trl 1.16) doing the same work per step: one
+   prompt, G = 4 completions of up to 32 new tokens (T = 1.0, top_p 0.95, special tokens other than <|im_end|>
+   suppressed on both sides), beta = 0.04 (so both load a frozen reference and run its forward), loss_type grpo,
+   one optimizer step per rollout, AdamW, constant LR, clip 1.0. TRL gets ``per_device_train_batch_size = G`` (= one
+   prompt x G) and the same 56x56 images as PIL (its processor keeps the size: 4 visual tokens, as ours), and the
+   same accuracy + format rewards through thin wrappers.
+2. ``video``: T-GRPO vs GRPO on video prompts at 16 frames (T-GRPO adds G~ = G/2 shuffled rollouts and the p / p~
+   bookkeeping; the shuffled rollouts ride in the same generate call).
+3. ``frames``: T-GRPO step time at 4 / 16 / 64 frames.
+
+A step is timed from the end of one optimizer step to the end of the next (everything: data, decode, rollout,
+rewards, reference and policy forward, backward, optimizer); the figure is the median over ``steps`` steps after
+``warmup`` steps. TRL has no video path for the loss forward (see docs/rl.md), so it appears only in scenario 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+IMAGE_RATIO_TARGET = 0.8  # ours / TRL
+TGRPO_RATIO_TARGET = 1.3  # T-GRPO / GRPO
+COMMON = dict(G=4, max_completion_length=32, beta=0.04, lr=1e-5, max_grad_norm=1.0, top_p=0.95, temperature=1.0)
+
+
+class _NullRun:
+    """Stands in for a registry run inside the benchmark's inner trainers (the bench run records the results)."""
+
+    id = "bench"
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        return lambda *a, **k: None
+
+
+def _world(work: Path, model_dir: str | None) -> tuple[str, dict[str, Path], Path]:
+    from pipelines.models import build_tiny_model
+    from pipelines.synth import synthesize
+
+    if model_dir is None:
+        model_dir = str(work / "tiny-model")
+        if not (Path(model_dir) / "config.json").exists():
+            build_tiny_model(model_dir, seed=0)
+    wdir = work / "world"
+    if not (wdir / "rl.json").exists():
+        synthesize(wdir, train=32, test=1, seed=0, frames=64, fps=8.0, image_fraction=0.5)
+    recs = json.loads((wdir / "rl.json").read_text())
+    files = {}
+    for kind in ("image", "video"):
+        sub = [r for r in recs if r["data_type"] == kind and r["problem_type"] == "multiple choice"] or \
+              [r for r in recs if r["data_type"] == kind]
+        f = work / f"{kind}.json"
+        f.write_text(json.dumps(sub))
+        files[kind] = f
+    return model_dir, files, wdir
+
+
+def _our_config(model_dir: str, data: Path, root: Path, work: Path, algo: str, frames: int):
+    from pipelines.config import load_config
+
+    c = COMMON
+    return load_config(overrides=[
+        f"model.name_or_path={model_dir}", f"data.file={data}", f"data.root={root}", "data.shuffle=false",
+        f"run.output_dir={work / 'runs'}", f"rl.algo={algo}", f"rl.num_generations={c['G']}",
+        f"rl.max_completion_length={c['max_completion_length']}", "rl.per_device_prompts=1", f"rl.beta={c['beta']}",
+        "rl.loss_type=grpo", "rl.length_bonus=false", f"rl.learning_rate={c['lr']}", "rl.lr_scheduler=constant",
+        "rl.warmup_steps=0", f"rl.max_grad_norm={c['max_grad_norm']}", f"rl.top_p={c['top_p']}",
+        f"rl.temperature={c['temperature']}", "rl.save_steps=100000", "rl.max_steps=100000",
+        "video.fps=8.0", "video.min_frames=4", f"video.max_frames={frames}",
+    ])
+
+
+def time_ours(cfg, work: Path, steps: int, warmup: int) -> dict[str, Any]:
+    from pipelines.rl.trainer import RLTrainer
+
+    tr = RLTrainer(cfg, _NullRun(), work / "run")
+    tr.setup()
+    times, gen, lens = [], [], []
+    try:
+        for i in range(warmup + steps):
+            t0 = time.perf_counter()
+            m = tr.train_step()
+            tr.step += 1
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+                gen.append(m["gen_time"])
+                lens.append(m["completion_length"])
+    finally:
+        tr.cleanup()
+    return {"median_s": statistics.median(times), "times_s": times, "gen_median_s": statistics.median(gen),
+            "completion_length": statistics.mean(lens)}
+
+
+def time_trl(model_dir: str, data: Path, root: Path, work: Path, steps: int, warmup: int) -> dict[str, Any]:
+    """trl.GRPOTrainer on the same image prompts (one prompt x G per step)."""
+    import datasets
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from pipelines.config import load_config
+    from pipelines.models import load_processor, suppressed_token_ids
+    from pipelines.prompts import load_template, question_text
+    from pipelines.records import resolve_media
+    from pipelines.rewards import accuracy_reward, completion_text, format_reward
+    from pipelines.video import load_image
+
+    cfg = load_config()
+    tpl = load_template(cfg.prompt.template)
+    recs = json.loads(Path(data).read_text())
+    rows = []
+    for r in recs:
+        img = Image.fromarray(load_image(resolve_media(r, root), cfg.image))
+        rows.append({"prompt": [{"role": "user", "content": question_text(r, tpl, "train")}], "image": img,
+                     "solution": r["solution"], "problem_type": r["problem_type"], "options": r["options"]})
+    n = (warmup + steps + 1)
+    rows = (rows * (n // max(1, len(rows)) + 1))[:n]
+    ds = datasets.Dataset.from_list(rows)
+
+    def accuracy(completions, solution, problem_type, options, **_):
+        return accuracy_reward([completion_text(c) for c in completions], solution=solution,
+                               problem_type=problem_type, options=options)
+
+    def fmt(completions, **_):
+        return format_reward([completion_text(c) for c in completions])
+
+    processor = load_processor(model_dir)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype="float32")
+    c = COMMON
+    args = GRPOConfig(
+        output_dir=str(work / "trl"), per_device_train_batch_size=c["G"], num_generations=c["G"],
+        max_completion_length=c["max_completion_length"], beta=c["beta"], loss_type="grpo",
+        temperature=c["temperature"], top_p=c["top_p"], learning_rate=c["lr"], lr_scheduler_type="constant",
+        weight_decay=0.01, max_grad_norm=c["max_grad_norm"], max_steps=warmup + steps, logging_steps=10**6,
+        save_strategy="no", report_to="none", use_cpu=True, bf16=False, shuffle_dataset=False,
+        generation_kwargs={"suppress_tokens": suppressed_token_ids(processor.tokenizer)}, disable_dropout=True,
+    )
+
+    class _Timer(TrainerCallback):
+        def __init__(self):
+            self.ends: list[float] = []
+
+        def on_train_begin(self, args, state, control, **kw):  # noqa: ARG002
+            self.ends.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kw):  # noqa: ARG002
+            self.ends.append(time.perf_counter())
+
+    timer = _Timer()
+    trainer = GRPOTrainer(model=model, reward_funcs=[accuracy, fmt], args=args, train_dataset=ds,
+                          processing_class=processor, callbacks=[timer])
+    trainer.train()
+    times = [b - a for a, b in zip(timer.ends, timer.ends[1:])][warmup:]
+    return {"median_s": statistics.median(times), "times_s": times}
+
+
+def run_bench(out: str | Path | None = None, model_dir: str | None = None, steps: int = 10, warmup: int = 3,
+              frames: tuple[int, ...] = (4, 16, 64), threads: int = 1, skip_trl: bool = False, repeats: int = 2,
+              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(threads)
+    say = progress or (lambda s: None)
+    work = Path(out) if out else Path(tempfile.mkdtemp(prefix="videor1-bench-rl-"))
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir, files, root = _world(work, model_dir)
+    res: dict[str, Any] = {"settings": dict(COMMON, steps=steps, warmup=warmup, threads=threads, repeats=repeats,
+                                            prompts_per_step=1, image_px="56x56", video_px="56x56")}
+
+    # Ours and TRL alternate `repeats` times and the timed steps are pooled, so a noisy neighbour on a shared machine
+    # hits both sides alike.
+    ours_t: list[float] = []
+    trl_t: list[float] = []
+    for rep in range(repeats):
+        say(f"grpo on images: ours ({rep + 1}/{repeats})")
+        ours_t += time_ours(_our_config(model_dir, files["image"], root, work, "grpo", 16), work, steps,
+                            warmup)["times_s"]
+        if not skip_trl:
+            say(f"grpo on images: trl GRPOTrainer ({rep + 1}/{repeats})")
+            trl_t += time_trl(model_dir, files["image"], root, work, steps, warmup)["times_s"]
+    ours_img = {"median_s": statistics.median(ours_t), "times_s": ours_t}
+    res["grpo_image"] = {"ours": ours_img}
+    if not skip_trl:
+        trl_img = {"median_s": statistics.median(trl_t), "times_s": trl_t}
+        res["grpo_image"]["trl"] = trl_img
+        ratio = ours_img["median_s"] / trl_img["median_s"]
+        res["grpo_image"].update(ratio=ratio, target=IMAGE_RATIO_TARGET, met=ratio <= IMAGE_RATIO_TARGET)
+
+    g: dict[str, Any] = {"times_s": []}
+    t: dict[str, Any] = {"times_s": []}
+    for rep in range(repeats):
+        say(f"video: grpo vs tgrpo at 16 frames ({rep + 1}/{repeats})")
+        for algo, acc in (("grpo", g), ("tgrpo", t)):
+            acc["times_s"] += time_ours(_our_config(model_dir, files["video"], root, work, algo, 16), work, steps,
+                                        warmup)["times_s"]
+    for acc in (g, t):
+        acc["median_s"] = statistics.median(acc["times_s"])
+    ratio = t["median_s"] / g["median_s"]
+    res["video"] = {"grpo": g, "tgrpo": t, "ratio": ratio, "target": TGRPO_RATIO_TARGET,
+                    "met": ratio <= TGRPO_RATIO_TARGET, "frames": 16}
+
+    res["frames"] = {}
+    for f in frames:
+        say(f"tgrpo at {f} frames")
+        res["frames"][str(f)] = time_ours(_our_config(model_dir, files["video"], root, work, "tgrpo", f), work,
+                                          steps, warmup)
+    res["machine"] = {"platform": platform.platform(), "machine": platform.machine(), "cpus": os.cpu_count(),
+                      "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                      "torch": torch.__version__}
+    try:
+        from importlib import metadata
+
+        res["machine"].update(transformers=metadata.version("transformers"), trl=metadata.version("trl"))
+    except Exception:  # noqa: BLE001
+        pass
+    return res
+
+
+__all__ = ["run_bench", "time_ours", "time_trl"]
