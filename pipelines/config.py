@@ -349,6 +349,15 @@ class QuickstartConfig(Section):
         description="Also train GRPO (rl.algo=grpo) from the same SFT model and report it next to T-GRPO. "
         "Shortcut: --compare-algos.",
     )
+    torch_threads: int | None = Field(
+        1,
+        ge=1,
+        description="torch intra-op threads of the stages (null: torch's default). 1 is fastest for the tiny model "
+        "on a small CPU: its ops are too small to split, and the data worker gets the other core.",
+    )
+    data_workers: int = Field(
+        1, ge=0, description="DataLoader workers of the stages (sets data.num_workers): decode + encode overlap training."
+    )
 
     @field_validator("seeds", mode="before")
     @classmethod

@@ -91,6 +91,8 @@ def plan_seed(cfg, seed: int, out: Path, config_file: Path, tag: str) -> SeedPla
     world = d / "world"
     sp = SeedPlan(seed=seed, dir=d, world=world)
     common = ["--config", str(config_file), "--set", f"run.seed={seed}"]
+    if not cfg.video.cache_dir:  # decoded frames kept on disk: SFT epochs, RL and the three evals decode once
+        common += ["--set", f"video.cache_dir={d / 'frame-cache'}"]
 
     def named(stage: str) -> list[str]:
         return ["--set", f"run.name={tag}-s{seed}-{stage}"]
@@ -135,6 +137,7 @@ def stage_config(cfg, out: Path, registry: Path, tag: str, smoke: bool) -> dict[
     data["run"]["tags"] = list(dict.fromkeys([*data["run"].get("tags", []), tag]))
     data["run"]["name"] = None
     data["prompt"]["template"] = cfg.quickstart.template
+    data["data"]["num_workers"] = cfg.quickstart.data_workers
     if smoke:
         for key, value in SMOKE_OVERRIDES.items():
             sec, k = key.split(".")

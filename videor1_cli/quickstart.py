@@ -57,14 +57,34 @@ def quickstart(
     (T-GRPO, questions without CoT) -> eval; prints chance, untrained, SFT and RL accuracy overall, per problem type
     and on the order-dependent questions. Every stage is a registered run linked by lineage.
     """
-    from pipelines.quickstart import run_quickstart
+    import torch
 
     registry = cfg.registry_path().resolve()
     cfg.run.registry = str(registry)
     out = Path(cfg.quickstart.out_dir).resolve()
     cfg.run.output_dir = str(out / "runs")
+
+    threads = torch.get_num_threads()
+    if cfg.quickstart.torch_threads:
+        torch.set_num_threads(cfg.quickstart.torch_threads)
+    try:
+        res, run = _run(cfg, out, registry, smoke)
+    finally:
+        torch.set_num_threads(threads)
+    if as_json:
+        typer.echo(json.dumps({k: v for k, v in res.table.items() if k != "config"} | {"run": run.id}, indent=1))
+        return
+    for t in final_tables(res.table):
+        console.print(t)
+    console.print(f"{res.table['seconds']:.0f}s; everything in {out}; lineage: [bold]videor1 runs lineage {run.id}"
+                  f"[/bold]  (stages tagged quickstart-{run.id})", soft_wrap=True)
+
+
+def _run(cfg: Config, out: Path, registry: Path, smoke: bool):
+    from pipelines.quickstart import run_quickstart
+
     t0 = time.perf_counter()
-    with registered_run(cfg, "quickstart") as (run, run_dir):
+    with registered_run(cfg, "quickstart") as (run, _run_dir):
         tag = f"quickstart-{run.id}"
 
         def on_stage(si: int, i: int, n: int, st, seconds: float | None) -> None:
@@ -87,13 +107,7 @@ def quickstart(
                          **{k: res.table.get(k) for k in ("chance", "untrained", "sft", "rl", "grpo",
                                                             "order_dependent", "per_type", "config")
                             if k in res.table}})
-    if as_json:
-        typer.echo(json.dumps({k: v for k, v in res.table.items() if k != "config"} | {"run": run.id}, indent=1))
-        return
-    for t in final_tables(res.table):
-        console.print(t)
-    console.print(f"{res.table['seconds']:.0f}s; everything in {out}; lineage: [bold]videor1 runs lineage {run.id}"
-                  f"[/bold]  (stages tagged {tag})", soft_wrap=True)
+    return res, run
 
 
 def _invoke(argv: list[str]) -> None:
