@@ -50,8 +50,8 @@ def test_frame_indices_hand_case():
 
 
 def test_frame_indices_match_torch_linspace():
-    """Video-R1 rounds torch's float32 linspace; float64 agrees for every protocol (<= 64 frames) of clips up to 100k frames
-    (float32 can be one frame off for longer clips or 128+ frames; we keep the exact value there)."""
+    """Video-R1 rounds torch's float32 linspace; float64 agrees for every protocol (<= 64 frames) of clips up to
+    100k frames (float32 can be one frame off for longer clips or 128+ frames; we keep the exact value there)."""
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(0)
     for total in list(range(2, 200)) + rng.integers(200, 100_000, 300).tolist():

@@ -67,6 +67,8 @@ def frames(
             res = run_bench(cfg.video, clips_dir, repeats=repeats, quick=quick, real=real, pyav=pyav,
                             log=lambda m: err_console.print(f"[dim]{m}[/dim]"),
                             progress=lambda m: bar.update(task, description=m))
+        for c in res.clips:
+            run.use_path("video", c.path)
         path = write_json(res, run_dir / "bench-frames.json")
         if out is not None:
             write_json(res, out)
@@ -82,15 +84,15 @@ def frames(
         run.set_summary({"ok": res.ok, "cold_ratio": s["cold_ratio"], "stream_ratio_lru": s["ratio_lru"],
                          "stream_ratio_disk": s["ratio_disk"], "results": str(path)})
 
-    t = Table("clip", "frames", "sampled", "size", "same idx/size", "MAD", "ours ms", "peer ms", "ratio",
-              "pyav ms", "ours cpu ms", "peer cpu ms", title=f"cold: one decode per video (median of {repeats})")
+    t = Table("clip", "frames", "n", "size", "same", "MAD", "ours ms", "peer ms", "ratio", "pyav ms",
+              "cpu ms ours/peer", title=f"cold: one decode per video (median of {repeats})")
     for c in res.clips:
         same = "[green]yes[/green]" if c.indices_match and c.size_match and c.fps_match else "[red]NO[/red]"
-        t.add_row(c.name, f"{c.total_frames} @ {c.video_fps:g}", str(c.nframes), c.resized, same, f"{c.mad:.3f}",
+        t.add_row(c.name, f"{c.total_frames}@{c.video_fps:g}", str(c.nframes), c.resized, same, f"{c.mad:.3f}",
                   f"{c.cold_ours_ms:.0f}", f"{c.cold_peer_ms:.0f}", f"{c.cold_ratio:.2f}x", f"{c.cold_pyav_ms:.0f}",
-                  f"{c.cold_ours_cpu_ms:.0f}", f"{c.cold_peer_cpu_ms:.0f}")
+                  f"{c.cold_ours_cpu_ms:.0f}/{c.cold_peer_cpu_ms:.0f}")
     t.add_row("all clips", "", "", "", "", "", f"{s['cold_total_ours_ms']:.0f}", f"{s['cold_total_peer_ms']:.0f}",
-              f"{s['cold_ratio']:.2f}x", "", "", "")
+              f"{s['cold_ratio']:.2f}x", "", "")
     console.print(t)
     t2 = Table("scenario", "records", "ours ms", "peer ms", "ratio", "cache hits",
                title=f"stream: {s['records']} records over {s['videos']} videos (median of {repeats})")
