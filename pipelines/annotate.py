@@ -273,7 +273,7 @@ def annotate(
     import torch
 
     from pipelines.generation import Sampling
-    from pipelines.models import Media, decode_media
+    from pipelines.models import decode_media
     from pipelines.prompts import build_messages, load_template
     from pipelines.records import json_columns, load_records, record_dict
 

@@ -32,7 +32,7 @@ def test_chance_is_weighted_by_the_test_split():
 
 
 def _results(overall, mc, num, order):
-    return {"benchmarks": {"synthetic": {"n": 5, "errors": 0, "video-r1": {
+    return {"benchmarks": {"synthetic": {"n": 5, "errors": 0, Q.SCORING: {
         "overall": overall,
         "by_problem_type": {"multiple choice": {"n": 4, "score": mc}, "numerical": {"n": 1, "score": num}},
         "by_order": {"order-dependent": {"n": 2, "score": order}, "other": {"n": 3, "score": 0.0}},

@@ -76,6 +76,7 @@ def quickstart(
         return
     for t in final_tables(res.table):
         console.print(t)
+    console.print(SCORING_NOTE, soft_wrap=True)
     console.print(f"{res.table['seconds']:.0f}s; everything in {out}; lineage: [bold]videor1 runs lineage {run.id}"
                   f"[/bold]  (stages tagged quickstart-{run.id})", soft_wrap=True)
 
@@ -168,7 +169,7 @@ def _cols(table: dict[str, Any]) -> list[tuple[str, str]]:
 def final_tables(table: dict[str, Any]) -> list[Table]:
     seeds = table["seeds"]
     cols = _cols(table)
-    title = ("quickstart: held-out accuracy (%)" + (f", mean of seeds {', '.join(str(s['seed']) for s in seeds)}"
+    title = ("quickstart: held-out score (%)" + (f", mean of seeds {', '.join(str(s['seed']) for s in seeds)}"
                                                      if len(seeds) > 1 else f", seed {seeds[0]['seed']}")
              + f", {table.get('n_test')} questions" + ("  [smoke: no accuracy claim]" if table.get("smoke") else ""))
     t = Table(title=title, title_justify="left")
@@ -192,3 +193,9 @@ def final_tables(table: dict[str, Any]) -> list[Table]:
                       f"{row['seconds']:.0f}")
         out.append(s)
     return out
+
+
+SCORING_NOTE = ("[dim]score = the synthetic world's own (training-reward) scoring: exact option letter / number, OCR "
+                "1-WER, free-form ROUGE, regression 1 - relative error; chance = a uniform guess under the same "
+                "scoring (world.json). Order-dependent: direction, which colour first/last, descriptions of "
+                "motion.[/dim]")
