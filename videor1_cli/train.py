@@ -146,7 +146,7 @@ def rl(
 
     with registered_run(cfg, "train-rl") as (run, run_dir):
         if needs_launch(cfg):
-            code = launch(cfg, _rl_worker_argv(sys.argv[1:]), run, run_dir)
+            code = launch(cfg, sys.argv[1:], run, run_dir)
             if code:
                 raise TrainingError(f"training workers exited with code {code}",
                                     hint="see the workers' output above; resume with --resume auto")
@@ -164,31 +164,6 @@ def rl(
                 trainer.cleanup()
         if show:
             _print_rl_summary(console, summary)
-
-
-_RL_DIST_FLAGS = {"--nproc": "distributed.nproc", "--nnodes": "distributed.nnodes",
-                  "--node-rank": "distributed.node_rank", "--master-addr": "distributed.master_addr",
-                  "--master-port": "distributed.master_port"}
-
-
-def _rl_worker_argv(argv: list[str]) -> list[str]:
-    """The command line the workers re-run, with our distributed flags spelled as --set: torchrun's own parser
-    scans the whole line, so `--nproc` is an ambiguous prefix of its --nproc-per-node and `--master-port` etc.
-    would be taken as torchrun's options."""
-    out: list[str] = []
-    i = 0
-    while i < len(argv):
-        a = argv[i]
-        key, _, val = a.partition("=")
-        if key in _RL_DIST_FLAGS:
-            if not val:
-                i += 1
-                val = argv[i] if i < len(argv) else ""
-            out += ["--set", f"{_RL_DIST_FLAGS[key]}={val}"]
-        else:
-            out.append(a)
-        i += 1
-    return out
 
 
 def _rl_progress(err_console, enabled: bool = True):
