@@ -290,7 +290,9 @@ def decode_media(record: dict, cfg, root: str | Path | None) -> Media:
         fr = V.sample_video(path, cfg.video)
         return Media(video=fr.frames, fps=fr.sample_fps)
     if record.get("data_type") == "image":
-        return Media(image=V.load_image(path, cfg.image))
+        img = V.load_image(path, cfg.image)
+        # torch.from_numpy in the image processor needs a writable array (cached arrays are read-only views).
+        return Media(image=img if img.flags.writeable else img.copy())
     return Media()
 
 
