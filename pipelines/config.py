@@ -337,8 +337,14 @@ class QuickstartConfig(Section):
         description="Run the whole chain once per seed (world, model init, training) and report each and the mean. "
         "Default: [run.seed]. Shortcut: --seeds 0,1,2.",
     )
-    sft_steps: int = Field(400, ge=1, description="Optimizer steps of the SFT cold start. Shortcut: --sft-steps.")
-    rl_steps: int = Field(100, ge=1, description="Steps (rollouts) of the RL phase. Shortcut: --rl-steps.")
+    sft_steps: int = Field(1500, ge=1, description="Optimizer steps of the SFT cold start. Shortcut: --sft-steps.")
+    sft_learning_rate: float | None = Field(
+        1e-3,
+        gt=0,
+        description="Peak SFT learning rate of the quickstart (sets sft.learning_rate; null keeps it). 1e-3 learns the "
+        "CoT targets about twice as fast as 5e-4 on the tiny model; 2e-3 collapses its vision tower.",
+    )
+    rl_steps: int = Field(60, ge=1, description="Steps (rollouts) of the RL phase. Shortcut: --rl-steps.")
     template: str = Field(
         "answer-only",
         description="Prompt template of every stage of the quickstart (sets prompt.template): the short "

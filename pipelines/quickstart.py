@@ -41,6 +41,7 @@ SMOKE_SIZES = {"train": 16, "sft": 16, "test": 12, "sft_steps": 2, "rl_steps": 1
 SMOKE_OVERRIDES = {
     "sft.per_device_batch_size": 4,
     "sft.logging_steps": 1,
+    "sft.save_steps": 1000,
     "rl.per_device_prompts": 2,
     "rl.num_generations": 4,
     "rl.logging_steps": 1,
@@ -138,6 +139,8 @@ def stage_config(cfg, out: Path, registry: Path, tag: str, smoke: bool) -> dict[
     data["run"]["name"] = None
     data["prompt"]["template"] = cfg.quickstart.template
     data["data"]["num_workers"] = cfg.quickstart.data_workers
+    if cfg.quickstart.sft_learning_rate:
+        data["sft"]["learning_rate"] = cfg.quickstart.sft_learning_rate
     if smoke:
         for key, value in SMOKE_OVERRIDES.items():
             sec, k = key.split(".")
