@@ -200,11 +200,15 @@ SCORING = "official"
 def scores_of(results: dict[str, Any], bench: str = "synthetic", mode: str = SCORING) -> dict[str, Any]:
     """Accuracy (percent) from an eval results.json: overall, per problem type, order-dependent, per data_source."""
     b = results["benchmarks"][bench][mode]
+
+    def r(v: Any) -> Any:
+        return round(v, 2) if isinstance(v, float) else v
+
     return {
-        "overall": b["overall"],
-        "per_type": {pt: v["score"] for pt, v in b["by_problem_type"].items()},
-        "order_dependent": (b.get("by_order") or {}).get(ORDER_KEY, {}).get("score"),
-        "by_data_source": {s: v["score"] for s, v in (b.get("by_data_source") or {}).items()},
+        "overall": r(b["overall"]),
+        "per_type": {pt: r(v["score"]) for pt, v in b["by_problem_type"].items()},
+        "order_dependent": r((b.get("by_order") or {}).get(ORDER_KEY, {}).get("score")),
+        "by_data_source": {s: r(v["score"]) for s, v in (b.get("by_data_source") or {}).items()},
         "n": results["benchmarks"][bench]["n"],
         "errors": results["benchmarks"][bench]["errors"],
     }
@@ -311,17 +315,21 @@ def run_quickstart(
             scores[label] = scores_of(json.loads(res_file.read_text()))
         t = seed_table(chance_of(world), scores, main_algo)
         t["seed"] = seed
+        names = {label: ("rl" if label == f"rl-{main_algo}" else label.removeprefix("rl-")) for label in scores}
         t["by_data_source"] = {
             src: {"chance": _pct(world["chance"][src]["chance"]),
-                  **{label: s["by_data_source"].get(src) for label, s in scores.items()}}
+                  **{names[label]: s["by_data_source"].get(src) for label, s in scores.items()}}
             for src in world["counts"]["test"]["by_data_source"]
         }
-        t["seconds"] = round(sum(v for k, v in stage_seconds.items() if k.startswith(f"seed-{seed}/")), 1)
+        t["stage_seconds"] = {k.split("/", 1)[1]: v for k, v in stage_seconds.items() if k.startswith(f"seed-{seed}/")}
+        t["seconds"] = round(sum(t["stage_seconds"].values()), 1)
         (sp.dir / "quickstart.json").write_text(json.dumps(t, indent=1) + "\n")
         tables.append(t)
         log(f"seed {seed}: chance {t['chance']}, untrained {t['untrained']}, SFT {t['sft']}, RL {t['rl']} "
             f"({t['seconds']:.0f}s)")
-    table = mean_tables([{k: v for k, v in t.items() if k not in ("seed", "by_data_source")} for t in tables])
+    table = mean_tables([{k: v for k, v in t.items() if k not in ("seed", "by_data_source", "stage_seconds")}
+                         for t in tables])
+    table["n_test"] = tables[0]["n_test"]
     table["seconds"] = round(time.perf_counter() - t0, 1)
     table["seeds"] = tables
     table["smoke"] = smoke

@@ -171,7 +171,7 @@ def final_tables(table: dict[str, Any]) -> list[Table]:
     cols = _cols(table)
     title = ("quickstart: held-out score (%)" + (f", mean of seeds {', '.join(str(s['seed']) for s in seeds)}"
                                                      if len(seeds) > 1 else f", seed {seeds[0]['seed']}")
-             + f", {table.get('n_test')} questions" + ("  [smoke: no accuracy claim]" if table.get("smoke") else ""))
+             + f", {table.get('n_test')} held-out questions" + ("  [smoke: no accuracy claim]" if table.get("smoke") else ""))
     t = Table(title=title, title_justify="left")
     t.add_column("")
     for _, label in cols:
