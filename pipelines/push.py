@@ -173,7 +173,7 @@ def build_card(reg: Registry, model_dir: Path, run: dict | None, repo_id: str, l
     for r in sorted(lin["ancestors"], key=lambda r: r["started_at"] or 0):
         if r.get("command"):
             lines.append(r["command"])
-    lines += ["```", "", f"## License", "", f"{license}", "", "## Citation", "", "```bibtex", CITATION, "```", ""]
+    lines += ["```", "", "## License", "", f"{license}", "", "## Citation", "", "```bibtex", CITATION, "```", ""]
     return "\n".join(lines)
 
 

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from conftest import run_cli
-from pipelines.config import Config, ConfigError, list_presets, load_config, parse_set, validate_file
+from pipelines.config import Config, ConfigError, list_presets, load_config, parse_set
 
 
 def test_video_knobs_have_the_contract_names_and_defaults():
@@ -93,3 +93,32 @@ def test_cli_config_show_schema_validate(tmp_path):
     assert r.exit_code == 2 and "nope" in r.output
     keys = run_cli("config", "keys", "video").output
     assert "video.total_pixels" in keys
+
+
+def test_eval_picks_video_r1_protocol_for_real_benchmarks_only():
+    from videor1_cli.eval import _protocol_preset
+
+    assert _protocol_preset({"eval.bench": "vsi,videomme"}) == "video-r1-eval"
+    assert _protocol_preset({"eval.bench": "synthetic"}) is None
+    assert _protocol_preset({"eval.bench": None}) is None
+
+
+def test_config_command_default_preset_yields_to_explicit_preset():
+    import typer
+    from typer.testing import CliRunner
+
+    from videor1_cli.common import Shortcut, config_command
+
+    app = typer.Typer()
+    seen = {}
+
+    @app.command()
+    @config_command(Shortcut("eval.bench", ["--bench"], str | None, "b"),
+                    default_preset=lambda v: "video-r1-eval" if v.get("eval.bench") == "vsi" else None)
+    def show(cfg) -> None:
+        seen["max_pixels"] = cfg.video.max_pixels
+
+    CliRunner().invoke(app, ["--bench", "vsi"], catch_exceptions=False)
+    assert seen["max_pixels"] == 256 * 28 * 28
+    CliRunner().invoke(app, ["--bench", "vsi", "--preset", "cpu-tiny"], catch_exceptions=False)
+    assert seen["max_pixels"] == 3136

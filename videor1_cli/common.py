@@ -35,14 +35,29 @@ class Shortcut:
 MODEL = Shortcut("model.name_or_path", ["--model"], Optional[str], "Model directory or hub id (model.name_or_path).")
 DATA = Shortcut("data.file", ["--data"], Optional[str], "Input records, JSON or JSONL (data.file).")
 ROOT = Shortcut("data.root", ["--root"], Optional[str], "Directory record paths resolve against (data.root).")
+# Multi-process launch, shared by every command that can run on several processes/nodes (pipelines.launch).
+DISTRIBUTED = (
+    Shortcut("distributed.nproc", ["--nproc"], Optional[int], "Processes per node, one per GPU (distributed.nproc)."),
+    Shortcut("distributed.nnodes", ["--nnodes"], Optional[int], "Number of nodes (distributed.nnodes)."),
+    Shortcut("distributed.node_rank", ["--node-rank"], Optional[int], "Rank of this node (distributed.node_rank)."),
+    Shortcut("distributed.master_addr", ["--master-addr"], Optional[str],
+             "Address of the rank-0 node (distributed.master_addr)."),
+    Shortcut("distributed.master_port", ["--master-port"], Optional[int],
+             "Port of the rank-0 node (distributed.master_port)."),
+)
 
 
 def _param(name: str, default: Any, annotation: Any) -> inspect.Parameter:
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
 
 
-def config_command(*shortcuts: Shortcut) -> Callable:
-    """Decorate a command `fn(cfg: Config, ...)`: adds the shared config flags and passes the resolved Config."""
+def config_command(*shortcuts: Shortcut, default_preset: Optional[Callable[[dict[str, Any]], Optional[str]]] = None
+                   ) -> Callable:
+    """Decorate a command `fn(cfg: Config, ...)`: adds the shared config flags and passes the resolved Config.
+
+    `default_preset(shortcut values by config key)` may choose the preset when neither --preset nor --config is
+    given (e.g. `eval` picks Video-R1's protocol for real benchmarks).
+    """
 
     def deco(fn: Callable) -> Callable:
         sig = inspect.signature(fn)
@@ -68,6 +83,8 @@ def config_command(*shortcuts: Shortcut) -> Callable:
             preset = kwargs.pop("preset", None)
             overrides = kwargs.pop("set_", None) or []
             sc_values = {key: kwargs.pop(pname, None) for pname, key in names}
+            if preset is None and config_file is None and default_preset is not None:
+                preset = default_preset(sc_values)
             cfg = load_config(preset=preset, file=config_file, overrides=overrides, shortcuts=sc_values)
             return fn(cfg, *args, **kwargs)
 

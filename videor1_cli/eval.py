@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import inspect
 import json
 import os
 import sys
@@ -33,31 +31,20 @@ OUT = Shortcut("eval.output_dir", ["--out"], Optional[str], "Directory of the sa
                "(eval.output_dir; default: keyed on the protocol, so a rerun resumes).")
 
 _SHORTCUTS = (MODEL, DATA, ROOT, BENCH, FRAMES, BACKEND, SCORING, COMPARE, LIMIT, BATCH, NPROC, OUT)
-_BENCH_PARAM = f"_sc{_SHORTCUTS.index(BENCH)}"
 
 
-def _protocol_preset(fn):
+def _protocol_preset(values: dict[str, Any]) -> Optional[str]:
     """Without --preset/--config, the six benchmarks get Video-R1's protocol (video-r1-eval); the synthetic world
     keeps the CPU default (cpu-tiny)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if kwargs.get("preset") is None and kwargs.get("config_file") is None and not kwargs.get("rescore"):
-            benches = [b for b in (kwargs.get(_BENCH_PARAM) or "").split(",") if b.strip()]
-            if any(b.strip().lower() not in ("synthetic", "synth") for b in benches):
-                kwargs["preset"] = "video-r1-eval"
-        return fn(*args, **kwargs)
-
-    wrapper.__signature__ = inspect.signature(fn)  # type: ignore[attr-defined]
-    return wrapper
+    benches = [b.strip().lower() for b in (values.get("eval.bench") or "").split(",") if b.strip()]
+    return "video-r1-eval" if any(b not in ("synthetic", "synth") for b in benches) else None
 
 
 def register(app: typer.Typer) -> None:
     app.command("eval")(eval_command)
 
 
-@_protocol_preset
-@config_command(*_SHORTCUTS)
+@config_command(*_SHORTCUTS, default_preset=_protocol_preset)
 def eval_command(
     cfg: Config,
     rescore: Optional[Path] = typer.Option(

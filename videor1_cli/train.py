@@ -2,41 +2,33 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import typer
+
+from pipelines.config import Config
+from videor1_cli.common import DATA, DISTRIBUTED, MODEL, ROOT, Shortcut, config_command
 
 app = typer.Typer(no_args_is_help=True)
 
 
-
 # ---------------------------------------------------------------------------------------------------------------------
 # train sft (pipelines.sft)
-from typing import Optional as _Optional  # noqa: E402
-
-from videor1_cli.common import DATA as _DATA, MODEL as _MODEL, ROOT as _ROOT  # noqa: E402
-from videor1_cli.common import Shortcut as _Shortcut, config_command as _config_command  # noqa: E402
-
 SFT_SHORTCUTS = (
-    _MODEL, _DATA, _ROOT,
-    _Shortcut("distributed.nproc", ["--nproc"], _Optional[int], "Processes per node, one per GPU (distributed.nproc)."),
-    _Shortcut("distributed.nnodes", ["--nnodes"], _Optional[int], "Number of nodes (distributed.nnodes)."),
-    _Shortcut("distributed.node_rank", ["--node-rank"], _Optional[int], "Rank of this node (distributed.node_rank)."),
-    _Shortcut("distributed.master_addr", ["--master-addr"], _Optional[str],
-              "Address of the rank-0 node (distributed.master_addr)."),
-    _Shortcut("distributed.master_port", ["--master-port"], _Optional[int],
-              "Port of the rank-0 node (distributed.master_port)."),
-    _Shortcut("sft.max_steps", ["--max-steps"], _Optional[int], "Stop after N optimizer steps (sft.max_steps)."),
-    _Shortcut("sft.eval_file", ["--eval-data"], _Optional[str],
-              "Held-out COT records; their loss is logged (sft.eval_file)."),
-    _Shortcut("sft.output_dir", ["--out"], _Optional[str],
-              "Model output directory (sft.output_dir; default: the run directory)."),
+    MODEL, DATA, ROOT, *DISTRIBUTED,
+    Shortcut("sft.max_steps", ["--max-steps"], Optional[int], "Stop after N optimizer steps (sft.max_steps)."),
+    Shortcut("sft.eval_file", ["--eval-data"], Optional[str],
+             "Held-out COT records; their loss is logged (sft.eval_file)."),
+    Shortcut("sft.output_dir", ["--out"], Optional[str],
+             "Model output directory (sft.output_dir; default: the run directory)."),
 )
 
 
 @app.command("sft")
-@_config_command(*SFT_SHORTCUTS)
+@config_command(*SFT_SHORTCUTS)
 def sft(
-    cfg,
-    resume: _Optional[str] = typer.Option(
+    cfg: Config,
+    resume: Optional[str] = typer.Option(
         None, "--resume", help="Continue from a checkpoint: 'auto' (the latest checkpoint in sft.output_dir, or of the "
         "last unfinished train-sft run on the same model and data), a checkpoint dir, or an output dir."),
 ) -> None:
@@ -108,32 +100,19 @@ def sft(
 
 # ---------------------------------------------------------------------------------------------------------------------
 # train rl (pipelines.rl: GRPO / T-GRPO)
-from typing import Optional as _RlOptional  # noqa: E402
-
-from pipelines.config import Config as _RlConfig  # noqa: E402
-from videor1_cli.common import DATA as _RL_DATA, MODEL as _RL_MODEL, ROOT as _RL_ROOT  # noqa: E402
-from videor1_cli.common import Shortcut as _RlShortcut, config_command as _rl_config_command  # noqa: E402
-
 RL_SHORTCUTS = (
-    _RL_MODEL, _RL_DATA, _RL_ROOT,
-    _RlShortcut("rl.algo", ["--algo"], _RlOptional[str], "tgrpo (temporal GRPO, Video-R1) or grpo (rl.algo)."),
-    _RlShortcut("rl.max_steps", ["--max-steps"], _RlOptional[int], "Steps (rollouts) to run (rl.max_steps)."),
-    _RlShortcut("distributed.nproc", ["--nproc"], _RlOptional[int], "Processes per node (distributed.nproc)."),
-    _RlShortcut("distributed.nnodes", ["--nnodes"], _RlOptional[int], "Number of nodes (distributed.nnodes)."),
-    _RlShortcut("distributed.node_rank", ["--node-rank"], _RlOptional[int],
-                "Rank of this node (distributed.node_rank)."),
-    _RlShortcut("distributed.master_addr", ["--master-addr"], _RlOptional[str],
-                "Address of the rank-0 node (distributed.master_addr)."),
-    _RlShortcut("distributed.master_port", ["--master-port"], _RlOptional[int],
-                "Port of the rank-0 node (distributed.master_port)."),
+    MODEL, DATA, ROOT,
+    Shortcut("rl.algo", ["--algo"], Optional[str], "tgrpo (temporal GRPO, Video-R1) or grpo (rl.algo)."),
+    Shortcut("rl.max_steps", ["--max-steps"], Optional[int], "Steps (rollouts) to run (rl.max_steps)."),
+    *DISTRIBUTED,
 )
 
 
 @app.command("rl")
-@_rl_config_command(*RL_SHORTCUTS)
+@config_command(*RL_SHORTCUTS)
 def rl(
-    cfg: _RlConfig,
-    resume: _RlOptional[str] = typer.Option(
+    cfg: Config,
+    resume: Optional[str] = typer.Option(
         None, "--resume", help="Resume from a checkpoint: 'auto' (the newest train-rl checkpoint in the registry) "
         "or PATH (a <run dir>/checkpoints/step-N directory, or a run directory).", rich_help_panel="Run control"),
 ) -> None:
