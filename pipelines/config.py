@@ -337,7 +337,7 @@ class QuickstartConfig(Section):
         description="Run the whole chain once per seed (world, model init, training) and report each and the mean. "
         "Default: [run.seed]. Shortcut: --seeds 0,1,2.",
     )
-    sft_steps: int = Field(1500, ge=1, description="Optimizer steps of the SFT cold start. Shortcut: --sft-steps.")
+    sft_steps: int = Field(2000, ge=1, description="Optimizer steps of the SFT cold start. Shortcut: --sft-steps.")
     sft_learning_rate: float | None = Field(
         1e-3,
         gt=0,

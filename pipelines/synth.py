@@ -359,6 +359,12 @@ def _mc(rng: np.random.Generator, choices: list[str], correct: str) -> tuple[lis
     return [f"{letters[i]}. {c}" for i, c in enumerate(perm)], letters[perm.index(correct)]
 
 
+def _option_text(opts: list[str], letter: str) -> str:
+    """The text of option `letter` ("C. red" -> "red"): in the CoT as the same word as in the prompt's option list,
+    so the tiny model can find it there and copy the letter in front of it."""
+    return next(o.split(". ", 1)[1] for o in opts if o.startswith(f"{letter}. "))
+
+
 def _plural(n: int, word: str) -> str:
     return word if n == 1 else word + "s"
 
@@ -443,6 +449,8 @@ def make_question(kind: str, p: dict[str, Any], rng: np.random.Generator, frames
         cot = f"Each square spans {s} pixels edge to edge."
     else:
         raise ValueError(kind)
+    if opts:  # multiple choice: the CoT ends by looking its answer up in the (shuffled) options
+        cot += f" The answer is {_option_text(opts, ans)} ({ans})."
     return {"problem": q, "options": opts, "answer": ans, "process": f"<think>{cot}</think>"}
 
 
