@@ -332,6 +332,13 @@ class QuickstartConfig(Section):
     train: int = Field(4000, ge=1, description="RL pool: synthetic records without CoT (rl.json). Shortcut: --train.")
     sft: int = Field(2000, ge=1, description="Cold-start SFT records with gold CoT (sft.json). Shortcut: --sft.")
     test: int = Field(1000, ge=1, description="Held-out records every model is evaluated on. Shortcut: --test.")
+    shuffle_options: bool = Field(
+        False,
+        description="Shuffle multiple-choice options per record (false: one fixed order per question kind, so the "
+        "letter of an answer is constant; chance stays 1/#options since answers are uniform). The 0.2 M-param model does not "
+        "learn to look a colour up in a shuffled option list within the budget (MC stayed at chance), so the default is "
+        "the fixed order.",
+    )
     seeds: list[int] | None = Field(
         None,
         description="Run the whole chain once per seed (world, model init, training) and report each and the mean. "

@@ -103,7 +103,7 @@ def plan_seed(cfg, seed: int, out: Path, config_file: Path, tag: str) -> SeedPla
 
     add("synth", f"data synth ({q.train} RL + {q.sft} SFT + {q.test} test records)",
         ["data", "synth", *common, *named("data"), "--out", str(world), "--train", str(q.train), "--sft", str(q.sft),
-         "--test", str(q.test), "--seed", str(seed)], world)
+         "--test", str(q.test), "--seed", str(seed), *([] if q.shuffle_options else ["--fixed-options"])], world)
     tiny = d / "tiny-model"
     add("tiny", "model tiny", ["model", "tiny", *common, *named("model"), "--out", str(tiny), "--seed", str(seed)],
         tiny)

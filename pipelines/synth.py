@@ -353,8 +353,9 @@ def write_png(img: np.ndarray, path: str | os.PathLike) -> None:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Questions (pure): record fields and gold CoT from the scene parameters.
-def _mc(rng: np.random.Generator, choices: list[str], correct: str) -> tuple[list[str], str]:
-    perm = [choices[i] for i in rng.permutation(len(choices))]
+def _mc(rng: np.random.Generator, choices: list[str], correct: str, shuffle: bool = True) -> tuple[list[str], str]:
+    order = rng.permutation(len(choices))  # drawn either way, so both settings give the same scenes and answers
+    perm = [choices[i] for i in order] if shuffle else list(choices)
     letters = "ABCDEFGH"
     return [f"{letters[i]}. {c}" for i, c in enumerate(perm)], letters[perm.index(correct)]
 
@@ -369,29 +370,30 @@ def _plural(n: int, word: str) -> str:
     return word if n == 1 else word + "s"
 
 
-def make_question(kind: str, p: dict[str, Any], rng: np.random.Generator, frames: int) -> dict[str, Any]:
+def make_question(kind: str, p: dict[str, Any], rng: np.random.Generator, frames: int,
+                  shuffle_options: bool = True) -> dict[str, Any]:
     """problem, options, answer and gold `process` of one question about a scene."""
     opts: list[str] = []
     if kind == "color":
         c = p["colors"][0]
         q = "What color is the square in the video?"
-        opts, ans = _mc(rng, list(COLOR_NAMES), c)
+        opts, ans = _mc(rng, list(COLOR_NAMES), c, shuffle_options)
         cot = f"The square is {c} in every frame."
     elif kind == "direction":
         d = p["direction"]
         q = "In which direction does the square move?"
-        opts, ans = _mc(rng, ["left", "right"], d)
+        opts, ans = _mc(rng, ["left", "right"], d, shuffle_options)
         a, b = ("left", "right") if d == "right" else ("right", "left")
         cot = f"The square starts on the {a} and ends on the {b}."
     elif kind in ("first-color", "last-color"):
         c1, c2 = p["colors"][0], p["colors"][-1]
         if kind == "first-color":
             q = "The square changes color during the video. What color is it first?"
-            opts, ans = _mc(rng, list(COLOR_NAMES), c1)
+            opts, ans = _mc(rng, list(COLOR_NAMES), c1, shuffle_options)
             cot = f"The square is {c1} in the early frames and {c2} later."
         else:
             q = "The square changes color during the video. What color is it at the end?"
-            opts, ans = _mc(rng, list(COLOR_NAMES), c2)
+            opts, ans = _mc(rng, list(COLOR_NAMES), c2, shuffle_options)
             cot = f"The square is {c1} at first and {c2} at the end."
     elif kind == "count-frames":
         c, n = p["count_color"], p["count"]
@@ -429,7 +431,7 @@ def make_question(kind: str, p: dict[str, Any], rng: np.random.Generator, frames
     elif kind == "image-color":
         c, n = p["color"], p["n"]
         q = "What color is the square in the image?" if n == 1 else "What color are the squares in the image?"
-        opts, ans = _mc(rng, list(COLOR_NAMES), c)
+        opts, ans = _mc(rng, list(COLOR_NAMES), c, shuffle_options)
         cot = f"The square is {c}." if n == 1 else f"All {n} squares are {c}."
     elif kind == "image-count":
         n = p["n"]
@@ -570,6 +572,7 @@ def synthesize(
     size: int = 56,
     fps: float = 4.0,
     image_fraction: float = 0.25,
+    shuffle_options: bool = True,
     mix: dict[str, float] | None = None,
     square: int = 12,
     questions_per_video: float = 3.35,
@@ -642,7 +645,7 @@ def synthesize(
                           "fps": fps if is_video else None, **sc.params}
             for kind in sc.kinds:
                 k = KINDS[kind]
-                qa = make_question(kind, sc.params, rng, frames)
+                qa = make_question(kind, sc.params, rng, frames, shuffle_options)
                 rec: dict[str, Any] = {
                     "problem_id": base + len(records) + 1,
                     "problem": qa["problem"],
@@ -673,7 +676,7 @@ def synthesize(
         "format": FORMAT,
         "seed": seed,
         "params": {"train": train, "sft": sft, "test": test, "frames": frames, "size": size, "fps": fps,
-                   "square": square, "image_fraction": image_fraction, "mix": mix_n,
+                   "square": square, "image_fraction": image_fraction, "shuffle_options": shuffle_options, "mix": mix_n,
                    "questions_per_video": questions_per_video, "questions_per_image": questions_per_image,
                    "noise": noise, "colors": {k: list(v) for k, v in COLORS.items()}, "words": list(WORDS)},
         "files": {s: files[s].name for s in SPLITS} | {"media": "media.json"},

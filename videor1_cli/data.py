@@ -257,6 +257,8 @@ def synth(
     size: int = typer.Option(56, "--size", min=16, help="Width = height of videos and images (even)."),
     fps: float = typer.Option(4.0, "--fps", min=0.1, help="Frame rate written into the mp4s."),
     image_fraction: float = typer.Option(0.25, "--image-fraction", min=0.0, max=1.0, help="Share of image records."),
+    fixed_options: bool = typer.Option(False, "--fixed-options", help="List multiple-choice options in one fixed "
+                                       "order per question kind instead of shuffling them per record."),
 ) -> None:
     """Write the synthetic world: Video-R1 records (rl.json, sft.json with CoT, test.json) + mp4 videos + png images.
 
@@ -287,7 +289,7 @@ def synth(
         with Progress(*columns, console=err_console, transient=True) as bar:
             task = bar.add_task("synthesizing records", total=None)
             world = synthesize(out, train=train, test=test, seed=seed, sft=sft, frames=frames, size=size, fps=fps,
-                               image_fraction=image_fraction,
+                               image_fraction=image_fraction, shuffle_options=not fixed_options,
                                progress=lambda done, total: bar.update(task, completed=done, total=total))
         seconds = _time.perf_counter() - t0
         man, counts = world["manifest"], world["counts"]
