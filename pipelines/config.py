@@ -232,6 +232,16 @@ class RlConfig(Section):
     epsilon_high: float = Field(0.2, ge=0, description="PPO clip: ratio <= 1 + epsilon_high (DAPO uses 0.28).")
     num_iterations: int = Field(1, ge=1, description="Optimizer passes over each rollout (>1 uses old log-probs).")
     beta: float = Field(0.04, ge=0, description="KL coefficient (k3 estimator). 0 loads no reference model.")
+    dynamic_sampling: bool = Field(
+        False,
+        description="DAPO's dynamic sampling: drop groups whose rewards are all equal (zero advantage: they only add "
+        "KL and optimizer noise) and draw more prompts until the step has per_device_prompts informative groups or "
+        "max_sampling_rounds were drawn. Costs extra generation when most groups are all-correct.",
+    )
+    max_sampling_rounds: int = Field(
+        4, ge=1, description="Most prompt batches generated per step with dynamic_sampling (the step trains on what "
+        "it has after the last round)."
+    )
     temperature: float = Field(1.0, gt=0, description="Sampling temperature of rollouts.")
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling of rollouts.")
     max_completion_length: int = Field(768, ge=1, description="Most new tokens per completion.")

@@ -212,3 +212,53 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_model_dir, synth_world, tmp
     assert all(torch.equal(a[k], b[k]) for k in a)
     steps = [s for s, _ in registry().metrics(resumed["id"])["reward"]]
     assert steps == [3, 4]
+
+
+def _video_only_reward(completions, data_type, **_):
+    """Varies inside a group for video records only; every image completion gets the same 0.5."""
+    return [min(1.0, len(c) / 40.0) if dt == "video" else 0.5 for c, dt in zip(completions, data_type)]
+
+
+@pytest.mark.parametrize("case", ["informative", "none-informative"])
+def test_dynamic_sampling_trains_only_on_informative_groups(tiny_model_dir, synth_world, tmp_path, monkeypatch, case):
+    """rl.dynamic_sampling (DAPO): groups whose rewards are all equal never reach the advantage/loss; more prompts are
+    drawn until the step is full or max_sampling_rounds is reached, and the metrics say how many."""
+    from pipelines import rewards
+    from pipelines.rl import advantages as A
+
+    # data order (shuffle off): images first, then videos -> round 1 draws 2 images (dropped), round 2 two videos
+    recs = json.loads(Path(synth_world["rl"]).read_text())
+    imgs = [r for r in recs if r["data_type"] == "image"][:2]
+    vids = [r for r in recs if r["data_type"] == "video"][:2] if case == "informative" else []
+    data = tmp_path / "ordered.json"
+    data.write_text(json.dumps(imgs + vids + imgs))
+    from pipelines.config import load_config
+    from pipelines.rl.trainer import RLTrainer
+
+    rewards.REWARDS["test_dyn"] = _video_only_reward
+    seen: list[torch.Tensor] = []
+    real = A.compute_advantages
+    monkeypatch.setattr(A, "compute_advantages", lambda r, mode="group", eps=1e-4: (seen.append(r), real(r, mode, eps))[1])
+    try:
+        cfg = load_config(overrides=[f"model.name_or_path={tiny_model_dir}", f"data.file={data}",
+                                     f"data.root={synth_world['root']}", "rl.rewards=[test_dyn]",
+                                     "rl.num_generations=3", "rl.max_completion_length=8", "rl.per_device_prompts=2",
+                                     "rl.max_steps=1", "data.shuffle=false", "rl.dynamic_sampling=true",
+                                     "rl.max_sampling_rounds=3", "rl.algo=grpo", f"run.output_dir={tmp_path}"])
+        with registry().run("train-rl", cfg) as run:
+            tr = RLTrainer(cfg, run, tmp_path / "run")
+            tr.setup()
+            m = tr.train_step()
+    finally:
+        rewards.REWARDS.pop("test_dyn", None)
+    if case == "informative":
+        assert m["dynamic/rounds"] == 2 and m["dynamic/generated_groups"] == 4 and m["dynamic/kept_groups"] == 2
+        assert len(seen) == 1 and seen[0].shape == (2, 3)
+        assert bool(((seen[0].max(1).values - seen[0].min(1).values) > 0).all())  # only the varying (video) groups
+        assert tr.position == 4
+    else:  # nothing informative: three rounds drawn, no advantage computed, the step still completes (zero update)
+        assert m["dynamic/rounds"] == 3 and m["dynamic/generated_groups"] == 6 and m["dynamic/kept_groups"] == 0
+        assert seen == []
+    # the rollout metrics describe every generated group, kept or not
+    assert m["rewards/test_dyn"] == pytest.approx(m["reward"])
+    assert 0.0 <= m["frac_all_correct"] <= 1.0

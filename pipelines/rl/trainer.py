@@ -48,6 +48,8 @@ log = logging.getLogger("videor1.rl")
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
+# A group counts as informative for dynamic sampling when its rewards spread by more than this (float noise).
+DYNAMIC_SAMPLING_EPS = 1e-6
 
 
 def _warn(msg: str) -> None:
@@ -387,54 +389,41 @@ class RLTrainer:
     def train_step(self) -> dict[str, float]:
         cfg, rl, acc = self.cfg, self.cfg.rl, self.accelerator
         t0 = time.perf_counter()
-        rows = self._next_rows()
-        samples, skipped = R.prepare_samples(rows, cfg, self.processor, self.template, self.root,
-                                             self.shuffle_gen, self.temporal)
-        for s in skipped:
-            _warn(f"step {self.step + 1}: skipped record {s.id} (rank {self.rank}): {s.reason}")
-        self._record_skipped(skipped)
-
-        sampling = Sampling(max_new_tokens=rl.max_completion_length, temperature=rl.temperature, top_p=rl.top_p)
-        from pipelines.generation.hf import HFBackend
-
-        expand = isinstance(self.backend, HFBackend)
-        t_gen = time.perf_counter()
-        with self._generation():
-            groups = R.generate_groups(self.backend, samples, sampling, self.G, self.G_shuf, expand=expand)
-        gen_time = time.perf_counter() - t_gen
-        gen_tokens = sum(len(c.token_ids) for g in groups for c in g.ordered + g.shuffled)
-
-        N = len(groups)
         stats = _Stats()
-        stats.add("skipped", len(skipped), 1 if self.is_main else 0)  # summed, not averaged (count on rank 0)
-        if N:
-            sc = R.score_groups(groups, rl, self.G, self.G_shuf)
-            rewards = sc.total.clone()
-            is_video = torch.tensor([g.sample.is_video for g in groups])
-            if self.temporal:
-                bonus, granted, p, p_shuf = A.temporal_bonus(
-                    sc.accuracy, sc.accuracy_shuffled, is_video & torch.tensor([bool(g.shuffled) for g in groups]),
-                    mu=rl.temporal_mu, alpha=rl.temporal_alpha, threshold=rl.correct_threshold)
-                rewards = rewards + bonus
-                vid = is_video & torch.tensor([bool(g.shuffled) for g in groups])
-                stats.add("temporal_bonus_rate", granted[vid].double().sum().item(), int(vid.sum()))
-                stats.add("p_ordered", p[vid].sum().item(), int(vid.sum()))
-                stats.add("p_shuffled", p_shuf[vid].sum().item(), int(vid.sum()))
-            if rl.length_bonus:
-                rewards = rewards + A.length_bonus(sc.accuracy, sc.lengths, omega=rl.length_omega,
-                                                   min_len=rl.length_min, max_len=rl.length_max,
-                                                   threshold=rl.correct_threshold)
-            adv = A.compute_advantages(rewards, rl.advantage)
-            gs = A.group_stats(rewards, sc.accuracy, rl.correct_threshold)
-            stats.add("reward", rewards.sum().item(), rewards.numel())
-            stats.add("reward_std", rewards.std(dim=1).sum().item(), N)
-            for name, v in sc.per_reward.items():
-                stats.add(f"rewards/{name}", v.sum().item(), v.numel())
-            stats.add("completion_length", sc.lengths.double().sum().item(), sc.lengths.numel())
-            stats.add("frac_all_correct", gs["all_correct"].double().sum().item(), N)
-            stats.add("frac_all_wrong", gs["all_wrong"].double().sum().item(), N)
-        else:
-            adv = torch.zeros(0, self.G, dtype=torch.float64)
+        rows, samples, groups, kept_rewards = [], [], [], []
+        gen_time, gen_tokens, rounds, generated = 0.0, 0, 0, 0
+        # One sampling round without rl.dynamic_sampling. With it (DAPO), groups whose rewards are all equal carry no
+        # advantage, only noise through the KL term and Adam's normalisation, so they are dropped and more prompts
+        # are drawn until the step has prompts_per_step informative groups or max_sampling_rounds were drawn. Every
+        # rank runs the same number of rounds (agreed by an all-reduce), so collectives and the data position stay in
+        # step across ranks.
+        while True:
+            rounds += 1
+            r_rows, r_samples, r_groups, r_rewards, r_gen_time, r_tokens = self._rollout_round(stats)
+            rows += r_rows
+            gen_time += r_gen_time
+            gen_tokens += r_tokens
+            generated += len(r_groups)
+            if rl.dynamic_sampling and r_groups:
+                spread = r_rewards.max(dim=1).values - r_rewards.min(dim=1).values
+                keep = [i for i in range(len(r_groups)) if float(spread[i]) > DYNAMIC_SAMPLING_EPS]
+            else:
+                keep = list(range(len(r_groups)))
+            room = self.prompts_per_step - len(groups)
+            keep = keep[:room]
+            samples += [r_groups[i].sample for i in keep]
+            groups += [r_groups[i] for i in keep]
+            if keep:
+                kept_rewards.append(r_rewards[keep])
+            if not rl.dynamic_sampling:
+                break
+            need_more = len(groups) < self.prompts_per_step and rounds < rl.max_sampling_rounds
+            if not self._any_rank(need_more):
+                break
+        if rl.dynamic_sampling:
+            stats.add("dynamic/kept_groups", len(groups), 1)
+            stats.add("dynamic/generated_groups", generated, 1)
+            stats.add("dynamic/rounds", rounds, 1)
         for name in list(rl.rewards):
             stats.ensure(f"rewards/{name}")
         for name in ("reward", "reward_std", "completion_length", "frac_all_correct", "frac_all_wrong"):
@@ -442,6 +431,10 @@ class RLTrainer:
         if self.temporal:
             for name in ("temporal_bonus_rate", "p_ordered", "p_shuffled"):
                 stats.ensure(name)
+        if groups:
+            adv = A.compute_advantages(torch.cat(kept_rewards), rl.advantage)
+        else:
+            adv = torch.zeros(0, self.G, dtype=torch.float64)
 
         loss_val, grad_norm = self._optimize(samples, groups, adv, stats)
         if self.backend is not None and hasattr(self.backend, "sync_weights"):
@@ -462,6 +455,65 @@ class RLTrainer:
         metrics["grad_norm"] = grad_norm
         metrics["epoch"] = float(self.epoch)
         return metrics
+
+    def _any_rank(self, flag: bool) -> bool:
+        """True when `flag` holds on at least one rank (every rank gets the same answer)."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        return bool(self.accelerator.reduce(t, reduction="sum").item() > 0)
+
+    def _rollout_round(self, stats: "_Stats"):
+        """Draw the next prompts, generate their groups and score them (rewards with the temporal/length bonuses).
+
+        Returns (rows, samples, groups, rewards (N, G), generation seconds, generated tokens); the rollout metrics of
+        every generated group are added to `stats` (with dynamic sampling: also of the groups dropped afterwards, so
+        the reward curves describe the policy, not the filter)."""
+        cfg, rl = self.cfg, self.cfg.rl
+        rows = self._next_rows()
+        samples, skipped = R.prepare_samples(rows, cfg, self.processor, self.template, self.root,
+                                             self.shuffle_gen, self.temporal)
+        for s in skipped:
+            _warn(f"step {self.step + 1}: skipped record {s.id} (rank {self.rank}): {s.reason}")
+        self._record_skipped(skipped)
+        stats.add("skipped", len(skipped), 1 if self.is_main else 0)  # summed, not averaged (count on rank 0)
+
+        sampling = Sampling(max_new_tokens=rl.max_completion_length, temperature=rl.temperature, top_p=rl.top_p)
+        from pipelines.generation.hf import HFBackend
+
+        expand = isinstance(self.backend, HFBackend)
+        t_gen = time.perf_counter()
+        with self._generation():
+            groups = R.generate_groups(self.backend, samples, sampling, self.G, self.G_shuf, expand=expand)
+        gen_time = time.perf_counter() - t_gen
+        gen_tokens = sum(len(c.token_ids) for g in groups for c in g.ordered + g.shuffled)
+        N = len(groups)
+        if not N:
+            return rows, samples, groups, torch.zeros(0, self.G, dtype=torch.float64), gen_time, gen_tokens
+        sc = R.score_groups(groups, rl, self.G, self.G_shuf)
+        rewards = sc.total.clone()
+        if self.temporal:
+            vid = torch.tensor([g.sample.is_video and bool(g.shuffled) for g in groups])
+            bonus, granted, p, p_shuf = A.temporal_bonus(
+                sc.accuracy, sc.accuracy_shuffled, vid,
+                mu=rl.temporal_mu, alpha=rl.temporal_alpha, threshold=rl.correct_threshold)
+            rewards = rewards + bonus
+            stats.add("temporal_bonus_rate", granted[vid].double().sum().item(), int(vid.sum()))
+            stats.add("p_ordered", p[vid].sum().item(), int(vid.sum()))
+            stats.add("p_shuffled", p_shuf[vid].sum().item(), int(vid.sum()))
+        if rl.length_bonus:
+            rewards = rewards + A.length_bonus(sc.accuracy, sc.lengths, omega=rl.length_omega,
+                                               min_len=rl.length_min, max_len=rl.length_max,
+                                               threshold=rl.correct_threshold)
+        gs = A.group_stats(rewards, sc.accuracy, rl.correct_threshold)
+        stats.add("reward", rewards.sum().item(), rewards.numel())
+        stats.add("reward_std", rewards.std(dim=1).sum().item(), N)
+        for name, v in sc.per_reward.items():
+            stats.add(f"rewards/{name}", v.sum().item(), v.numel())
+        stats.add("completion_length", sc.lengths.double().sum().item(), sc.lengths.numel())
+        stats.add("frac_all_correct", gs["all_correct"].double().sum().item(), N)
+        stats.add("frac_all_wrong", gs["all_wrong"].double().sum().item(), N)
+        return rows, samples, groups, rewards, gen_time, gen_tokens
 
     def _record_skipped(self, skipped) -> None:
         self.skipped_total += len(skipped)
