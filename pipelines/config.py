@@ -361,7 +361,13 @@ class QuickstartConfig(Section):
         description="Peak SFT learning rate of the quickstart (sets sft.learning_rate; null keeps it). 1e-3 learns the "
         "CoT targets about twice as fast as 5e-4 on the tiny model; 2e-3 collapses its vision tower.",
     )
-    rl_steps: int = Field(60, ge=1, description="Steps (rollouts) of the RL phase. Shortcut: --rl-steps.")
+    rl_steps: int = Field(40, ge=1, description="Steps (rollouts) of the RL phase. Shortcut: --rl-steps.")
+    rl_freeze_vision: bool = Field(
+        True,
+        description="Freeze the vision tower in the RL stages only (sets model.freeze_vision there; SFT trains it). "
+        "Measured: with it trainable, reward-only gradients at RL's noise level moved the tiny model's visual "
+        "features and cost up to 5 points of held-out accuracy; frozen, RL stays within about 1 point of SFT.",
+    )
     template: str = Field(
         "answer-only",
         description="Prompt template of every stage of the quickstart (sets prompt.template): the short "

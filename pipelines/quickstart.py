@@ -125,7 +125,8 @@ def plan_seed(cfg, seed: int, out: Path, config_file: Path, tag: str) -> SeedPla
         m = d / f"rl-{algo}-model"
         add(f"rl-{algo}", f"train rl --algo {algo} ({q.rl_steps} steps on {q.train} records without CoT)",
             ["train", "rl", *common, *named(f"rl-{algo}"), "--model", str(sft), "--data", str(world / "rl.json"),
-             "--algo", algo, "--max-steps", str(q.rl_steps), "--set", f"rl.output_dir={m}"], m)
+             "--algo", algo, "--max-steps", str(q.rl_steps), "--set", f"rl.output_dir={m}",
+             *(["--set", "model.freeze_vision=true"] if q.rl_freeze_vision else [])], m)
         evaluate(f"rl-{algo}", m)
     return sp
 

@@ -65,6 +65,12 @@ def test_plan_chains_each_stage_on_the_previous_outputs(tmp_path):
     assert str(by["tiny"].output) in by["sft"].argv and str(by["sft"].output) in by["rl-grpo"].argv
     assert str(by["rl-tgrpo"].output) in by["eval-rl-tgrpo"].argv
     assert all("run.seed=3" in s.argv for s in sp.stages)
+    # the vision tower is frozen in the RL stages only (quickstart.rl_freeze_vision), never in SFT
+    assert "model.freeze_vision=true" in by["rl-tgrpo"].argv and "model.freeze_vision=true" in by["rl-grpo"].argv
+    assert not any("model.freeze_vision=true" in s.argv for s in sp.stages if not s.key.startswith("rl-"))
+    off = Q.plan_seed(load_config(overrides=["quickstart.rl_freeze_vision=false"]), 3, tmp_path, tmp_path / "c.yaml",
+                      "qs")
+    assert not any("model.freeze_vision=true" in s.argv for s in off.stages)
 
 
 def test_seeds_option_parses_a_comma_list():

@@ -89,6 +89,21 @@ def test_train_rl_grpo_cli_changes_weights(tiny_model_dir, synth_world, tmp_path
     assert changed, "no parameter changed"
 
 
+def test_freeze_vision_keeps_the_vision_tower_fixed_in_rl(tiny_model_dir, synth_world, tmp_path, length_reward):
+    """model.freeze_vision (the quickstart sets it for RL only): the language model learns, the vision tower does not."""
+    run_cli(*rl_args(tiny_model_dir, synth_world["rl"], tmp_path, "--algo", "tgrpo", "--max-steps", "2",
+                     "--set", "rl.rewards=[format,test_length]", "--set", "rl.beta=0",
+                     "--set", "model.freeze_vision=true"))
+    from safetensors.torch import load_file
+
+    before = load_file(Path(tiny_model_dir) / "model.safetensors")
+    after = load_file(Path(only_run()["summary"]["model"]) / "model.safetensors")
+    visual = [k for k in before if ".visual." in k or k.startswith("visual.")]
+    assert visual
+    assert all(torch.equal(before[k], after[k]) for k in visual)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k not in visual)
+
+
 def _mixed_records(synth_world, tmp_path, n_video=2, n_image=1, extra=()):
     recs = json.loads(Path(synth_world["rl"]).read_text())
     vids = [r for r in recs if r["data_type"] == "video"][:n_video]
