@@ -277,3 +277,43 @@ def test_dynamic_sampling_trains_only_on_informative_groups(tiny_model_dir, synt
     # the rollout metrics describe every generated group, kept or not
     assert m["rewards/test_dyn"] == pytest.approx(m["reward"])
     assert 0.0 <= m["frac_all_correct"] <= 1.0
+
+
+def test_loss_forward_logprobs_equal_the_sampling_logprobs(tiny_model_dir, synth_world, tmp_path):
+    """The policy-gradient is only right if the loss forward scores each completion exactly as the sampler did: same
+    prompt, same visual tensors (G repeated rows per prompt, videos and images in one batch), same positions."""
+    from pipelines.config import load_config
+    from pipelines.models import encode_batch
+    from pipelines.rl import rollout as R
+    from pipelines.rl.trainer import RLTrainer
+
+    G, L = 3, 10
+    data = _mixed_records(synth_world, tmp_path, n_video=2, n_image=2)
+    cfg = load_config(overrides=[f"model.name_or_path={tiny_model_dir}", f"data.file={data}",
+                                 f"data.root={synth_world['root']}", "rl.per_device_prompts=4", "rl.max_steps=1",
+                                 "data.shuffle=false", f"run.output_dir={tmp_path}"])
+    with registry().run("train-rl", cfg) as run:
+        tr = RLTrainer(cfg, run, tmp_path / "run")
+        tr.setup()
+        samples, _ = R.prepare_samples(tr._next_rows(), cfg, tr.processor, tr.template, tr.root, tr.shuffle_gen, False)
+    assert sorted(s.media.kind for s in samples) == ["image", "image", "video", "video"]
+    model, eos, pad = tr.unwrapped, tr.backend.eos_id, tr.backend.pad_id
+    model.eval()
+    torch.manual_seed(0)
+    ids, mask, sampled = [], [], []
+    for s in samples:  # each prompt generated alone: no batching effect on the reference numbers
+        batch = encode_batch(tr.processor, [s.prompt], [s.media])
+        out = model.generate(**batch, max_new_tokens=L, min_new_tokens=L, do_sample=True, top_k=0, top_p=1.0,
+                             num_return_sequences=G, pad_token_id=pad, eos_token_id=eos, output_logits=True,
+                             return_dict_in_generate=True)
+        comp = out.sequences[:, batch["input_ids"].shape[1]:]
+        logps = torch.stack([torch.log_softmax(x.float(), -1) for x in out.logits], 1)
+        sampled.append(logps.gather(2, comp.unsqueeze(-1)).squeeze(-1))
+        ids.append(comp)
+        mask.append(torch.ones_like(comp))
+    ids, mask, sampled = torch.cat(ids), torch.cat(mask), torch.cat(sampled)
+    model.train()
+    with torch.no_grad():
+        scored = R.completion_logprobs(model, R.policy_inputs(tr.processor, samples, G, ids, mask), ids, 1.0)
+    assert scored.shape == sampled.shape == (4 * G, L)
+    assert torch.allclose(scored, sampled, atol=1e-4), (scored - sampled).abs().max()
