@@ -215,12 +215,14 @@ def scores_of(results: dict[str, Any], bench: str = "synthetic", mode: str = SCO
     }
 
 
+def column_name(label: str, main_algo: str) -> str:
+    """The --json key of a model label: rl-<main algo> is "rl", another algorithm its own name (e.g. "grpo")."""
+    return "rl" if label == f"rl-{main_algo}" else label.removeprefix("rl-")
+
+
 def seed_table(chance: dict[str, Any], scores: dict[str, dict[str, Any]], main_algo: str) -> dict[str, Any]:
     """One seed's row set in the --json shape. `scores`: label (untrained, sft, rl-<algo>) -> scores_of(...)."""
-    labels = {"untrained": "untrained", "sft": "sft", "rl": f"rl-{main_algo}"}
-    for label in scores:
-        if label.startswith("rl-") and label != f"rl-{main_algo}":
-            labels[label.removeprefix("rl-")] = label  # e.g. "grpo" next to "rl" (= tgrpo)
+    labels = {column_name(label, main_algo): label for label in ("untrained", "sft", f"rl-{main_algo}", *scores)}
 
     def col(get: Callable[[dict[str, Any]], Any]) -> dict[str, Any]:
         return {name: get(scores[label]) if label in scores else None for name, label in labels.items()}
@@ -316,10 +318,9 @@ def run_quickstart(
             scores[label] = scores_of(json.loads(res_file.read_text()))
         t = seed_table(chance_of(world), scores, main_algo)
         t["seed"] = seed
-        names = {label: ("rl" if label == f"rl-{main_algo}" else label.removeprefix("rl-")) for label in scores}
         t["by_data_source"] = {
             src: {"chance": _pct(world["chance"][src]["chance"]),
-                  **{names[label]: s["by_data_source"].get(src) for label, s in scores.items()}}
+                  **{column_name(label, main_algo): s["by_data_source"].get(src) for label, s in scores.items()}}
             for src in world["counts"]["test"]["by_data_source"]
         }
         t["stage_seconds"] = {k.split("/", 1)[1]: v for k, v in stage_seconds.items() if k.startswith(f"seed-{seed}/")}

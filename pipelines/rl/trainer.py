@@ -387,10 +387,10 @@ class RLTrainer:
         }
 
     def train_step(self) -> dict[str, float]:
-        cfg, rl, acc = self.cfg, self.cfg.rl, self.accelerator
+        rl, acc = self.cfg.rl, self.accelerator
         t0 = time.perf_counter()
         stats = _Stats()
-        rows, samples, groups, kept_rewards = [], [], [], []
+        rows, groups, kept_rewards = [], [], []
         gen_time, gen_tokens, rounds, generated = 0.0, 0, 0, 0
         # One sampling round without rl.dynamic_sampling. With it (DAPO), groups whose rewards are all equal carry no
         # advantage, only noise through the KL term and Adam's normalisation, so they are dropped and more prompts
@@ -399,7 +399,7 @@ class RLTrainer:
         # step across ranks.
         while True:
             rounds += 1
-            r_rows, r_samples, r_groups, r_rewards, r_gen_time, r_tokens = self._rollout_round(stats)
+            r_rows, r_groups, r_rewards, r_gen_time, r_tokens = self._rollout_round(stats)
             rows += r_rows
             gen_time += r_gen_time
             gen_tokens += r_tokens
@@ -411,7 +411,6 @@ class RLTrainer:
                 keep = list(range(len(r_groups)))
             room = self.prompts_per_step - len(groups)
             keep = keep[:room]
-            samples += [r_groups[i].sample for i in keep]
             groups += [r_groups[i] for i in keep]
             if keep:
                 kept_rewards.append(r_rewards[keep])
@@ -436,7 +435,7 @@ class RLTrainer:
         else:
             adv = torch.zeros(0, self.G, dtype=torch.float64)
 
-        loss_val, grad_norm = self._optimize(samples, groups, adv, stats)
+        loss_val, grad_norm = self._optimize(groups, adv, stats)
         if self.backend is not None and hasattr(self.backend, "sync_weights"):
             self.backend.sync_weights(self.unwrapped)
 
@@ -466,7 +465,7 @@ class RLTrainer:
     def _rollout_round(self, stats: "_Stats"):
         """Draw the next prompts, generate their groups and score them (rewards with the temporal/length bonuses).
 
-        Returns (rows, samples, groups, rewards (N, G), generation seconds, generated tokens); the rollout metrics of
+        Returns (rows, groups, rewards (N, G), generation seconds, generated tokens); the rollout metrics of
         every generated group are added to `stats` (with dynamic sampling: also of the groups dropped afterwards, so
         the reward curves describe the policy, not the filter)."""
         cfg, rl = self.cfg, self.cfg.rl
@@ -489,7 +488,7 @@ class RLTrainer:
         gen_tokens = sum(len(c.token_ids) for g in groups for c in g.ordered + g.shuffled)
         N = len(groups)
         if not N:
-            return rows, samples, groups, torch.zeros(0, self.G, dtype=torch.float64), gen_time, gen_tokens
+            return rows, groups, torch.zeros(0, self.G, dtype=torch.float64), gen_time, gen_tokens
         sc = R.score_groups(groups, rl, self.G, self.G_shuf)
         rewards = sc.total.clone()
         if self.temporal:
@@ -513,7 +512,7 @@ class RLTrainer:
         stats.add("completion_length", sc.lengths.double().sum().item(), sc.lengths.numel())
         stats.add("frac_all_correct", gs["all_correct"].double().sum().item(), N)
         stats.add("frac_all_wrong", gs["all_wrong"].double().sum().item(), N)
-        return rows, samples, groups, rewards, gen_time, gen_tokens
+        return rows, groups, rewards, gen_time, gen_tokens
 
     def _record_skipped(self, skipped) -> None:
         self.skipped_total += len(skipped)
@@ -525,7 +524,7 @@ class RLTrainer:
                 f.write(json.dumps({"step": self.step + 1, "index": s.index, "id": s.id, "reason": s.reason},
                                    default=str) + "\n")
 
-    def _optimize(self, samples, groups, adv: torch.Tensor, stats: "_Stats") -> tuple[float, float]:
+    def _optimize(self, groups, adv: torch.Tensor, stats: "_Stats") -> tuple[float, float]:
         """Reference log-probs, then num_iterations updates over this rollout; returns (mean loss, grad norm)."""
         rl, acc = self.cfg.rl, self.accelerator
         pad_id = self.processor.tokenizer.pad_token_id
