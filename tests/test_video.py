@@ -174,6 +174,32 @@ def test_matches_qwen_vl_utils(clip):
     assert np.abs(peer - ours.frames.astype(np.float32)).mean() < 1.0
 
 
+@pytest.mark.parametrize("src,dst", [((720, 1280), (224, 420)), ((360, 640), (224, 420)), ((56, 56), (112, 112)),
+                                     ((100, 37), (56, 28))])
+def test_resize_frame_is_the_peers_antialiased_bicubic(src, dst):
+    """resize_frame (torch's uint8 kernel) against the peer's float resize, rounded: torchvision's
+    resize(BICUBIC, antialias=True) = interpolate(float, bicubic, antialias) on a smooth image (a gradient plus a
+    disc), within one grey level everywhere; a bilinear or non-antialiased resize differs by several."""
+    import torch
+    import torch.nn.functional as F
+
+    h, w = src
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    disc = ((yy - h / 2) ** 2 + (xx - w / 3) ** 2 < (min(h, w) / 4) ** 2) * 90.0
+    img = np.stack([xx / w * 200 + disc * 0.3, yy / h * 160 + 40, 255 - xx / w * 120 - disc], -1)
+    frame = np.clip(np.round(img), 0, 255).astype(np.uint8)
+    out = V.resize_frame(frame, *dst)
+    assert out.dtype == np.uint8 and out.shape == (*dst, 3) and out.flags["C_CONTIGUOUS"]
+    x = torch.from_numpy(frame).permute(2, 0, 1)[None].float()
+    ref = F.interpolate(x, size=dst, mode="bicubic", antialias=True, align_corners=False)
+    ref = ref.round().clamp(0, 255)[0].permute(1, 2, 0).numpy()
+    diff = np.abs(out.astype(np.float32) - ref)
+    assert diff.max() <= 1.0 and diff.mean() < 0.2
+    if dst[0] < h:  # downscale: a plain (aliasing) resize is measurably different, so the test can tell them apart
+        plain = F.interpolate(x, size=dst, mode="bilinear", antialias=False, align_corners=False)
+        assert np.abs(plain.round()[0].permute(1, 2, 0).numpy() - ref).max() > 1.0
+
+
 def test_broken_media_raise_media_error_naming_the_path(tmp_path):
     cfg = VideoConfig(**R1)
     junk = tmp_path / "junk.mp4"
