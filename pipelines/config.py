@@ -218,12 +218,12 @@ class RlConfig(Section):
     advantage: Literal["group", "mean_only", "batch_std"] = Field(
         "group",
         description="group = (R-mean)/(std+1e-4) per group (Video-R1); mean_only = R-mean (Dr. GRPO); "
-        "batch_std = (R-group mean)/(batch std).",
+        "batch_std = (R-group mean)/(std of the step's rewards over all ranks).",
     )
     loss_type: Literal["grpo", "bnpo", "dapo", "dr_grpo"] = Field(
         "grpo",
         description="grpo = mean over tokens per sequence, then sequences (Video-R1); bnpo/dapo = token-level mean; "
-        "dr_grpo = sum over tokens / (batch * max_completion_length).",
+        "dr_grpo = sum over tokens / (batch * max_completion_length). Counts are the step's over all ranks.",
     )
     importance_sampling: Literal["token", "sequence"] = Field(
         "token", description="token = per-token ratio (GRPO); sequence = length-normalised sequence ratio (GSPO)."

@@ -110,3 +110,36 @@ def test_sigkill_then_resume_auto(tiny_model_dir, synth_world, tmp_path):
     steps = [st for st, _ in reg.metrics(resumed["id"])["reward"]]
     assert steps == list(range(total - s["steps_run"] + 1, total + 1))
     assert (Path(s["model"]) / "model.safetensors").exists()
+
+
+def test_two_ranks_normalise_the_loss_over_the_whole_step(tiny_model_dir, synth_world, tmp_path):
+    """Every third record points at a missing video, so the ranks keep different numbers of groups in some step (each
+    broken record is skipped and counted, never replaced). `dapo` divides by the step's token count and `batch_std`
+    by the step's reward std, both over the two ranks: each rank's normalisers are the all-reduced counts / 2."""
+    records = json.loads(Path(synth_world["rl"]).read_text())
+    for i, rec in enumerate(records):
+        if i % 3 == 1:
+            rec["path"] = "./videos/missing.mp4"
+            rec["data_type"] = "video"
+    data = Path(synth_world["rl"]).with_name("rl-some-broken.json")
+    data.write_text(json.dumps(records))
+    cmd = _cmd(tiny_model_dir, data, tmp_path / "runs", "--nproc", "2", "--master-port", str(_free_port()),
+               "--max-steps", "3", "--set", "rl.save_steps=100", "--set", "rl.loss_type=dapo",
+               "--set", "rl.advantage=batch_std")
+    p = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    reg = Registry(tmp_path / "home" / "registry.db")
+    run = reg.get_run(reg.list_runs(kind="train-rl")[0]["id"])
+    run_dir = Path(run["run_dir"])
+    r0 = json.loads((run_dir / "rank-0.json").read_text())
+    r1 = json.loads((run_dir / "rank-1.json").read_text())
+    assert r0["checksum"] == r1["checksum"]
+    unequal = 0
+    for a, b in zip(r0["steps"], r1["steps"]):
+        la, lb = a["loss_counts"]["local"], b["loss_counts"]["local"]
+        unequal += la != lb
+        expected = [(x + y) / 2 for x, y in zip(la, lb)]
+        assert a["loss_counts"]["normalisers"] == b["loss_counts"]["normalisers"] == pytest.approx(expected)
+    assert unequal, "the broken records did not make the ranks' batches differ: the check above proves nothing"
+    assert run["summary"].get("skipped", 0) > 0 or list(run_dir.glob("skipped-rank*.jsonl"))
+

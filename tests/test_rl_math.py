@@ -215,6 +215,44 @@ def test_chunks_sum_to_the_whole_batch(name):
     assert parts.item() == pytest.approx(whole.item(), rel=1e-12)
 
 
+@pytest.mark.parametrize("name", ["grpo", "dapo", "dr_grpo"])
+def test_ranks_with_unequal_batches_average_to_the_global_loss(name):
+    """Two ranks with different numbers of sequences and tokens (skipped samples, dynamic sampling): each normalises by
+    (global count / world size), as the trainer does after its all-reduce, and the rank-average of their gradients
+    (what DDP computes) equals the gradient of the whole step's loss on one rank. Per-rank counts would not."""
+    logp = t([[-1.0, -2.0, -0.5], [-0.3, -1.0, -2.0], [-0.7, -0.1, -0.9]], torch.float64)
+    old = t([[-1.5, -2.0, -0.2], [-0.3, -0.5, -2.0], [-0.6, -0.3, -0.9]], torch.float64)
+    mask, adv = t([[1, 1, 1], [1, 1, 0], [1, 0, 0]]), t([1.0, -2.0, 0.5])
+    kw = dict(beta=0.0, loss_type=name, max_completion_length=3)
+
+    def grad(rows, **norm):
+        x = logp[rows].clone().requires_grad_(True)
+        L.policy_loss(x, adv[rows], mask[rows], old_logp=old[rows], **kw, **norm).loss.backward()
+        return x.grad
+
+    whole = grad([0, 1, 2])  # one rank, the whole step
+    ranks, world = [[0, 1], [2]], 2  # rank 0: 2 sequences / 5 tokens, rank 1: 1 sequence / 1 token
+    n_seq, n_tok = 3.0, float(mask.sum())
+    shared = [grad(r, num_sequences=n_seq / world, num_tokens=n_tok / world) for r in ranks]
+    assert torch.allclose(torch.cat(shared) / world, whole, rtol=1e-12)
+    local = [grad(r) for r in ranks]  # each rank's own counts: the weights differ
+    assert not torch.allclose(torch.cat(local) / world, whole, rtol=1e-3)
+
+
+def test_batch_std_pooled_over_ranks_equals_the_whole_batch():
+    """batch_std on two ranks with the std pooled from all-reduced (count, sum, sum of squares) gives the advantages
+    of the whole step on one rank; each rank's own std would not."""
+    r0, r1 = t([[1, 2, 3, 4], [0, 0, 0, 4]]), t([[0.5, 0.5, 1, 0]])
+    whole = A.compute_advantages(torch.cat([r0, r1]), "batch_std")
+    std = A.pooled_std(A.reward_moments(r0) + A.reward_moments(r1))
+    assert float(std) == pytest.approx(float(torch.cat([r0, r1]).reshape(-1).std()), rel=1e-12)
+    pooled = torch.cat([A.compute_advantages(r, "batch_std", batch_std=std) for r in (r0, r1)])
+    assert torch.allclose(pooled, whole, rtol=1e-12)
+    assert not torch.allclose(torch.cat([A.compute_advantages(r, "batch_std") for r in (r0, r1)]), whole, rtol=1e-3)
+    assert float(A.pooled_std(A.reward_moments(t([[3.0]])))) == 0.0  # one reward: std 0
+    assert float(A.pooled_std(A.reward_moments(torch.zeros(0, 4)))) == 0.0  # a rank with nothing
+
+
 def test_new_loss_is_one_decorated_function():
     @L.register_loss("sum_test")
     def _sum(per_token, mask, **_):

@@ -253,7 +253,8 @@ def test_dynamic_sampling_trains_only_on_informative_groups(tiny_model_dir, synt
     rewards.REWARDS["test_dyn"] = _video_only_reward
     seen: list[torch.Tensor] = []
     real = A.compute_advantages
-    monkeypatch.setattr(A, "compute_advantages", lambda r, mode="group", eps=1e-4: (seen.append(r), real(r, mode, eps))[1])
+    monkeypatch.setattr(A, "compute_advantages", lambda r, mode="group", eps=1e-4, **kw: (seen.append(r),
+                                                                                   real(r, mode, eps, **kw))[1])
     try:
         cfg = load_config(overrides=[f"model.name_or_path={tiny_model_dir}", f"data.file={data}",
                                      f"data.root={synth_world['root']}", "rl.rewards=[test_dyn]",

@@ -95,19 +95,42 @@ def mean_only_advantage(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tenso
 
 
 @register_advantage("batch_std")
-def batch_std_advantage(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+def batch_std_advantage(rewards: torch.Tensor, eps: float = 1e-4, std: float | torch.Tensor | None = None
+                        ) -> torch.Tensor:
     """(R - mean_G) / (std over every reward of the batch + eps) (TRL's scale_rewards='batch').
 
-    The batch is this rank's step (all its groups); with one reward in total the std is taken as 0."""
+    The batch is the whole step: on several ranks the trainer passes `std` pooled over every rank's rewards
+    (`pooled_std` of the all-reduced `reward_moments`), as TRL gathers rewards before normalising. Without it, this
+    rank's rewards; with one reward in total the std is taken as 0."""
     mean = rewards.mean(dim=1, keepdim=True)
-    flat = rewards.reshape(-1)
-    std = flat.std() if flat.numel() > 1 else torch.zeros((), dtype=rewards.dtype)
+    if std is None:
+        flat = rewards.reshape(-1)
+        std = flat.std() if flat.numel() > 1 else torch.zeros((), dtype=rewards.dtype)
     return (rewards - mean) / (std + eps)
 
 
-def compute_advantages(rewards: torch.Tensor, mode: str = "group", eps: float = 1e-4) -> torch.Tensor:
+def reward_moments(rewards: torch.Tensor) -> torch.Tensor:
+    """(count, sum, sum of squares) of a rank's rewards, float64: summed over ranks, they give `pooled_std`."""
+    flat = rewards.reshape(-1).to(torch.float64)
+    return torch.stack([torch.tensor(float(flat.numel()), dtype=torch.float64), flat.sum(), (flat * flat).sum()])
+
+
+def pooled_std(moments: torch.Tensor) -> torch.Tensor:
+    """Unbiased std of every reward behind `moments` (the rank-sum of `reward_moments`); 0 for fewer than two."""
+    n, s, ss = (float(v) for v in moments)
+    if n < 2:
+        return torch.zeros((), dtype=torch.float64)
+    var = max(0.0, (ss - s * s / n) / (n - 1))
+    return torch.tensor(var, dtype=torch.float64).sqrt()
+
+
+def compute_advantages(rewards: torch.Tensor, mode: str = "group", eps: float = 1e-4,
+                       batch_std: float | torch.Tensor | None = None) -> torch.Tensor:
+    """`batch_std`: the step's reward std over every rank, for the `batch_std` estimator (ignored by the others)."""
     if mode not in ADVANTAGES:
         raise ValueError(f"unknown advantage estimator '{mode}' ({', '.join(sorted(ADVANTAGES))})")
+    if mode == "batch_std":
+        return ADVANTAGES[mode](rewards, eps, std=batch_std)
     return ADVANTAGES[mode](rewards, eps)
 
 

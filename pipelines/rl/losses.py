@@ -13,7 +13,8 @@ Per token: ``loss = -(min(r * A, clip(r, 1 - eps_low, 1 + eps_high) * A) - beta 
 logp.detach()``, so r == 1 and the gradient is Video-R1's policy gradient + KL.
 
 Aggregations take the normalisers of the WHOLE step (``num_sequences``, ``num_tokens``) so a step split into
-several forward/backward chunks sums to exactly the loss of one big batch.
+several forward/backward chunks sums to exactly the loss of one big batch; on several ranks the trainer passes the
+step's all-reduced counts divided by the world size, so the rank-average of the gradients (DDP) is that of one batch.
 """
 
 from __future__ import annotations
@@ -60,26 +61,31 @@ def sequence_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.T
     return _seq_mean(logp - old_logp, mask).unsqueeze(-1).expand_as(logp)
 
 
+def _positive(n: float) -> float:
+    """A normaliser: the count itself (fractional on several ranks: global count / world size), 1 for none."""
+    return n if n > 0 else 1.0
+
+
 # -- aggregations ---------------------------------------------------------------------------------------------
 @register_loss("grpo")
-def grpo_aggregate(per_token: torch.Tensor, mask: torch.Tensor, *, num_sequences: int, num_tokens: int,
+def grpo_aggregate(per_token: torch.Tensor, mask: torch.Tensor, *, num_sequences: float, num_tokens: float,
                    max_completion_length: int) -> torch.Tensor:  # noqa: ARG001
     """Sample-level: mean over each sequence's tokens, then mean over sequences (Video-R1)."""
-    return _seq_mean(per_token, mask).sum() / max(1, num_sequences)
+    return _seq_mean(per_token, mask).sum() / _positive(num_sequences)
 
 
 @register_loss("bnpo", "dapo")
-def token_aggregate(per_token: torch.Tensor, mask: torch.Tensor, *, num_sequences: int, num_tokens: int,
+def token_aggregate(per_token: torch.Tensor, mask: torch.Tensor, *, num_sequences: float, num_tokens: float,
                     max_completion_length: int) -> torch.Tensor:  # noqa: ARG001
     """Token-level: sum over every completion token of the step / number of such tokens."""
-    return (per_token * mask).sum() / max(1, num_tokens)
+    return (per_token * mask).sum() / _positive(num_tokens)
 
 
 @register_loss("dr_grpo")
-def dr_grpo_aggregate(per_token: torch.Tensor, mask: torch.Tensor, *, num_sequences: int, num_tokens: int,
+def dr_grpo_aggregate(per_token: torch.Tensor, mask: torch.Tensor, *, num_sequences: float, num_tokens: float,
                       max_completion_length: int) -> torch.Tensor:  # noqa: ARG001
     """Dr. GRPO: sum over tokens / (sequences * max_completion_length): a constant normaliser, no length bias."""
-    return (per_token * mask).sum() / max(1, num_sequences * max_completion_length)
+    return (per_token * mask).sum() / _positive(num_sequences * max_completion_length)
 
 
 # -- the objective --------------------------------------------------------------------------------------------
@@ -110,14 +116,15 @@ def policy_loss(
     loss_type: str = "grpo",
     importance_sampling: str = "token",
     max_completion_length: int | None = None,
-    num_sequences: int | None = None,
-    num_tokens: int | None = None,
+    num_sequences: float | None = None,
+    num_tokens: float | None = None,
 ) -> LossOutput:
     """GRPO-family loss of a (chunk of a) batch.
 
     logp / old_logp / ref_logp: (B, L) per-token log-probs of the completion tokens; advantages: (B,);
     mask: (B, L) 1 for tokens up to and including the first EOS. old_logp None -> logp.detach() (one iteration).
-    num_sequences / num_tokens: normalisers of the whole step (default: this chunk's).
+    num_sequences / num_tokens: normalisers of the whole step (default: this chunk's); on several ranks the step's
+    global counts divided by the world size, since the gradients are averaged over ranks.
     """
     if loss_type not in AGGREGATIONS:
         raise ValueError(f"unknown loss_type '{loss_type}' ({', '.join(sorted(AGGREGATIONS))})")

@@ -430,8 +430,14 @@ class RLTrainer:
         if self.temporal:
             for name in ("temporal_bonus_rate", "p_ordered", "p_shuffled"):
                 stats.ensure(name)
+        step_rewards = torch.cat(kept_rewards) if groups else torch.zeros(0, self.G, dtype=torch.float64)
+        batch_std = None
+        if rl.advantage == "batch_std" and self.world > 1:
+            # The batch is the whole step, every rank's groups (TRL gathers rewards before normalising); every rank
+            # joins the all-reduce, also one whose samples were all skipped.
+            batch_std = A.pooled_std(self._sum_over_ranks(A.reward_moments(step_rewards)))
         if groups:
-            adv = A.compute_advantages(torch.cat(kept_rewards), rl.advantage)
+            adv = A.compute_advantages(step_rewards, rl.advantage, batch_std=batch_std)
         else:
             adv = torch.zeros(0, self.G, dtype=torch.float64)
 
@@ -446,7 +452,8 @@ class RLTrainer:
         stats.add("_gen_tokens", float(gen_tokens), 0)
         rs, rc = stats.d.get("reward", [0.0, 0.0])
         self.local_log.append({"step": self.step + 1, "indices": [int(i) for i, _ in rows],
-                               "reward": rs / rc if rc else None})
+                               "reward": rs / rc if rc else None,
+                               "loss_counts": getattr(self, "_loss_counts", None)})
         metrics = stats.reduce(acc)
         metrics["tokens_per_s"] = metrics.pop("_gen_tokens") / max(1e-9, metrics["gen_time"])
         metrics["skipped"] = metrics.pop("skipped")
@@ -454,6 +461,12 @@ class RLTrainer:
         metrics["grad_norm"] = grad_norm
         metrics["epoch"] = float(self.epoch)
         return metrics
+
+    def _sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
+        """Element-wise sum of a small float64 tensor over every rank (returned on the CPU)."""
+        if self.world == 1:
+            return t
+        return self.accelerator.reduce(t.to(self.device), reduction="sum").cpu()
 
     def _any_rank(self, flag: bool) -> bool:
         """True when `flag` holds on at least one rank (every rank gets the same answer)."""
@@ -541,6 +554,16 @@ class RLTrainer:
             chunks.append({"inputs": inputs, "ids": ids.to(self.device), "mask": mask.to(self.device),
                            "adv": adv[c0: c0 + micro].reshape(-1).to(self.device, torch.float32)})
         total_tokens = int(sum(int(c["mask"].sum()) for c in chunks))
+        # The normalisers are the whole step's, over every rank: DDP and DeepSpeed average gradients over ranks, so a
+        # rank divides by (global count / world size). With per-rank counts, `dapo`/`bnpo` would weight a token by
+        # its rank's token count and every loss type would mis-weight ranks that kept different numbers of groups
+        # (skipped samples, dynamic sampling); TRL all-reduces the token count the same way.
+        num_sequences, num_tokens = float(total_seqs), float(total_tokens)
+        if self.world > 1:
+            counts = self._sum_over_ranks(torch.tensor([num_sequences, num_tokens], dtype=torch.float64))
+            num_sequences, num_tokens = float(counts[0]) / self.world, float(counts[1]) / self.world
+        self._loss_counts = {"local": [float(total_seqs), float(total_tokens)],
+                             "normalisers": [num_sequences, num_tokens]}
         if rl.beta > 0 and chunks:
             with torch.no_grad(), self._reference() as ref:
                 for c in chunks:
@@ -561,7 +584,7 @@ class RLTrainer:
                         logp, c["adv"], c["mask"], old_logp=c.get("old"), ref_logp=c.get("ref"), beta=rl.beta,
                         epsilon_low=rl.epsilon_low, epsilon_high=rl.epsilon_high, loss_type=rl.loss_type,
                         importance_sampling=rl.importance_sampling, max_completion_length=rl.max_completion_length,
-                        num_sequences=total_seqs, num_tokens=total_tokens)
+                        num_sequences=num_sequences, num_tokens=num_tokens)
                     step_loss += float(out.loss.detach())
                     if math.isfinite(step_loss):
                         acc.backward(out.loss)
