@@ -137,9 +137,12 @@ def test_two_ranks_normalise_the_loss_over_the_whole_step(tiny_model_dir, synth_
     unequal = 0
     for a, b in zip(r0["steps"], r1["steps"]):
         la, lb = a["loss_counts"]["local"], b["loss_counts"]["local"]
-        unequal += la != lb
-        expected = [(x + y) / 2 for x, y in zip(la, lb)]
+        unequal += la[0] != lb[0]  # different numbers of sequences (groups), not only of tokens
+        expected = dict(zip(["num_sequences", "num_tokens"], [(x + y) / 2 for x, y in zip(la, lb)]))
+        # the normalisers logged are the very keyword arguments the trainer passes to policy_loss
         assert a["loss_counts"]["normalisers"] == b["loss_counts"]["normalisers"] == pytest.approx(expected)
-    assert unequal, "the broken records did not make the ranks' batches differ: the check above proves nothing"
+        # batch_std: one std for the whole step, pooled over both ranks' rewards
+        assert a["batch_std"] is not None and a["batch_std"] == pytest.approx(b["batch_std"], abs=1e-12)
+    assert unequal, "the broken records did not make the ranks' group counts differ: the check above proves less"
     assert run["summary"].get("skipped", 0) > 0 or list(run_dir.glob("skipped-rank*.jsonl"))
 

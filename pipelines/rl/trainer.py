@@ -436,6 +436,7 @@ class RLTrainer:
             # The batch is the whole step, every rank's groups (TRL gathers rewards before normalising); every rank
             # joins the all-reduce, also one whose samples were all skipped.
             batch_std = A.pooled_std(self._sum_over_ranks(A.reward_moments(step_rewards)))
+        self._batch_std = None if batch_std is None else float(batch_std)
         if groups:
             adv = A.compute_advantages(step_rewards, rl.advantage, batch_std=batch_std)
         else:
@@ -453,7 +454,8 @@ class RLTrainer:
         rs, rc = stats.d.get("reward", [0.0, 0.0])
         self.local_log.append({"step": self.step + 1, "indices": [int(i) for i, _ in rows],
                                "reward": rs / rc if rc else None,
-                               "loss_counts": getattr(self, "_loss_counts", None)})
+                               "loss_counts": getattr(self, "_loss_counts", None),
+                               "batch_std": self._batch_std})
         metrics = stats.reduce(acc)
         metrics["tokens_per_s"] = metrics.pop("_gen_tokens") / max(1e-9, metrics["gen_time"])
         metrics["skipped"] = metrics.pop("skipped")
@@ -562,12 +564,17 @@ class RLTrainer:
         if self.world > 1:
             counts = self._sum_over_ranks(torch.tensor([num_sequences, num_tokens], dtype=torch.float64))
             num_sequences, num_tokens = float(counts[0]) / self.world, float(counts[1]) / self.world
-        self._loss_counts = {"local": [float(total_seqs), float(total_tokens)],
-                             "normalisers": [num_sequences, num_tokens]}
+        norm = {"num_sequences": num_sequences, "num_tokens": num_tokens}
+        self._loss_counts = {"local": [float(total_seqs), float(total_tokens)], "normalisers": norm}
         if rl.beta > 0 and chunks:
             with torch.no_grad(), self._reference() as ref:
                 for c in chunks:
                     c["ref"] = R.completion_logprobs(ref, c["inputs"], c["ids"], rl.temperature)
+        elif rl.beta > 0 and self.deepspeed and not self.lora:
+            # ZeRO-3 gathers the reference's parameters inside its forward, a collective: a rank with nothing to
+            # train this step still joins the other ranks' reference forward (one chunk each under DeepSpeed).
+            with torch.no_grad():
+                self._dummy_forward(self.ref_model)
         losses, grad_norm = [], 0.0
         for it in range(rl.num_iterations):
             step_loss = 0.0
@@ -584,7 +591,7 @@ class RLTrainer:
                         logp, c["adv"], c["mask"], old_logp=c.get("old"), ref_logp=c.get("ref"), beta=rl.beta,
                         epsilon_low=rl.epsilon_low, epsilon_high=rl.epsilon_high, loss_type=rl.loss_type,
                         importance_sampling=rl.importance_sampling, max_completion_length=rl.max_completion_length,
-                        num_sequences=num_sequences, num_tokens=num_tokens)
+                        **norm)
                     step_loss += float(out.loss.detach())
                     if math.isfinite(step_loss):
                         acc.backward(out.loss)
@@ -605,12 +612,14 @@ class RLTrainer:
         stats.ensure("clip_ratio")
         return float(np.mean(losses)), grad_norm
 
+    def _dummy_forward(self, model):
+        """A one-token text forward: how a rank with no valid sample joins the others' collective forward/backward."""
+        ids = torch.tensor([[self.processor.tokenizer.pad_token_id]], device=self.device)
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+
     def _dummy_backward(self) -> None:
         """This rank has no valid sample this step: join the collective backward with a zero loss."""
-        tok = self.processor.tokenizer
-        ids = torch.tensor([[tok.pad_token_id]], device=self.device)
-        out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
-        self.accelerator.backward(out.logits.sum() * 0.0)
+        self.accelerator.backward(self._dummy_forward(self.model).logits.sum() * 0.0)
 
     def _check_finite(self, value: float, what: str) -> None:
         """All ranks agree: a NaN/inf anywhere stops the run everywhere (the last checkpoint is kept)."""
