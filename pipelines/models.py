@@ -266,6 +266,42 @@ def visual_module(model):
     return getattr(base, "visual", None) or getattr(model, "visual")
 
 
+# LoRA adapts the language model only: the vision tower's blocks reuse the names gate_proj/up_proj/down_proj, so
+# without the exclusion `target_modules` would also put adapters on the vision MLPs.
+LORA_EXCLUDE = r".*visual.*"
+
+
+def apply_lora(model, lora_cfg):
+    """peft LoRA on the language model's `model.lora.target_modules` (SFT and RL share this)."""
+    from peft import LoraConfig, get_peft_model
+
+    pc = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+                    target_modules=list(lora_cfg.target_modules), exclude_modules=LORA_EXCLUDE,
+                    task_type="CAUSAL_LM")
+    model = get_peft_model(model, pc)
+    if getattr(model.config, "use_cache", None) is False or getattr(model, "is_gradient_checkpointing", False):
+        model.enable_input_require_grads()
+    return model
+
+
+def load_lora_adapters(model, directory: str | Path) -> None:
+    """Loads the adapter weights a LoRA checkpoint holds (`adapter_model.safetensors`) into a model wrapped by
+    `apply_lora`; every adapter weight must be found, and only adapter weights."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = Path(directory) / "adapter_model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found (a LoRA checkpoint keeps its adapters there)")
+    state = load_file(str(path))
+    result = set_peft_model_state_dict(model, state)
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    missing = [k for k in (getattr(result, "missing_keys", []) or []) if "lora_" in k]
+    if unexpected or missing or not state:
+        raise ValueError(f"{path}: adapter weights do not match the model "
+                         f"(unexpected {unexpected[:3]}, missing {missing[:3]}, {len(state)} tensors)")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 @dataclass
 class Media:

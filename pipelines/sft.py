@@ -406,18 +406,6 @@ def find_resume_checkpoint(resume: str | None, cfg, registry=None) -> Path | Non
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-def _apply_lora(model, lora_cfg):
-    from peft import LoraConfig, get_peft_model
-
-    pc = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-                    target_modules=list(lora_cfg.target_modules), exclude_modules=r".*visual.*",
-                    task_type="CAUSAL_LM")
-    model = get_peft_model(model, pc)
-    if getattr(model.config, "use_cache", None) is False or getattr(model, "is_gradient_checkpointing", False):
-        model.enable_input_require_grads()
-    return model
-
-
 def training_arguments(cfg, output_dir: str | os.PathLike, *, has_eval: bool):
     """TrainingArguments from the `sft` / `data` / `run` / `distributed` sections."""
     from transformers import TrainingArguments
@@ -494,7 +482,7 @@ def run_sft(cfg, run=None, *, output_dir: str | os.PathLike, resume_from: str | 
     from transformers import PrinterCallback, ProgressCallback
     from transformers.utils import logging as hf_logging
 
-    from pipelines.models import load_model, load_processor, resolve_device
+    from pipelines.models import apply_lora, load_model, load_processor, resolve_device
 
     if not cfg.data.file:
         raise DataError("no SFT records given", hint="pass --data FILE (Video-R1-COT format)")
@@ -515,7 +503,7 @@ def run_sft(cfg, run=None, *, output_dir: str | os.PathLike, resume_from: str | 
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     model = load_model(cfg.model, device=device, for_training=True)
     if cfg.model.lora.enabled:
-        model = _apply_lora(model, cfg.model.lora)
+        model = apply_lora(model, cfg.model.lora)
     RegistryCallback, RichProgressCallback = _callbacks()
     trainer_box: list[Any] = []
     reg_cb = RegistryCallback(run, lambda: trainer_box[0])

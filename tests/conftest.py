@@ -56,5 +56,5 @@ def run_cli(*args, check: bool = True):
 
     result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
     if check and result.exit_code != 0:
-        raise AssertionError(f"videor1 {' '.join(args)} exited {result.exit_code}:\n{result.output}")
+        raise AssertionError(f"videor1 {' '.join(map(str, args))} exited {result.exit_code}:\n{result.output}")
     return result

@@ -318,3 +318,51 @@ def test_loss_forward_logprobs_equal_the_sampling_logprobs(tiny_model_dir, synth
         scored = R.completion_logprobs(model, R.policy_inputs(tr.processor, samples, G, ids, mask), ids, 1.0)
     assert scored.shape == sampled.shape == (4 * G, L)
     assert torch.allclose(scored, sampled, atol=1e-4), (scored - sampled).abs().max()
+
+
+LORA = ["--set", "model.lora.enabled=true", "--set", "model.lora.r=4", "--set", "model.lora.alpha=8",
+        "--set", "model.lora.dropout=0.0", "--set", "rl.rewards=[format,test_length]", "--set", "rl.learning_rate=0.01",
+        "--set", "rl.warmup_steps=0"]
+
+
+def test_lora_rl_trains_adapters_on_the_language_model_and_saves_merged_weights(tiny_model_dir, synth_world, tmp_path,
+                                                                               length_reward):
+    """model.lora.enabled: adapters on the language model's projections only (never the vision tower, as in SFT); the
+    reference is the policy with its adapters off, so the KL starts at 0; the final model is merged (plain weights,
+    the base's keys) and loads without peft."""
+    run_cli(*rl_args(tiny_model_dir, synth_world["rl"], tmp_path, "--algo", "grpo", "--max-steps", "2", *LORA,
+                     "--set", "rl.beta=0.04"))
+    run = only_run()
+    assert run["status"] == "finished"
+    m = registry().metrics(run["id"])
+    assert m["kl"][0][1] == pytest.approx(0.0, abs=1e-7) and m["kl"][1][1] > 0
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    out = Path(run["summary"]["model"])
+    before = load_file(Path(tiny_model_dir) / "model.safetensors")
+    after = load_file(out / "model.safetensors")
+    assert set(after) == set(before)  # merged: no lora_A/lora_B keys, no "base_model.model." prefix
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    assert changed and all("visual" not in k and any(t in k for t in targets) for k in changed), sorted(changed)
+    assert any("mlp" in k for k in changed) and any("self_attn" in k for k in changed)
+    AutoModelForImageTextToText.from_pretrained(out)
+
+
+def test_lora_rl_resumes_from_its_checkpoint(tiny_model_dir, synth_world, tmp_path, length_reward):
+    """A LoRA run resumed from its step-1 checkpoint ends with the weights of an uninterrupted 2-step run."""
+    from safetensors.torch import load_file
+
+    common = [*LORA, "--set", "rl.lr_scheduler=constant", "--set", "rl.save_steps=1", "--set", "rl.beta=0.04"]
+    run_cli(*rl_args(tiny_model_dir, synth_world["rl"], tmp_path / "a", "--max-steps", "2", *common))
+    straight = Path(registry().list_runs(kind="train-rl")[0]["run_dir"]) / "model"
+    run_cli(*rl_args(tiny_model_dir, synth_world["rl"], tmp_path / "b", "--max-steps", "1", *common))
+    run_cli(*rl_args(tiny_model_dir, synth_world["rl"], tmp_path / "b", "--max-steps", "2", "--resume", "auto",
+                     *common))
+    runs = registry().list_runs(kind="train-rl")
+    resumed = registry().get_run(max(runs, key=lambda r: r["started_at"])["id"])
+    assert resumed["summary"]["steps"] == 2 and resumed["summary"]["steps_run"] == 1
+    a = load_file(straight / "model.safetensors")
+    b = load_file(Path(resumed["summary"]["model"]) / "model.safetensors")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)

@@ -196,6 +196,26 @@ def test_cli_sft_skips_broken_records_and_records_lineage(tiny_model_dir, cot_wo
     _loads_and_generates(out, cot_world)
 
 
+def test_cli_sft_lora_trains_the_language_model_and_saves_merged_weights(tiny_model_dir, cot_world, tmp_path):
+    """model.lora.enabled in SFT: adapters on the language model's projections only (the vision MLPs share their names
+    and are excluded), merged into plain weights with the base's keys, loadable and generating without peft."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "model"
+    run_cli("train", "sft", "--model", tiny_model_dir, "--data", cot_world["train"], "--root", cot_world["root"],
+            "--max-steps", "3", "--out", out, "--set", "sft.per_device_batch_size=4", "--set", "sft.learning_rate=0.01",
+            "--set", "sft.warmup_ratio=0", "--set", "model.lora.enabled=true", "--set", "model.lora.r=4",
+            "--set", "model.lora.alpha=8", "--set", "model.lora.dropout=0.0",
+            "--set", f"run.output_dir={tmp_path / 'runs'}")
+    before = load_file(Path(tiny_model_dir) / "model.safetensors")
+    after = load_file(out / "model.safetensors")
+    assert set(after) == set(before)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    assert changed and all("visual" not in k and any(t in k for t in targets) for k in changed), sorted(changed)
+    _loads_and_generates(out, cot_world)
+
+
 def _loads_and_generates(model_dir, world):
     from pipelines.config import load_config
     from pipelines.generation import Sampling

@@ -156,7 +156,7 @@ class RLTrainer:
         )
 
     def setup(self) -> None:
-        from pipelines.models import load_model, load_processor
+        from pipelines.models import apply_lora, load_lora_adapters, load_model, load_processor
         from pipelines.prompts import load_template
         from pipelines.records import json_columns, load_records
 
@@ -204,10 +204,17 @@ class RLTrainer:
 
         self.processor = load_processor(policy_path)
         self.template = load_template(cfg.prompt.template)
-        model = load_model(cfg.model, path=policy_path, device=self.device, for_training=True)
         self.lora = cfg.model.lora.enabled
+        # A LoRA checkpoint holds the adapters only: the policy is the base model plus the checkpoint's adapters.
+        model = load_model(cfg.model, path=base if self.lora else policy_path, device=self.device, for_training=True)
         if self.lora:
-            model = self._wrap_lora(model)
+            model = apply_lora(model, cfg.model.lora)
+            if self.resumed_from:
+                try:
+                    load_lora_adapters(model, self.resumed_from)
+                except (OSError, ValueError) as e:
+                    raise TrainingError(f"cannot resume from {self.resumed_from}: {e}",
+                                        hint="resume a LoRA run with the same model.lora settings") from None
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=rl.learning_rate, betas=(rl.adam_beta1, rl.adam_beta2),
                                       weight_decay=rl.weight_decay)
@@ -239,19 +246,14 @@ class RLTrainer:
             if self.resumed_from:
                 self.run.use_path("checkpoint", self.resumed_from)
 
-    def _wrap_lora(self, model):
-        from peft import LoraConfig, get_peft_model
-
-        lc = self.cfg.model.lora
-        return get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
-                                                target_modules=lc.target_modules, task_type="CAUSAL_LM"))
-
     def _make_backend(self):
         rl = self.cfg.rl
         if rl.backend == "vllm":
             from pipelines.generation.vllm import VLLMBackend
 
-            b = VLLMBackend.from_config(str(self.resumed_from or self.cfg.model.name_or_path), rl.vllm,
+            # A LoRA checkpoint holds adapters only; the engine starts from the base and gets the merged weights.
+            start = self.cfg.model.name_or_path if self.lora else (self.resumed_from or self.cfg.model.name_or_path)
+            b = VLLMBackend.from_config(str(start), rl.vllm,
                                         seed=self.cfg.run.seed, colocate=True)
             b.sync_weights(self.accelerator.unwrap_model(self.model))
             return b
@@ -570,11 +572,11 @@ class RLTrainer:
             with torch.no_grad(), self._reference() as ref:
                 for c in chunks:
                     c["ref"] = R.completion_logprobs(ref, c["inputs"], c["ids"], rl.temperature)
-        elif rl.beta > 0 and self.deepspeed and not self.lora:
+        elif rl.beta > 0 and self.deepspeed:
             # ZeRO-3 gathers the reference's parameters inside its forward, a collective: a rank with nothing to
             # train this step still joins the other ranks' reference forward (one chunk each under DeepSpeed).
-            with torch.no_grad():
-                self._dummy_forward(self.ref_model)
+            with torch.no_grad(), self._reference() as ref:
+                self._dummy_forward(ref)
         losses, grad_norm = [], 0.0
         for it in range(rl.num_iterations):
             step_loss = 0.0
