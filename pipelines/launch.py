@@ -84,6 +84,22 @@ def needs_launch(cfg) -> bool:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # DeepSpeed configs
+def check_deepspeed_device(cfg) -> None:
+    """DeepSpeed runs on CUDA GPUs only here: accelerate drops a DeepSpeed plugin when it runs on the CPU (its state
+    turns DeepSpeed on only `if not cpu`), so the run would silently train with plain DDP instead, or fail later in
+    DeepSpeed-only code. Say so before anything starts."""
+    if not cfg.distributed.deepspeed:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise VideoR1Error(
+            f"distributed.deepspeed={cfg.distributed.deepspeed} needs CUDA GPUs: no GPU is visible here, and "
+            "accelerate does not run DeepSpeed on the CPU",
+            hint="unset distributed.deepspeed (--set distributed.deepspeed=null) to train with DDP (gloo) on the CPU",
+        )
+
+
 def deepspeed_config_path(name_or_path: str | os.PathLike) -> Path:
     """A shipped config by name (zero2, zero3, zero3_offload) or an existing JSON path."""
     key = str(name_or_path)
@@ -362,6 +378,7 @@ def make_accelerator(
     handlers.append(InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=cfg.distributed.timeout_minutes)))
     plugin = None
     if cfg.distributed.deepspeed:
+        check_deepspeed_device(cfg)
         try:
             import deepspeed  # noqa: F401
         except ImportError:

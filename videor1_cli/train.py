@@ -42,11 +42,12 @@ def sft(
     from rich.table import Table
 
     from pipelines.errors import TrainingError
-    from pipelines.launch import is_distributed_worker, is_main_process, launch, needs_launch
+    from pipelines.launch import check_deepspeed_device, is_distributed_worker, is_main_process, launch, needs_launch
     from pipelines.registry import Registry
     from pipelines.sft import find_resume_checkpoint, run_sft
     from videor1_cli.common import console, err_console, registered_run
 
+    check_deepspeed_device(cfg)
     worker = is_distributed_worker()
     ckpt = find_resume_checkpoint(resume, cfg, Registry(cfg.registry_path()))
     if resume == "auto" and ckpt is None and not worker:
@@ -120,9 +121,10 @@ def rl(
     import sys
 
     from pipelines.errors import TrainingError
-    from pipelines.launch import is_distributed_worker, launch, needs_launch, rank
+    from pipelines.launch import check_deepspeed_device, is_distributed_worker, launch, needs_launch, rank
     from videor1_cli.common import console, err_console, registered_run
 
+    check_deepspeed_device(cfg)
     with registered_run(cfg, "train-rl") as (run, run_dir):
         if needs_launch(cfg):
             code = launch(cfg, sys.argv[1:], run, run_dir)

@@ -156,6 +156,8 @@ class RLTrainer:
         )
 
     def setup(self) -> None:
+        from accelerate.utils import DistributedType
+
         from pipelines.models import apply_lora, load_lora_adapters, load_model, load_processor
         from pipelines.prompts import load_template
         from pipelines.records import json_columns, load_records
@@ -219,6 +221,8 @@ class RLTrainer:
         optimizer = torch.optim.AdamW(params, lr=rl.learning_rate, betas=(rl.adam_beta1, rl.adam_beta2),
                                       weight_decay=rl.weight_decay)
         self.model, self.optimizer = acc.prepare(model, optimizer)
+        # What accelerate actually runs (it drops a DeepSpeed plugin on the CPU; make_accelerator refuses that case).
+        self.deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
         from transformers import get_scheduler
 
         self.scheduler = get_scheduler(rl.lr_scheduler, self.optimizer, num_warmup_steps=rl.warmup_steps,
