@@ -411,6 +411,34 @@ class MergeResult:
     kept: int
 
 
+def device_groups(nproc: int, per_process: int, visible: Sequence[str]) -> list[list[str]]:
+    """The GPUs of each of `nproc` shard processes on one node: consecutive groups of `per_process` (the vLLM
+    tensor-parallel size) from the visible devices. No GPU visible (hf on the CPU): every group is empty."""
+    if not visible:
+        return [[] for _ in range(nproc)]
+    need = nproc * per_process
+    if len(visible) < need:
+        raise VideoR1Error(
+            f"annotate --nproc {nproc} with tensor_parallel_size {per_process} needs {need} GPUs, "
+            f"{len(visible)} visible ({','.join(visible)})",
+            hint="lower --nproc or --tp, or run shards on several nodes with --shard i/n",
+        )
+    return [list(visible[i * per_process:(i + 1) * per_process]) for i in range(nproc)]
+
+
+def lines_written(prefix: str | os.PathLike, n: int) -> int:
+    """Records written so far by the n shard processes of PREFIX (their complete JSONL lines): the parent's progress."""
+    total = 0
+    for i in range(n):
+        path = Path(shard_prefix(prefix, (i, n)) + ".jsonl")
+        try:
+            with open(path, "rb") as f:
+                total += sum(chunk.count(b"\n") for chunk in iter(lambda f=f: f.read(1 << 20), b""))
+        except FileNotFoundError:
+            pass
+    return total
+
+
 def shard_files(prefix: str | os.PathLike) -> list[Path]:
     """PREFIX.shard-*-of-*.jsonl, sorted by shard index."""
     found = [Path(p) for p in _glob.glob(_glob.escape(str(prefix)) + ".shard-*-of-*.jsonl")]

@@ -336,3 +336,46 @@ def test_cli_annotate_resumes_after_sigkill(small_world, tiny_model_dir, tmp_pat
     assert len(ids) == 13 and len(set(ids)) == 13  # nothing lost, nothing redone, torn line gone
     assert recs[:n_before] == before
     assert Path(str(out) + ".cot.json").exists()
+
+
+def test_device_groups_partition_the_visible_gpus():
+    from pipelines.annotate import device_groups
+    from pipelines.errors import VideoR1Error
+
+    assert device_groups(2, 1, []) == [[], []]  # CPU (hf): no devices to split
+    assert device_groups(2, 2, ["0", "1", "2", "3"]) == [["0", "1"], ["2", "3"]]
+    assert device_groups(3, 1, ["4", "5", "6", "7"]) == [["4"], ["5"], ["6"]]
+    with pytest.raises(VideoR1Error, match="needs 8 GPUs, 4 visible"):
+        device_groups(2, 4, ["0", "1", "2", "3"])
+
+
+def test_cli_annotate_nproc_runs_shard_processes_then_merges(small_world, tiny_model_dir, tmp_path):
+    """`annotate --nproc 2`: two `--shard i/2` processes on the same resolved config, their joint progress, then the
+    merge: every input record annotated exactly once (the broken one recorded with its error), one COT file, one
+    parent run whose summary names the shards. A rerun resumes every shard and redoes nothing."""
+    from pipelines.annotate import read_log
+    from pipelines.registry import Registry
+
+    out = tmp_path / "par" / "ann"
+    args = ["annotate", "--data", small_world["file"], "--root", small_world["root"], "--teacher", tiny_model_dir,
+            "--backend", "hf", "--batch-size", "4", "--out", out, "--nproc", "2",
+            "--set", "annotate.max_new_tokens=6", "--set", f"run.output_dir={tmp_path / 'runs'}"]
+    r = run_cli(*args)
+    assert "2 shard processes" in r.output
+    logs = [Path(f"{out}.shard-{i:05d}-of-00002.jsonl") for i in range(2)]
+    recs = [rec for f in logs for rec in read_log(f)]
+    ids = sorted(str(x["problem_id"]) for x in recs)
+    assert ids == sorted(str(x["problem_id"]) for x in small_world["records"])  # 13, each once
+    assert all(read_log(f) for f in logs)  # both shards did work
+    assert sum(1 for x in recs if x.get("error")) == 1
+    cot = json.loads(Path(f"{out}.cot.json").read_text())
+    assert len(cot) == sum(1 for x in recs if x.get("select"))
+    reg = Registry(os.environ["VIDEOR1_HOME"] + "/registry.db")
+    parent = [run for run in reg.list_runs(kind="annotate") if (run["summary"] or {}).get("nproc") == 2]
+    assert len(parent) == 1 and parent[0]["status"] == "finished"
+    assert parent[0]["summary"]["records"] == 13 and len(parent[0]["summary"]["shards"]) == 2
+    children = [run for run in reg.list_runs(kind="annotate") if (run["summary"] or {}).get("shard")]
+    assert sorted(c["summary"]["shard"] for c in children) == ["0/2", "1/2"]
+    before = [f.read_bytes() for f in logs]
+    run_cli(*args)
+    assert [f.read_bytes() for f in logs] == before  # resumed: nothing redone, nothing appended
