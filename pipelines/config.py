@@ -290,6 +290,11 @@ class AnnotateConfig(Section):
     max_new_tokens: int = Field(512, ge=1, description="Most tokens per answer (paper: 512).")
     batch_size: int = Field(32, ge=1, description="Records per generation call.")
     min_reward: float = Field(0.6, ge=0, le=1, description="Keep a trace when its answer scores > this.")
+    nproc: int = Field(
+        1, ge=1,
+        description="Shard processes on this node (`annotate --nproc`): each annotates --shard i/nproc on its own "
+        "tensor_parallel_size GPUs, then the shards are merged. Separate from distributed.nproc, which sizes training.",
+    )
     output: str | None = Field(
         None,
         description="Output prefix: PREFIX.jsonl (every record, append-only, resumable) and PREFIX.cot.json (kept "

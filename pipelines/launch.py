@@ -92,12 +92,20 @@ def check_deepspeed_device(cfg) -> None:
         return
     import torch
 
+    from pipelines.models import resolve_device
+
     if not torch.cuda.is_available():
-        raise VideoR1Error(
-            f"distributed.deepspeed={cfg.distributed.deepspeed} needs CUDA GPUs: no GPU is visible here, and "
-            "accelerate does not run DeepSpeed on the CPU",
-            hint="unset distributed.deepspeed (--set distributed.deepspeed=null) to train with DDP (gloo) on the CPU",
-        )
+        why = "no GPU is visible here"
+    elif resolve_device(cfg.model.device).type != "cuda":
+        why = f"model.device is {cfg.model.device}"
+    else:
+        return
+    raise VideoR1Error(
+        f"distributed.deepspeed={cfg.distributed.deepspeed} needs CUDA GPUs: {why}, and accelerate does not run "
+        "DeepSpeed on the CPU",
+        hint="unset distributed.deepspeed (--set distributed.deepspeed=null) to train with DDP (gloo) on the CPU, "
+        "or set model.device=auto|cuda on a GPU machine",
+    )
 
 
 def deepspeed_config_path(name_or_path: str | os.PathLike) -> Path:

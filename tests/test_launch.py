@@ -204,7 +204,7 @@ def test_make_accelerator_deepspeed_missing_is_user_error(monkeypatch, no_worker
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # get past the GPU check to the import
     with pytest.raises(VideoR1Error) as e:
-        L.make_accelerator(cfg_with(deepspeed="zero2"))
+        L.make_accelerator(load_config(overrides=["distributed.deepspeed=zero2", "model.device=auto"]))
     assert "not installed" in str(e.value) and "pip install" in e.value.hint
 
 
@@ -223,6 +223,12 @@ def test_deepspeed_without_a_gpu_is_refused_before_anything_starts(monkeypatch, 
     with pytest.raises(VideoR1Error):
         L.make_accelerator(cfg_with(deepspeed="zero2"))
     L.check_deepspeed_device(cfg_with())  # no DeepSpeed: nothing to check
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine, but the model asked for the CPU
+    cpu_model = load_config(overrides=["distributed.deepspeed=zero2", "model.device=cpu"])
+    with pytest.raises(VideoR1Error, match="model.device is cpu"):
+        L.check_deepspeed_device(cpu_model)
+    L.check_deepspeed_device(load_config(overrides=["distributed.deepspeed=zero2", "model.device=auto"]))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for stage in ("sft", "rl"):
         r = run_cli("train", stage, "--model", tmp_path / "no-model", "--data", tmp_path / "no.json", "--nproc", "2",
                     "--set", "distributed.deepspeed=zero2", "--set", f"run.output_dir={tmp_path / 'runs'}",

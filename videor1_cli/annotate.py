@@ -7,7 +7,7 @@ import typer
 from rich.table import Table
 
 from pipelines.config import Config
-from videor1_cli.common import DATA, DISTRIBUTED, ROOT, Shortcut, config_command, console, err_console, registered_run
+from videor1_cli.common import DATA, ROOT, Shortcut, config_command, console, err_console, registered_run
 
 TEACHER = Shortcut("annotate.model", ["--teacher"], Optional[str], "Teacher model, hub id or directory "
                    "(annotate.model).")
@@ -20,6 +20,8 @@ OUT = Shortcut("annotate.output", ["--out"], Optional[str], "Output prefix: PREF
                "(annotate.output; default <run.output_dir>/annotate/<data stem>).")
 MAX_SAMPLES = Shortcut("data.max_samples", ["--limit"], Optional[int], "Only the first N input records "
                        "(data.max_samples).")
+NPROC = Shortcut("annotate.nproc", ["--nproc"], Optional[int], "Shard processes on this node, each on its own "
+                 "--tp GPUs, merged at the end (annotate.nproc).")
 
 app = typer.Typer(help="Annotate records with a teacher's reasoning traces (Video-R1-COT), then filter.")
 
@@ -29,7 +31,7 @@ def register(root: typer.Typer) -> None:
 
 
 @app.callback(invoke_without_command=True)
-@config_command(DATA, ROOT, TEACHER, BACKEND, BATCH, TP, OUT, MAX_SAMPLES, DISTRIBUTED[0])
+@config_command(DATA, ROOT, TEACHER, BACKEND, BATCH, TP, OUT, MAX_SAMPLES, NPROC)
 def annotate_command(
     cfg: Config,
     ctx: typer.Context,
@@ -50,10 +52,7 @@ def annotate_command(
     from pipelines import annotate as A
 
     sh = A.parse_shard(shard)
-    if cfg.distributed.nnodes > 1 and sh is None:
-        err_console.print("[yellow]annotate does not span nodes by itself: on each node run --shard i/n (one per "
-                          "process, i = node_rank * nproc + local index), then `videor1 annotate merge`[/yellow]")
-    elif cfg.distributed.nproc > 1 and sh is None:
+    if cfg.annotate.nproc > 1 and sh is None:
         _annotate_in_parallel(cfg)
         return
     with registered_run(cfg, "annotate") as (run, _run_dir):
@@ -132,7 +131,7 @@ def _annotate_in_parallel(cfg: Config) -> None:
     from pipelines.errors import VideoR1Error
     from pipelines.records import load_records
 
-    n = cfg.distributed.nproc
+    n = cfg.annotate.nproc
     prefix = cfg.annotate.output or A.default_prefix(cfg)
     per_process = cfg.annotate.tensor_parallel_size if cfg.annotate.backend == "vllm" else 1
     groups = A.device_groups(n, per_process, _visible_gpus())
@@ -146,7 +145,7 @@ def _annotate_in_parallel(cfg: Config) -> None:
             run.use_path("records", cfg.data.file)
         run.use_path("model", cfg.annotate.model)
         child = cfg.model_copy(deep=True)
-        child.distributed.nproc = 1
+        child.annotate.nproc = 1
         child.annotate.output = prefix
         child_cfg = Path(run_dir) / "annotate-shard-config.yaml"
         child_cfg.write_text(child.to_yaml())
@@ -166,10 +165,11 @@ def _annotate_in_parallel(cfg: Config) -> None:
                          "--shard", f"{i}/{n}"], env=env, stdout=log, stderr=subprocess.STDOUT))
             progress = Progress(TextColumn(f"annotate x{n}"), BarColumn(), MofNCompleteColumn(),
                                 TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=True)
+            counter = A.ShardProgress(prefix, n)
             with progress:
                 task = progress.add_task("annotate", total=total)
                 while any(p.poll() is None for p in procs):
-                    progress.update(task, completed=A.lines_written(prefix, n))
+                    progress.update(task, completed=counter.count())
                     time.sleep(0.5)
         finally:
             for p in procs:  # interrupted (Ctrl-C) or a launch error: never leave shard processes behind

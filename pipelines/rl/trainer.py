@@ -214,7 +214,7 @@ class RLTrainer:
             if self.resumed_from:
                 try:
                     load_lora_adapters(model, self.resumed_from)
-                except (OSError, ValueError) as e:
+                except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: tensor shapes (another lora.r)
                     raise TrainingError(f"cannot resume from {self.resumed_from}: {e}",
                                         hint="resume a LoRA run with the same model.lora settings") from None
         params = [p for p in model.parameters() if p.requires_grad]
@@ -339,8 +339,9 @@ class RLTrainer:
                 self.on_step(self.step, self.total_steps, metrics)
             if self.step % rl.save_steps == 0:  # also at the last step: a finished run can be extended
                 self.save_checkpoint()
-        out = self.save_final()
+        # The report first: saving merges LoRA adapters into rank 0's model in place, which would change its checksum.
         self._write_rank_report()
+        out = self.save_final()
         elapsed = time.perf_counter() - t_start
         summary = self._summary(out, elapsed, self.step - start_step)
         if self.is_main:
