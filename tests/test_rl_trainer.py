@@ -208,22 +208,28 @@ def test_nan_loss_stops_with_training_error_and_keeps_checkpoint(tiny_model_dir,
     assert not (Path(run["run_dir"]) / "model").exists()
 
 
-def test_resume_reproduces_an_uninterrupted_run(tiny_model_dir, synth_world, tmp_path):
-    """2 steps + resume to 4 == 4 steps straight (weights bit-identical): RNG, data position, optimizer restored."""
+def _straight_then_resumed(tiny_model_dir, synth_world, tmp_path, first: int, total: int, common):
+    """Runs `total` steps straight, then `first` steps and a --resume auto to `total`; returns (weights of the straight
+    run, the resumed run's registry record, weights of the resumed run)."""
     from safetensors.torch import load_file
 
-    common = ["--set", "rl.lr_scheduler=constant", "--set", "rl.save_steps=2", "--set", "rl.warmup_steps=0"]
-    run_cli(*rl_args(tiny_model_dir, synth_world["rl"], tmp_path / "a", "--max-steps", "4", *common))
+    run_cli(*rl_args(tiny_model_dir, synth_world["rl"], tmp_path / "a", "--max-steps", str(total), *common))
     straight = Path(registry().list_runs(kind="train-rl")[0]["run_dir"]) / "model"
-    run_cli(*rl_args(tiny_model_dir, synth_world["rl"], tmp_path / "b", "--max-steps", "2", *common))
-    run_cli(*rl_args(tiny_model_dir, synth_world["rl"], tmp_path / "b", "--max-steps", "4", "--resume", "auto",
+    run_cli(*rl_args(tiny_model_dir, synth_world["rl"], tmp_path / "b", "--max-steps", str(first), *common))
+    run_cli(*rl_args(tiny_model_dir, synth_world["rl"], tmp_path / "b", "--max-steps", str(total), "--resume", "auto",
                      *common))
     runs = registry().list_runs(kind="train-rl")
     resumed = registry().get_run(max(runs, key=lambda r: r["started_at"])["id"])
+    return (load_file(straight / "model.safetensors"), resumed,
+            load_file(Path(resumed["summary"]["model"]) / "model.safetensors"))
+
+
+def test_resume_reproduces_an_uninterrupted_run(tiny_model_dir, synth_world, tmp_path):
+    """2 steps + resume to 4 == 4 steps straight (weights bit-identical): RNG, data position, optimizer restored."""
+    common = ["--set", "rl.lr_scheduler=constant", "--set", "rl.save_steps=2", "--set", "rl.warmup_steps=0"]
+    a, resumed, b = _straight_then_resumed(tiny_model_dir, synth_world, tmp_path, 2, 4, common)
     assert resumed["summary"]["steps"] == 4 and resumed["summary"]["steps_run"] == 2
     assert "step-2" in resumed["summary"]["resumed_from"]
-    a = load_file(straight / "model.safetensors")
-    b = load_file(Path(resumed["summary"]["model"]) / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     steps = [s for s, _ in registry().metrics(resumed["id"])["reward"]]
     assert steps == [3, 4]
@@ -352,17 +358,7 @@ def test_lora_rl_trains_adapters_on_the_language_model_and_saves_merged_weights(
 
 def test_lora_rl_resumes_from_its_checkpoint(tiny_model_dir, synth_world, tmp_path, length_reward):
     """A LoRA run resumed from its step-1 checkpoint ends with the weights of an uninterrupted 2-step run."""
-    from safetensors.torch import load_file
-
     common = [*LORA, "--set", "rl.lr_scheduler=constant", "--set", "rl.save_steps=1", "--set", "rl.beta=0.04"]
-    run_cli(*rl_args(tiny_model_dir, synth_world["rl"], tmp_path / "a", "--max-steps", "2", *common))
-    straight = Path(registry().list_runs(kind="train-rl")[0]["run_dir"]) / "model"
-    run_cli(*rl_args(tiny_model_dir, synth_world["rl"], tmp_path / "b", "--max-steps", "1", *common))
-    run_cli(*rl_args(tiny_model_dir, synth_world["rl"], tmp_path / "b", "--max-steps", "2", "--resume", "auto",
-                     *common))
-    runs = registry().list_runs(kind="train-rl")
-    resumed = registry().get_run(max(runs, key=lambda r: r["started_at"])["id"])
+    a, resumed, b = _straight_then_resumed(tiny_model_dir, synth_world, tmp_path, 1, 2, common)
     assert resumed["summary"]["steps"] == 2 and resumed["summary"]["steps_run"] == 1
-    a = load_file(straight / "model.safetensors")
-    b = load_file(Path(resumed["summary"]["model"]) / "model.safetensors")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)

@@ -137,7 +137,7 @@ def _annotate_in_parallel(cfg: Config) -> None:
     groups = A.device_groups(n, per_process, _visible_gpus())
     total = None
     if cfg.data.file:
-        total = len(load_records(cfg.data.file))
+        total = len(load_records(cfg.data.file, validate=False))  # only the count: each shard validates
         total = total if cfg.data.max_samples is None else min(total, cfg.data.max_samples)
     t0 = time.perf_counter()
     with registered_run(cfg, "annotate") as (run, run_dir):
@@ -150,6 +150,7 @@ def _annotate_in_parallel(cfg: Config) -> None:
         child_cfg = Path(run_dir) / "annotate-shard-config.yaml"
         child_cfg.write_text(child.to_yaml())
         procs, logs = [], []
+        counter = A.ShardProgress(prefix, n)
         try:
             for i, gpus in enumerate(groups):
                 env = dict(os.environ, VIDEOR1_QUIET="1")
@@ -165,7 +166,6 @@ def _annotate_in_parallel(cfg: Config) -> None:
                          "--shard", f"{i}/{n}"], env=env, stdout=log, stderr=subprocess.STDOUT))
             progress = Progress(TextColumn(f"annotate x{n}"), BarColumn(), MofNCompleteColumn(),
                                 TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=True)
-            counter = A.ShardProgress(prefix, n)
             with progress:
                 task = progress.add_task("annotate", total=total)
                 while any(p.poll() is None for p in procs):
@@ -188,7 +188,7 @@ def _annotate_in_parallel(cfg: Config) -> None:
                 f"annotate shard(s) {', '.join(f'{i}/{n} (exit {c})' for i, c in failed)} failed; "
                 f"log of shard {failed[0][0]}: {first}: {' | '.join(tail)}",
                 hint="rerun the same command: every shard resumes where it stopped")
-        files = [Path(A.shard_prefix(prefix, (i, n)) + ".jsonl") for i in range(n)]
+        files = counter.paths
         res = A.merge(files, Path(prefix + ".cot.json"), data_file=cfg.data.file, max_samples=cfg.data.max_samples)
         for f in files:
             run.log_artifact("annotations", f, meta={"teacher": cfg.annotate.model})

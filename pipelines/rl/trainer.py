@@ -156,8 +156,6 @@ class RLTrainer:
         )
 
     def setup(self) -> None:
-        from accelerate.utils import DistributedType
-
         from pipelines.models import apply_lora, load_lora_adapters, load_model, load_processor
         from pipelines.prompts import load_template
         from pipelines.records import json_columns, load_records
@@ -221,8 +219,6 @@ class RLTrainer:
         optimizer = torch.optim.AdamW(params, lr=rl.learning_rate, betas=(rl.adam_beta1, rl.adam_beta2),
                                       weight_decay=rl.weight_decay)
         self.model, self.optimizer = acc.prepare(model, optimizer)
-        # What accelerate actually runs (it drops a DeepSpeed plugin on the CPU; make_accelerator refuses that case).
-        self.deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
         from transformers import get_scheduler
 
         self.scheduler = get_scheduler(rl.lr_scheduler, self.optimizer, num_warmup_steps=rl.warmup_steps,
@@ -443,13 +439,12 @@ class RLTrainer:
             # The batch is the whole step, every rank's groups (TRL gathers rewards before normalising); every rank
             # joins the all-reduce, also one whose samples were all skipped.
             batch_std = A.pooled_std(self._sum_over_ranks(A.reward_moments(step_rewards)))
-        self._batch_std = None if batch_std is None else float(batch_std)
         if groups:
             adv = A.compute_advantages(step_rewards, rl.advantage, batch_std=batch_std)
         else:
             adv = torch.zeros(0, self.G, dtype=torch.float64)
 
-        loss_val, grad_norm = self._optimize(groups, adv, stats)
+        loss_val, grad_norm, loss_counts = self._optimize(groups, adv, stats)
         if self.backend is not None and hasattr(self.backend, "sync_weights"):
             self.backend.sync_weights(self.unwrapped)
 
@@ -461,8 +456,8 @@ class RLTrainer:
         rs, rc = stats.d.get("reward", [0.0, 0.0])
         self.local_log.append({"step": self.step + 1, "indices": [int(i) for i, _ in rows],
                                "reward": rs / rc if rc else None,
-                               "loss_counts": getattr(self, "_loss_counts", None),
-                               "batch_std": self._batch_std})
+                               "loss_counts": loss_counts,
+                               "batch_std": None if batch_std is None else float(batch_std)})
         metrics = stats.reduce(acc)
         metrics["tokens_per_s"] = metrics.pop("_gen_tokens") / max(1e-9, metrics["gen_time"])
         metrics["skipped"] = metrics.pop("skipped")
@@ -481,8 +476,7 @@ class RLTrainer:
         """True when `flag` holds on at least one rank (every rank gets the same answer)."""
         if self.world == 1:
             return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        return bool(self.accelerator.reduce(t, reduction="sum").item() > 0)
+        return bool(self._sum_over_ranks(torch.tensor([1.0 if flag else 0.0], dtype=torch.float64))[0] > 0)
 
     def _rollout_round(self, stats: "_Stats"):
         """Draw the next prompts, generate their groups and score them (rewards with the temporal/length bonuses).
@@ -546,8 +540,9 @@ class RLTrainer:
                 f.write(json.dumps({"step": self.step + 1, "index": s.index, "id": s.id, "reason": s.reason},
                                    default=str) + "\n")
 
-    def _optimize(self, groups, adv: torch.Tensor, stats: "_Stats") -> tuple[float, float]:
-        """Reference log-probs, then num_iterations updates over this rollout; returns (mean loss, grad norm)."""
+    def _optimize(self, groups, adv: torch.Tensor, stats: "_Stats") -> tuple[float, float, dict[str, Any]]:
+        """Reference log-probs, then num_iterations updates over this rollout; returns (mean loss, grad norm, the
+        step's sequence/token counts: this rank's and the normalisers passed to the loss)."""
         rl, acc = self.cfg.rl, self.accelerator
         pad_id = self.processor.tokenizer.pad_token_id
         # One forward/backward per micro-batch of rl.per_device_prompts groups (gradients summed). DeepSpeed steps its
@@ -572,7 +567,6 @@ class RLTrainer:
             counts = self._sum_over_ranks(torch.tensor([num_sequences, num_tokens], dtype=torch.float64))
             num_sequences, num_tokens = float(counts[0]) / self.world, float(counts[1]) / self.world
         norm = {"num_sequences": num_sequences, "num_tokens": num_tokens}
-        self._loss_counts = {"local": [float(total_seqs), float(total_tokens)], "normalisers": norm}
         if rl.beta > 0 and chunks:
             with torch.no_grad(), self._reference() as ref:
                 for c in chunks:
@@ -617,7 +611,8 @@ class RLTrainer:
             losses.append(step_loss)
         stats.ensure("kl")
         stats.ensure("clip_ratio")
-        return float(np.mean(losses)), grad_norm
+        counts = {"local": [float(total_seqs), float(total_tokens)], "normalisers": norm}
+        return float(np.mean(losses)), grad_norm, counts
 
     def _dummy_forward(self, model):
         """A one-token text forward: how a rank with no valid sample joins the others' collective forward/backward."""
