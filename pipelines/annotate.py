@@ -448,6 +448,70 @@ class ShardProgress:
         return self.lines
 
 
+def visible_gpus() -> list[str]:
+    """The GPU ids shard processes may be given: CUDA_VISIBLE_DEVICES when set, else every device torch sees."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [d.strip() for d in env.split(",") if d.strip() and d.strip() != "-1"]
+    try:
+        import torch
+
+        return [str(i) for i in range(torch.cuda.device_count())]
+    except Exception:  # noqa: BLE001 - no usable CUDA runtime: the shards run on the CPU
+        return []
+
+
+def run_shard_processes(config_file: str | os.PathLike, prefix: str | os.PathLike, groups: Sequence[Sequence[str]],
+                        log_dir: str | os.PathLike, on_poll: Callable[[int], None] | None = None
+                        ) -> tuple[list[Path], list[Path]]:
+    """`annotate --config FILE --shard i/n` as n processes on this node, shard i on the GPUs `groups[i]` (none: the
+    CPU, cores shared out). `on_poll(records written so far)` every half second until all have exited; on an
+    interrupt or error none is left running. Raises VideoR1Error naming every failed shard and the tail of the first
+    one's log; returns (the shard JSONL paths for the merge, the shard logs), in shard order."""
+    import subprocess
+    import sys
+
+    from pipelines.launch import APP_MODULE
+
+    n = len(groups)
+    counter = ShardProgress(prefix, n)
+    procs: list[subprocess.Popen] = []
+    logs = [Path(log_dir) / f"shard-{i}-of-{n}.log" for i in range(n)]
+    try:
+        for i, gpus in enumerate(groups):
+            env = dict(os.environ, VIDEOR1_QUIET="1")
+            if gpus:
+                env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+            else:  # CPU: share the cores instead of oversubscribing them
+                env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+            with open(logs[i], "w") as log:
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", APP_MODULE, "annotate", "--config", str(config_file), "--shard", f"{i}/{n}"],
+                    env=env, stdout=log, stderr=subprocess.STDOUT))
+        while any(p.poll() is None for p in procs):
+            if on_poll is not None:
+                on_poll(counter.count())
+            time.sleep(0.5)
+    finally:
+        for p in procs:  # interrupted (Ctrl-C) or a launch error: never leave shard processes behind
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    failed = [(i, p.returncode) for i, p in enumerate(procs) if p.returncode != 0]
+    if failed:
+        first = logs[failed[0][0]]
+        tail = first.read_text(errors="replace").strip().splitlines()[-3:] if first.exists() else []
+        raise VideoR1Error(
+            f"annotate shard(s) {', '.join(f'{i}/{n} (exit {c})' for i, c in failed)} failed; "
+            f"log of shard {failed[0][0]}: {first}: {' | '.join(tail)}",
+            hint="rerun the same command: every shard resumes where it stopped")
+    return counter.paths, logs
+
+
 def shard_files(prefix: str | os.PathLike) -> list[Path]:
     """PREFIX.shard-*-of-*.jsonl, sorted by shard index."""
     found = [Path(p) for p in _glob.glob(_glob.escape(str(prefix)) + ".shard-*-of-*.jsonl")]

@@ -102,39 +102,21 @@ def annotate_command(
         console.print(f"[yellow]incomplete[/yellow]: rerun the same command to resume ({res.jsonl})")
 
 
-def _visible_gpus() -> list[str]:
-    import os
-
-    env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if env is not None:
-        return [d.strip() for d in env.split(",") if d.strip() and d.strip() != "-1"]
-    try:
-        import torch
-
-        return [str(i) for i in range(torch.cuda.device_count())]
-    except Exception:  # noqa: BLE001
-        return []
-
-
 def _annotate_in_parallel(cfg: Config) -> None:
     """`annotate --nproc N` on one node: N shard processes (`--shard i/N`, each on its own GPUs: `--tp` of them with
     vLLM), the parent showing their joint progress, then the merge. Each shard resumes on its own, so a rerun after a
     failure or an interrupt redoes nothing already written."""
-    import os
-    import subprocess
-    import sys
     import time
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from pipelines import annotate as A
-    from pipelines.errors import VideoR1Error
     from pipelines.records import load_records
 
     n = cfg.annotate.nproc
     prefix = cfg.annotate.output or A.default_prefix(cfg)
     per_process = cfg.annotate.tensor_parallel_size if cfg.annotate.backend == "vllm" else 1
-    groups = A.device_groups(n, per_process, _visible_gpus())
+    groups = A.device_groups(n, per_process, A.visible_gpus())
     total = None
     if cfg.data.file:
         total = len(load_records(cfg.data.file, validate=False))  # only the count: each shard validates
@@ -149,46 +131,12 @@ def _annotate_in_parallel(cfg: Config) -> None:
         child.annotate.output = prefix
         child_cfg = Path(run_dir) / "annotate-shard-config.yaml"
         child_cfg.write_text(child.to_yaml())
-        procs, logs = [], []
-        counter = A.ShardProgress(prefix, n)
-        try:
-            for i, gpus in enumerate(groups):
-                env = dict(os.environ, VIDEOR1_QUIET="1")
-                if gpus:
-                    env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
-                else:  # CPU: share the cores instead of oversubscribing them
-                    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
-                log_path = Path(run_dir) / f"shard-{i}-of-{n}.log"
-                logs.append(log_path)
-                with open(log_path, "w") as log:
-                    procs.append(subprocess.Popen(
-                        [sys.executable, "-m", "videor1_cli.app", "annotate", "--config", str(child_cfg),
-                         "--shard", f"{i}/{n}"], env=env, stdout=log, stderr=subprocess.STDOUT))
-            progress = Progress(TextColumn(f"annotate x{n}"), BarColumn(), MofNCompleteColumn(),
-                                TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=True)
-            with progress:
-                task = progress.add_task("annotate", total=total)
-                while any(p.poll() is None for p in procs):
-                    progress.update(task, completed=counter.count())
-                    time.sleep(0.5)
-        finally:
-            for p in procs:  # interrupted (Ctrl-C) or a launch error: never leave shard processes behind
-                if p.poll() is None:
-                    p.terminate()
-            for p in procs:
-                try:
-                    p.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-        failed = [(i, p.returncode) for i, p in enumerate(procs) if p.returncode != 0]
-        if failed:
-            first = logs[failed[0][0]]
-            tail = first.read_text(errors="replace").strip().splitlines()[-3:] if first.exists() else []
-            raise VideoR1Error(
-                f"annotate shard(s) {', '.join(f'{i}/{n} (exit {c})' for i, c in failed)} failed; "
-                f"log of shard {failed[0][0]}: {first}: {' | '.join(tail)}",
-                hint="rerun the same command: every shard resumes where it stopped")
-        files = counter.paths
+        progress = Progress(TextColumn(f"annotate x{n}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=True)
+        with progress:
+            task = progress.add_task("annotate", total=total)
+            files, logs = A.run_shard_processes(child_cfg, prefix, groups, run_dir,
+                                          on_poll=lambda done: progress.update(task, completed=done))
         res = A.merge(files, Path(prefix + ".cot.json"), data_file=cfg.data.file, max_samples=cfg.data.max_samples)
         for f in files:
             run.log_artifact("annotations", f, meta={"teacher": cfg.annotate.model})
@@ -196,7 +144,7 @@ def _annotate_in_parallel(cfg: Config) -> None:
                                                   "kept": res.kept, "shards": n})
         seconds = time.perf_counter() - t0
         run.set_summary({**res.stats, "cot": str(res.cot), "complete": True, "nproc": n,
-                         "shards": [str(f) for f in files], "logs": [str(x) for x in logs], "seconds": seconds,
+                         "shards": [str(f) for f in files], "logs": logs, "seconds": seconds,
                          "records_per_s": res.stats["records"] / max(seconds, 1e-9)})
     print_summary(res.stats, title=f"annotate {prefix} ({n} processes)")
     console.print(f"[green]kept {res.kept} of {res.stats['records']}[/green] -> {res.cot} "

@@ -5,7 +5,9 @@ each), so the temporal and length bonuses are computed PER GROUP and any number 
 (Video-R1 takes p and p~ as means over the whole device batch, which is only right at one prompt per device, #96.)
 
 Advantage estimators live in a registry (verl/EasyR1 style): a new one is one decorated function
-``fn(rewards (N, G), eps) -> (N, G)``.
+``fn(rewards (N, G), eps, **step) -> (N, G)``. ``step`` is what the trainer knows of the whole step beyond this
+rank's rewards (now ``batch_std``: the reward std over every rank); an estimator takes what it uses and ignores the
+rest, as reward plugins do.
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ def length_bonus(
 
 
 @register_advantage("group")
-def group_advantage(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+def group_advantage(rewards: torch.Tensor, eps: float = 1e-4, **_step) -> torch.Tensor:
     """(R - mean_G) / (std_G + eps), unbiased std over the group (torch.std default, as Video-R1 / TRL)."""
     mean = rewards.mean(dim=1, keepdim=True)
     std = rewards.std(dim=1, keepdim=True)
@@ -89,20 +91,21 @@ def group_advantage(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
 
 
 @register_advantage("mean_only")
-def mean_only_advantage(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:  # noqa: ARG001
+def mean_only_advantage(rewards: torch.Tensor, eps: float = 1e-4, **_step) -> torch.Tensor:  # noqa: ARG001
     """R - mean_G (Dr. GRPO: no std division)."""
     return rewards - rewards.mean(dim=1, keepdim=True)
 
 
 @register_advantage("batch_std")
-def batch_std_advantage(rewards: torch.Tensor, eps: float = 1e-4, std: float | torch.Tensor | None = None
-                        ) -> torch.Tensor:
+def batch_std_advantage(rewards: torch.Tensor, eps: float = 1e-4, batch_std: float | torch.Tensor | None = None,
+                        **_step) -> torch.Tensor:
     """(R - mean_G) / (std over every reward of the batch + eps) (TRL's scale_rewards='batch').
 
-    The batch is the whole step: on several ranks the trainer passes `std` pooled over every rank's rewards
+    The batch is the whole step: on several ranks the trainer passes `batch_std` pooled over every rank's rewards
     (`pooled_std` of the all-reduced `reward_moments`), as TRL gathers rewards before normalising. Without it, this
     rank's rewards; with one reward in total the std is taken as 0."""
     mean = rewards.mean(dim=1, keepdim=True)
+    std = batch_std
     if std is None:
         flat = rewards.reshape(-1)
         std = flat.std() if flat.numel() > 1 else torch.zeros((), dtype=rewards.dtype)
@@ -129,9 +132,7 @@ def compute_advantages(rewards: torch.Tensor, mode: str = "group", eps: float = 
     """`batch_std`: the step's reward std over every rank, for the `batch_std` estimator (ignored by the others)."""
     if mode not in ADVANTAGES:
         raise ValueError(f"unknown advantage estimator '{mode}' ({', '.join(sorted(ADVANTAGES))})")
-    if mode == "batch_std":
-        return ADVANTAGES[mode](rewards, eps, std=batch_std)
-    return ADVANTAGES[mode](rewards, eps)
+    return ADVANTAGES[mode](rewards, eps, batch_std=batch_std)
 
 
 def group_stats(rewards: torch.Tensor, acc: torch.Tensor, threshold: float = 0.1) -> dict[str, torch.Tensor]:
