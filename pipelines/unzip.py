@@ -190,9 +190,9 @@ def extract_archive(
         res.error = f"unsafe archive, nothing extracted: {e}"
     except (zipfile.BadZipFile, zlib.error, lzma.LZMAError) as e:
         res.error = f"corrupt archive: {e}"
-    except (OSError, EOFError, RuntimeError, NotImplementedError, ValueError) as e:
-        # zipfile raises NotImplementedError for a compression method it cannot read (e.g. an archive using
-        # Deflate64), and RuntimeError for an encrypted member: an unreadable archive, reported like the others.
+    except (OSError, EOFError, RuntimeError, ValueError) as e:
+        # RuntimeError also covers zipfile's errors for an encrypted member and (its subclass) for a compression
+        # method it cannot read, e.g. Deflate64: an unreadable archive, reported like the others.
         res.error = f"{type(e).__name__}: {e}"
     finally:
         if tmp is not None:

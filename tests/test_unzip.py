@@ -151,6 +151,33 @@ def test_corrupt_archives_named(tree):
     assert results["CLEVRER.zip"].status == "extracted" and (tree / "CLEVRER" / "videos" / "v1.mp4").exists()
 
 
+def test_unreadable_compression_and_encryption_are_errors_not_crashes(tmp_path):
+    """zipfile raises NotImplementedError for a compression method it cannot read (Deflate64 = 9 here, common in
+    Windows-made archives) and RuntimeError for an encrypted member: each is that archive's error, nothing is
+    extracted, and no temp dir is left."""
+    import struct
+
+    def patched(name: str, offset_local: int, offset_central: int, value: int) -> Path:
+        z = tmp_path / name / f"{name}.zip"
+        z.parent.mkdir()
+        with zipfile.ZipFile(z, "w", compression=zipfile.ZIP_STORED) as zf:
+            zf.writestr("v.mp4", b"C" * 500)
+        data = bytearray(z.read_bytes())
+        central = data.index(b"PK\x01\x02")
+        for at in (offset_local, central + offset_central):
+            old = struct.unpack_from("<H", data, at)[0]
+            struct.pack_into("<H", data, at, value if name == "deflate64" else old | value)
+        z.write_bytes(bytes(data))
+        return z
+
+    # compression method: local header offset 8, central directory offset 10; flags: offsets 6 and 8 (bit 0 = encrypted)
+    for z, expected in ((patched("deflate64", 8, 10, 9), "NotImplementedError"),
+                        (patched("encrypted", 6, 8, 0x1), "RuntimeError")):
+        r = extract_archive(z)
+        assert r.status == "error" and r.error.startswith(expected), (z.name, r.error)
+        assert not (z.parent / "v.mp4").exists() and not list(z.parent.glob(f"{TMP_PREFIX}*"))
+
+
 def test_cli_unzip_summary_exit_code_and_registry(tree):
     bad = tree / "OCR" / "OCR.zip"
     bad.parent.mkdir()
