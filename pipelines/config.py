@@ -98,6 +98,11 @@ class DataConfig(Section):
         description="Glob patterns `data fetch` downloads (e.g. ['*.json', 'CLEVRER/*']). ['*'] = everything.",
     )
     num_workers: int = Field(0, ge=0, description="DataLoader workers that decode media in the background.")
+    max_skip_fraction: float = Field(
+        0.1, ge=0, le=1,
+        description="Training (sft, rl) stops with an error when more than this fraction of the samples seen so "
+        "far were skipped (unreadable media, bad fields, too long); judged after 64 samples. 1 = never stop.",
+    )
 
 
 class VideoConfig(Section):

@@ -40,3 +40,28 @@ class MediaError(VideoR1Error):
 
 class TrainingError(VideoR1Error):
     """Training stopped for a reason the user must look at (NaN loss, diverged)."""
+
+
+# Samples seen before the skip rate is judged: a handful of broken records at the start of a big set is not a trend.
+SKIP_CHECK_MIN_SAMPLES = 64
+
+
+def check_skip_rate(skipped: int, seen: int, max_fraction: float, *, dataset_size: int, file: str | None,
+                    example: str = "", what: str = "training samples") -> None:
+    """Raise DataError when more than `max_fraction` of the `seen` samples were skipped.
+
+    Skips are counted and training goes on (a few unreadable videos in 260k records should not stop a run), but a
+    run that skips most of its data - record paths resolved against the wrong folder, a partial download - trains
+    on nothing and would still save a model. Judged once `seen` reaches SKIP_CHECK_MIN_SAMPLES (or the whole set,
+    when it is smaller); checkpoints already written are kept."""
+    if seen <= 0 or seen < min(SKIP_CHECK_MIN_SAMPLES, max(1, dataset_size)):
+        return
+    if skipped / seen <= max_fraction:
+        return
+    eg = f" (e.g. {example})" if example else ""
+    raise DataError(
+        f"skipped {skipped} of {seen} {what} so far{eg}, more than data.max_skip_fraction = {max_fraction:g}",
+        file=file,
+        hint="record paths resolve against data.root (default: the records file's folder); `videor1 data "
+        "validate` lists what is unreadable. To train on what remains: --set data.max_skip_fraction=1",
+    )

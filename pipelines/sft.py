@@ -43,7 +43,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from pipelines.errors import DataError, VideoR1Error
+from pipelines.errors import DataError, VideoR1Error, check_skip_rate
 
 log = logging.getLogger("videor1.sft")
 
@@ -210,8 +210,11 @@ class SkipStats:
 
     counts: dict[str, int] = field(default_factory=dict)
     ids: dict[str, list[str]] = field(default_factory=dict)
+    example: str = ""  # the first skip, for the error when too many are skipped
 
-    def add(self, rid: str, reason: str, keep: int = 20) -> None:
+    def add(self, rid: str, reason: str, keep: int = 20, detail: str = "") -> None:
+        if not self.example:
+            self.example = f"record {rid}: {detail or reason}"
         self.counts[reason] = self.counts.get(reason, 0) + 1
         lst = self.ids.setdefault(reason, [])
         if len(lst) < keep:
@@ -228,8 +231,10 @@ def _trainer_cls():
     class SftTrainer(Trainer):
         """transformers.Trainer that counts skipped samples and tokens; forward gets every visual input."""
 
-        def __init__(self, *args: Any, on_skip: Callable[[str, str, str, bool], None] | None = None, **kw: Any):
+        def __init__(self, *args: Any, on_skip: Callable[[str, str, str, bool], None] | None = None,
+                     max_skip_fraction: float = 1.0, records_file: str | None = None, **kw: Any):
             super().__init__(*args, **kw)
+            self.max_skip_fraction, self.records_file = max_skip_fraction, records_file
             self.skips = {"train": SkipStats(), "eval": SkipStats()}
             self.tokens_seen = 0  # non-pad tokens (text + visual placeholders) of this process's training batches
             self.samples_seen = 0
@@ -239,9 +244,14 @@ def _trainer_cls():
             skipped = inputs.pop(SKIP_KEY, None) or []
             split = "train" if model.training else "eval"
             for rid, reason, detail in skipped:
-                self.skips[split].add(rid, reason)
+                self.skips[split].add(rid, reason, detail=detail)
                 if self._on_skip is not None:
                     self._on_skip(rid, reason, detail, split == "train")
+            if split == "train" and skipped:
+                st = self.skips["train"]
+                check_skip_rate(st.total, st.total + self.samples_seen + int(inputs["input_ids"].shape[0]),
+                                self.max_skip_fraction, dataset_size=len(self.train_dataset),
+                                file=self.records_file, example=st.example)
             if inputs["input_ids"].numel() == 0:
                 # Every sample of this micro-batch was skipped: a zero loss that still touches every trainable
                 # parameter, so DDP/DeepSpeed ranks stay in step.
@@ -516,6 +526,8 @@ def run_sft(cfg, run=None, *, output_dir: str | os.PathLike, resume_from: str | 
         processing_class=processor,
         callbacks=[reg_cb, RichProgressCallback()],
         on_skip=on_skip,
+        max_skip_fraction=cfg.data.max_skip_fraction,
+        records_file=str(cfg.data.file),
     )
     trainer_box.append(trainer)
     trainer.remove_callback(PrinterCallback)

@@ -213,3 +213,24 @@ def test_write_records_from_models_and_dicts(tmp_path):
     assert json.loads((tmp_path / "d.json").read_text()) == RECORDS
     write_records([], tmp_path / "e.json")
     assert json.loads((tmp_path / "e.json").read_text()) == []
+
+
+def test_check_skip_rate_judges_the_fraction_after_enough_samples():
+    from pipelines.errors import SKIP_CHECK_MIN_SAMPLES, check_skip_rate
+
+    big = 10_000
+    # too early to judge: fewer than SKIP_CHECK_MIN_SAMPLES seen of a large set, even if all were skipped
+    check_skip_rate(SKIP_CHECK_MIN_SAMPLES - 1, SKIP_CHECK_MIN_SAMPLES - 1, 0.1, dataset_size=big, file="a.json")
+    # at the threshold exactly: allowed (more than, not at least)
+    check_skip_rate(10, 100, 0.1, dataset_size=big, file="a.json")
+    with pytest.raises(DataError) as e:
+        check_skip_rate(11, 100, 0.1, dataset_size=big, file="a.json", example="record 7: gone")
+    assert str(e.value) == ("a.json: skipped 11 of 100 training samples so far (e.g. record 7: gone), more than "
+                            "data.max_skip_fraction = 0.1")
+    assert "data.max_skip_fraction=1" in e.value.hint
+    # a set smaller than the minimum is judged once all of it was seen
+    check_skip_rate(3, 3, 0.1, dataset_size=4, file="a.json")
+    with pytest.raises(DataError):
+        check_skip_rate(3, 4, 0.1, dataset_size=4, file="a.json")
+    # 1 = never stop
+    check_skip_rate(500, 500, 1.0, dataset_size=big, file="a.json")

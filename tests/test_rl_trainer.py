@@ -169,7 +169,8 @@ def test_broken_records_are_skipped_not_replaced(tiny_model_dir, synth_world, tm
     data = tmp_path / "broken.json"
     data.write_text(json.dumps([good[0], missing, corrupt, good[1]]))
     res = run_cli(*rl_args(tiny_model_dir, data, tmp_path, "--root", synth_world["root"], "--max-steps", "1",
-                           "--set", "rl.per_device_prompts=4", "--set", "data.shuffle=false"))
+                           "--set", "rl.per_device_prompts=4", "--set", "data.shuffle=false",
+                           "--set", "data.max_skip_fraction=0.5"))
     run = only_run()
     assert run["status"] == "finished"
     m = registry().metrics(run["id"])
@@ -180,6 +181,24 @@ def test_broken_records_are_skipped_not_replaced(tiny_model_dir, synth_world, tm
     assert "skipped record 90001" in err and "skipped record 90002" in err
     # never replaced: the step trained on exactly the 2 good records (2 groups x G=4 completions)
     assert run["summary"]["skipped"] == 2
+
+
+def test_rl_stops_when_more_prompts_are_skipped_than_allowed(tiny_model_dir, synth_world, tmp_path):
+    """3 of 4 prompts unreadable with the default data.max_skip_fraction (0.1): the run stops at step 1 with one
+    line that names the records file and the first failing record, and is recorded as failed."""
+    recs = [r for r in json.loads(Path(synth_world["rl"]).read_text()) if r["data_type"] == "video"][:4]
+    recs = [recs[0]] + [dict(r, problem_id=91000 + i, path=f"./videos/gone-{i}.mp4") for i, r in enumerate(recs[1:])]
+    data = tmp_path / "mostly-broken.json"
+    data.write_text(json.dumps(recs))
+    res = run_cli(*rl_args(tiny_model_dir, data, tmp_path, "--root", synth_world["root"], "--max-steps", "2",
+                           "--set", "rl.per_device_prompts=4", "--set", "data.shuffle=false"), check=False)
+    assert res.exit_code == 1
+    text = " ".join(res.output.split())
+    assert "Traceback" not in res.output
+    assert f"{data}: skipped 3 of 4 RL prompts so far (e.g. record 91000: cannot read media" in text
+    assert "data.max_skip_fraction = 0.1" in text
+    run = only_run()
+    assert run["status"] == "failed" and "skipped 3 of 4" in run["error"]
 
 
 def test_nan_loss_stops_with_training_error_and_keeps_checkpoint(tiny_model_dir, synth_world, tmp_path,

@@ -178,7 +178,7 @@ def test_cli_sft_skips_broken_records_and_records_lineage(tiny_model_dir, cot_wo
     r = run_cli("train", "sft", "--model", tiny_model_dir, "--data", data, "--root", cot_world["root"],
                 "--max-steps", "2", "--out", out, "--set", "sft.per_device_batch_size=5",
                 "--set", "sft.max_length=600", "--set", "sft.logging_steps=1", "--set", "data.shuffle=false",
-                "--set", f"run.output_dir={tmp_path / 'runs'}")
+                "--set", "data.max_skip_fraction=0.5", "--set", f"run.output_dir={tmp_path / 'runs'}")
     assert "train sft" in r.output
     reg = Registry(os.environ["VIDEOR1_HOME"] + "/registry.db")
     run = reg.list_runs(kind="train-sft")[0]
@@ -194,6 +194,28 @@ def test_cli_sft_skips_broken_records_and_records_lineage(tiny_model_dir, cot_wo
     assert ("external:records", str(data.resolve())) in inputs
     assert ("external:model", str(Path(tiny_model_dir).resolve())) in inputs
     _loads_and_generates(out, cot_world)
+
+
+def test_cli_sft_stops_when_most_samples_are_skipped(tiny_model_dir, cot_world, tmp_path):
+    """Record paths resolved against the wrong folder: every sample is skipped. Training must stop with one readable
+    line naming the records file, the count and the first failing record, and save no model (it would have learned
+    nothing); the run is recorded as failed."""
+    from pipelines.registry import Registry
+
+    data = tmp_path / "cot.json"  # copied away from its media: ./videos/... now resolve against tmp_path
+    data.write_text(Path(cot_world["train"]).read_text())
+    out = tmp_path / "model"
+    r = run_cli("train", "sft", "--model", tiny_model_dir, "--data", data, "--max-steps", "10", "--out", out,
+                "--set", "sft.per_device_batch_size=16", "--set", f"run.output_dir={tmp_path / 'runs'}", check=False)
+    assert r.exit_code == 1
+    text = " ".join(r.output.split())
+    assert "Traceback" not in r.output
+    assert f"{data}: skipped 48 of 48 training samples so far (e.g. record " in text  # judged once all 48 are seen
+    assert "more than data.max_skip_fraction = 0.1" in text and "cannot read media" in text
+    assert "data.max_skip_fraction=1" in text  # the hint says how to go on anyway
+    assert not (out / "model.safetensors").exists()
+    run = Registry(os.environ["VIDEOR1_HOME"] + "/registry.db").list_runs(kind="train-sft")[0]
+    assert run["status"] == "failed" and "max_skip_fraction" in run["error"]
 
 
 def test_cli_sft_lora_trains_the_language_model_and_saves_merged_weights(tiny_model_dir, cot_world, tmp_path):

@@ -38,7 +38,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from pipelines.errors import DataError, TrainingError, VideoR1Error
+from pipelines.errors import DataError, TrainingError, VideoR1Error, check_skip_rate
 from pipelines.generation import Sampling
 from pipelines.rl import advantages as A
 from pipelines.rl import losses as L
@@ -121,6 +121,7 @@ class RLTrainer:
         self.epoch = 0
         self.position = 0  # index into this rank's shard of the current epoch
         self.skipped_total = 0
+        self._rows_seen = self._rows_skipped = 0  # this process's, for data.max_skip_fraction
         self.history: list[dict[str, float]] = []
         self.resumed_from: Path | None = None
         self.ref_model = None
@@ -492,6 +493,12 @@ class RLTrainer:
             _warn(f"step {self.step + 1}: skipped record {s.id} (rank {self.rank}): {s.reason}")
         self._record_skipped(skipped)
         stats.add("skipped", len(skipped), 1 if self.is_main else 0)  # summed, not averaged (count on rank 0)
+        self._rows_seen += len(rows)
+        self._rows_skipped += len(skipped)
+        if skipped:
+            check_skip_rate(self._rows_skipped, self._rows_seen, cfg.data.max_skip_fraction,
+                            dataset_size=len(self.records), file=str(cfg.data.file),
+                            example=f"record {skipped[0].id}: {skipped[0].reason}", what="RL prompts")
 
         sampling = Sampling(max_new_tokens=rl.max_completion_length, temperature=rl.temperature, top_p=rl.top_p)
         from pipelines.generation.hf import HFBackend
