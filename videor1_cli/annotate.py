@@ -136,7 +136,7 @@ def _annotate_in_parallel(cfg: Config) -> None:
         with progress:
             task = progress.add_task("annotate", total=total)
             files, logs = A.run_shard_processes(child_cfg, prefix, groups, run_dir,
-                                          on_poll=lambda done: progress.update(task, completed=done))
+                                                on_poll=lambda done: progress.update(task, completed=done))
         res = A.merge(files, Path(prefix + ".cot.json"), data_file=cfg.data.file, max_samples=cfg.data.max_samples)
         for f in files:
             run.log_artifact("annotations", f, meta={"teacher": cfg.annotate.model})
@@ -144,7 +144,7 @@ def _annotate_in_parallel(cfg: Config) -> None:
                                                   "kept": res.kept, "shards": n})
         seconds = time.perf_counter() - t0
         run.set_summary({**res.stats, "cot": str(res.cot), "complete": True, "nproc": n,
-                         "shards": [str(f) for f in files], "logs": logs, "seconds": seconds,
+                         "shards": [str(f) for f in files], "logs": [str(x) for x in logs], "seconds": seconds,
                          "records_per_s": res.stats["records"] / max(seconds, 1e-9)})
     print_summary(res.stats, title=f"annotate {prefix} ({n} processes)")
     console.print(f"[green]kept {res.kept} of {res.stats['records']}[/green] -> {res.cot} "
