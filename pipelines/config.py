@@ -355,7 +355,7 @@ class QuickstartConfig(Section):
         ge=1,
         description="Cold-start SFT records with gold CoT (sft.json). Shortcut: --sft. Small, as in the paper (gold "
         "CoT is the scarce data, the RL pool the plentiful one). Measured over 3 seeds (BENCHMARKS.md): 300 records "
-        "x 675 steps give SFT 59.8 and RL +3.4; 2,000 x 2,000 steps give SFT 87.0 and RL -0.1 (what SFT still "
+        "leave RL something to add (see sft_steps); 2,000 x 2,000 steps give SFT 87.0 and RL -0.1 (what SFT still "
         "misses there is not what the reward teaches).",
     )
     test: int = Field(1000, ge=1, description="Held-out records every model is evaluated on. Shortcut: --test.")
