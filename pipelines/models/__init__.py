@@ -247,6 +247,9 @@ def load_model(model_cfg, path: str | Path | None = None, device=None, for_train
             f"cannot load model '{name}': {str(e).splitlines()[0]}",
             hint="pass --model DIR (a local Qwen2.5-VL or videor1 checkpoint); offline machines need a local path",
         ) from None
+    from pipelines.models.mrope import install_reference_rope
+
+    install_reference_rope(model)  # transformers 5 places text after a video elsewhere than Qwen/vLLM: see mrope.py
     model.to(device)
     if for_training:
         model.train()
