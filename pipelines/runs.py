@@ -206,9 +206,11 @@ def _remove_run_files(reg: Registry, r: dict[str, Any]) -> None:
 
 
 def _holds_other_outputs(reg: Registry, r: dict[str, Any]) -> bool:
-    """Some other run's output lives inside this run's directory (e.g. an SFT resumed into the same folder)."""
+    """Some other run's output lives inside this run's directory (e.g. an SFT resumed into the same folder). Inputs
+    recorded as 'external:*' (the checkpoint a resume started from) are not outputs of that run."""
     rd = Path(r["run_dir"]).resolve()
-    others = {a.path for rid in _all_ids(reg) if rid != r["id"] for a in reg.artifacts_of(rid)["outputs"]}
+    others = {a.path for rid in _all_ids(reg) if rid != r["id"] for a in reg.artifacts_of(rid)["outputs"]
+              if not a.kind.startswith("external:")}
     return any(Path(p).resolve().is_relative_to(rd) for p in others)
 
 

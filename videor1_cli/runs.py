@@ -177,7 +177,10 @@ def gc(cfg: Config,
     verb = "would remove" if dry_run else "removed"
 
     def mb(n: int) -> str:
-        return f"{n / 1e6:.1f} MB"
+        for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+            if n >= scale:
+                return f"{n / scale:.1f} {unit}"
+        return f"{n} B"
 
     total = sum(e["bytes"] for e in res["removed"])
     for e in res["removed"]:
