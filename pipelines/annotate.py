@@ -381,7 +381,7 @@ def _end_error_check(cfg, jsonl: Path, records: Sequence[dict], stats: Stats) ->
     example = f"record {rid(first)}: {first['error']}" if first else ""
     try:
         check_skip_rate(stats.errors, stats.total, cfg.data.max_skip_fraction, dataset_size=stats.total,
-                        file=str(cfg.data.file), example=example, what="records (annotation errors)", final=True)
+                        file=str(cfg.data.file), example=example, what="records to annotate", final=True)
     except DataError as e:
         e.hint = (f"the annotations are kept in {jsonl}; error records count as done there: fix the cause and "
                   "annotate into a new --out, or accept them with --set data.max_skip_fraction=1")

@@ -110,7 +110,7 @@ def test_annotate_all_errors_fails_without_a_cot_file(tiny_model_dir, synth_worl
                 "--out", out, "--set", "annotate.max_new_tokens=8", check=False)
     assert r.exit_code == 1, r.output
     line = error_line(r.output)
-    assert str(f) in line and "all 3 records (annotation errors) were skipped" in line and "file not found" in line
+    assert str(f) in line and "all 3 records to annotate were skipped" in line and "file not found" in line
     assert len(Path(f"{out}.jsonl").read_text().splitlines()) == 3 and not Path(f"{out}.cot.json").exists()
 
 
@@ -257,6 +257,7 @@ def test_a_hung_decode_is_stopped_and_named(tmp_path, synth_world, monkeypatch):
         yield  # noqa: unreachable - makes this a generator like the real one
 
     monkeypatch.setattr(V._PyAVReader, "frames", hang)
+    V.clear_lru()  # an earlier test may have decoded this clip: the in-process cache would answer without decoding
     video = sorted((Path(synth_world["root"]) / "videos").iterdir())[0]
     f = _records(tmp_path, [str(video)])
     try:

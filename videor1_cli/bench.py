@@ -97,6 +97,9 @@ def frames(
     t.add_row("all clips", "", "", "", "", "", f"{s['cold_total_ours_ms']:.0f}", f"{s['cold_total_peer_ms']:.0f}",
               f"{s['cold_ratio']:.2f}x", "", "")
     console.print(t)
+    console.print(f"peer: qwen_vl_utils.fetch_video at its default reader, {st['peer_backend']}; ours: "
+                  f"{st['ours_backend']}" + (f"; other reader: {st['alt_backend']}" if st["alt_backend"] else ""),
+                  soft_wrap=True)
     t2 = Table("scenario", "records", "ours ms", "peer ms", "ratio", "cache hits",
                title=f"stream: {s['records']} records over {s['videos']} videos (median of {repeats})")
     for mode, label in (("lru", "frame cache (LRU + disk)"), ("disk", "frame cache (disk only)")):

@@ -157,7 +157,6 @@ def find_bigbuckbunny() -> Path | None:
 # The peer: qwen_vl_utils.fetch_video configured as Video-R1's vendored copy
 def peer_backend() -> tuple[str, str]:
     """(the reader qwen-vl-utils uses by default here, a note when it had to be replaced)."""
-    import contextlib
     import io
 
     import qwen_vl_utils.vision_process as vp
@@ -167,15 +166,27 @@ def peer_backend() -> tuple[str, str]:
         return forced, ""
     with contextlib.redirect_stderr(io.StringIO()):  # it prints its choice
         default = vp.get_video_reader_backend()
+    note = ""
     if default == "torchcodec":
         try:
             import torchcodec.decoders  # noqa: F401 - loads the FFmpeg libraries
         except Exception as e:  # noqa: BLE001
-            return "decord", (f"qwen-vl-utils' default reader torchcodec cannot load here ({type(e).__name__}; it "
-                              "needs the system FFmpeg libraries), so the peer ran with decord")
-    if default == "torchvision":
-        return "decord", "qwen-vl-utils' default torchvision reader is gone in torchvision 0.29: peer ran with decord"
-    return default, ""
+            default, note = "decord", (f"qwen-vl-utils' default reader torchcodec cannot load here "
+                                       f"({type(e).__name__}; it needs the system FFmpeg libraries), so the peer ran "
+                                       "with decord")
+    elif default == "torchvision":
+        default, note = "decord", ("qwen-vl-utils' default torchvision reader is gone in torchvision 0.29: the peer "
+                                   "ran with decord")
+    if default == "decord":
+        try:
+            import decord  # noqa: F401
+        except Exception:  # noqa: BLE001
+            from pipelines.errors import VideoR1Error
+
+            raise VideoR1Error("qwen-vl-utils has no working video reader here (no torchcodec that loads, no decord)",
+                               hint="pip install 'videor1[decord]' (or torchcodec plus the system FFmpeg "
+                                    "libraries) to run the peer") from None
+    return default, note
 
 
 def _peer_module(cfg: VideoConfig, backend: str | None = None):
@@ -194,7 +205,6 @@ def _peer_module(cfg: VideoConfig, backend: str | None = None):
 
 def peer_fetch(path: str | os.PathLike, cfg: VideoConfig, backend: str | None = None):
     """(float tensor (T,C,H,W), indices, sample_fps) from qwen_vl_utils.fetch_video."""
-    import contextlib
     import io
 
     vp = _peer_module(cfg, backend)

@@ -621,7 +621,7 @@ def check_errors(out: Path, inputs, benches: dict[str, Any], max_fraction: float
         example = f"id {rows[0].get('id')}: {rows[0]['error']}" if rows else ""
         try:
             check_skip_rate(b["errors"], b["n"], max_fraction, dataset_size=b["n"], file=str(bi.file),
-                            example=example, what=f"{bi.bench.name} eval samples (error rows)", final=True)
+                            example=example, what=f"{bi.bench.name} eval samples", final=True)
         except DataError as e:
             e.hint = (f"samples and results are kept in {out}; fix the cause and rerun the same command: it "
                       "retries the error rows and keeps the rest. To accept them: --set data.max_skip_fraction=1")
