@@ -323,7 +323,9 @@ def clean_reason(e: BaseException, path: str = "") -> str:
     """One line a user can read from a decoder exception: no log decoration, no repeated path."""
     text = " ".join(str(e).split())
     if path:
-        text = text.replace(f": '{path}'", "").replace(f"[{path}] ", "").replace(path, "the file")
+        for quoted in (f": '{path}'", f" '{path}'", f"[{path}] "):  # the MediaError names the path already
+            text = text.replace(quoted, "")
+        text = text.replace(path, "the file")
     for pat in _NOISE:
         text = pat.sub("", text)
     text = text.strip(" :;.") or type(e).__name__
@@ -582,7 +584,7 @@ def _open_image(path: str) -> Image.Image:
         img.load()
         return img
     except Exception as e:  # noqa: BLE001
-        raise MediaError(path, f"cannot decode image ({type(e).__name__}: {e})") from None
+        raise MediaError(path, f"cannot decode image ({clean_reason(e, path)})") from None
 
 
 def load_image(path: str | os.PathLike, cfg: ImageConfig) -> np.ndarray:

@@ -232,6 +232,16 @@ def test_validate_decode_prints_one_clean_line_per_cut_video(tmp_path, synth_wor
         assert noise not in r.output
 
 
+def test_validate_decode_names_a_broken_image_in_one_clean_line(tmp_path):
+    (tmp_path / "x.png").write_bytes(b"not a png at all" * 10)
+    f = tmp_path / "recs.json"
+    f.write_text(json.dumps([{"problem_id": 0, "problem": "q", "data_type": "image", "problem_type": "free-form",
+                              "solution": "<answer>a</answer>", "path": "./x.png"}]))
+    r = run_cli("data", "validate", f, "--decode", check=False)
+    assert r.exit_code == 1
+    assert f"record 0: {tmp_path / 'x.png'}: cannot decode image (cannot identify image file)" in r.output, r.output
+
+
 def test_clean_reason_strips_decoder_noise():
     from pipelines.video import clean_reason
 
