@@ -143,44 +143,54 @@ def gc(reg: Registry, statuses: tuple[str, ...] = ("failed", "interrupted"), dry
        delete_files: bool = True, intermediate_checkpoints: bool = False) -> dict[str, list[dict[str, Any]]]:
     """Collect runs with these statuses, and with ``intermediate_checkpoints`` the older checkpoints of finished runs.
 
-    What goes: a failed/interrupted run with no checkpoint (nothing to resume), or one a later run resumed from
-    (superseded). What stays: a run whose outputs another run uses, and a failed/interrupted run with checkpoints
-    that no run has resumed (a killed run's only copy of its work: `--resume` it, or `videor1 runs rm ID --files`).
-    Of a finished run only checkpoints older than its newest go (the newest extends the run with --resume; the
-    final model is never touched). Returns {"removed": [...], "kept": [...]}, each {id, kind, status, reason, paths,
-    bytes}; with ``dry_run`` nothing is deleted."""
+    What goes: a failed/interrupted run with no checkpoint (nothing to resume): the run and its directory; and the
+    checkpoints of one that a later run resumed from (superseded): only the checkpoints, the run stays in the registry
+    so the lineage of the run that continued it keeps its steps. What stays: a run whose outputs another run uses, and
+    a failed/interrupted run with checkpoints that no run has resumed (a killed run's only copy of its work:
+    `--resume` it, or `videor1 runs rm ID --files`). Of a finished run only checkpoints older than its newest go (the
+    newest extends the run with --resume; the final model is never touched). Returns {"removed": [...], "kept":
+    [...]}, each {id, kind, status, reason, paths, bytes, files_only?}; with ``dry_run`` nothing is deleted."""
     removed: list[dict[str, Any]] = []
     kept: list[dict[str, Any]] = []
     runs = reg.list_runs()
+
+    def drop_checkpoints(entry: dict[str, Any], paths: list[Path], reason: str) -> None:
+        if not delete_files:  # --keep-files: checkpoints are files
+            return
+        entry.update(reason=reason, paths=[str(p) for p in paths], bytes=sum(dir_size(p) for p in paths),
+                     files_only=True)
+        removed.append(entry)
+        if not dry_run:
+            for p in paths:
+                shutil.rmtree(p, ignore_errors=True)
+
     for r in runs:
         entry = {"id": r["id"], "kind": r["kind"], "status": r["status"], "paths": [], "bytes": 0}
         if r["status"] == "finished" and intermediate_checkpoints:
             old = checkpoints(r)[:-1]
             if old:
-                entry.update(reason=f"{len(old)} intermediate checkpoint(s) of a finished run (newest kept)",
-                             paths=[str(p) for p in old], bytes=sum(dir_size(p) for p in old), files_only=True)
-                removed.append(entry)
-                if not dry_run:
-                    for p in old:
-                        shutil.rmtree(p, ignore_errors=True)
+                drop_checkpoints(entry, old, f"{len(old)} intermediate checkpoint(s) of a finished run (newest kept)")
             continue
         if r["status"] not in statuses:
+            continue
+        ckpts = checkpoints(r)
+        by = resumed_by(reg, r, runs) if ckpts else None
+        if ckpts and by is not None:
+            drop_checkpoints(entry, ckpts, f"resumed by run {by}; the run stays for its lineage")
+            continue
+        if ckpts:
+            kept.append({**entry, "reason": f"{len(ckpts)} checkpoint(s) never resumed (resume it with --resume, or "
+                         f"`videor1 runs rm {r['id']} --files`)", "paths": [str(p) for p in ckpts],
+                         "bytes": sum(dir_size(p) for p in ckpts)})
             continue
         deps = reg.dependents(r["id"])
         if deps:
             kept.append({**entry, "reason": f"runs {', '.join(deps)} use its outputs"})
             continue
-        ckpts = checkpoints(r)
-        by = resumed_by(reg, r, runs) if ckpts else None
-        if ckpts and by is None:
-            kept.append({**entry, "reason": f"{len(ckpts)} checkpoint(s) never resumed (resume it with --resume, or "
-                         f"`videor1 runs rm {r['id']} --files`)", "paths": [str(p) for p in ckpts],
-                         "bytes": sum(dir_size(p) for p in ckpts)})
-            continue
         rd = r.get("run_dir")
         files = delete_files and rd and Path(rd).exists() and not _holds_other_outputs(reg, r)
-        entry.update(reason=f"resumed by run {by}" if by else "no checkpoint to resume from",
-                     paths=[str(rd)] if files else [], bytes=dir_size(rd) if files else 0)
+        entry.update(reason="no checkpoint to resume from", paths=[str(rd)] if files else [],
+                     bytes=dir_size(rd) if files else 0)
         removed.append(entry)
         if dry_run:
             continue

@@ -1,6 +1,6 @@
 """`videor1 runs gc`: a dry run lists paths and sizes; a killed run that was never resumed keeps its checkpoints; a run
-that a later --resume continued, a failed run with nothing to resume and (with --checkpoints) a finished run's older
-checkpoints go."""
+that a later --resume continued loses its checkpoints (the run stays, for the lineage), a failed run with nothing to
+resume goes, and (with --checkpoints) a finished run's older checkpoints go."""
 
 from __future__ import annotations
 
@@ -54,11 +54,11 @@ def test_gc_dry_run_lists_paths_and_sizes_and_deletes_nothing(runs):
     resumed, resumed_dir = runs["resumed"]
     broken, broken_dir = runs["broken"]
     killed, killed_dir = runs["killed"]
-    assert f"would remove run {resumed} (train-rl, interrupted; resumed by run {runs['later']}): {resumed_dir} " \
-        "2.0 kB" in out, out
+    assert f"would remove checkpoints of {resumed} (train-rl, interrupted; resumed by run {runs['later']}; the run " \
+           f"stays for its lineage): {resumed_dir / 'checkpoints' / 'step-2'} 2.0 kB" in out, out
     assert f"would remove run {broken} (eval, failed; no checkpoint to resume from): {broken_dir} 500 B" in out
     assert f"kept {killed} (train-rl, failed): 1 checkpoint(s) never resumed" in out
-    assert "would remove 2 run(s)" in out
+    assert "would remove 1 run(s), 2.5 kB; kept 1" in out
     assert resumed_dir.exists() and broken_dir.exists() and len(runs["reg"].list_runs()) == 5
 
 
@@ -67,7 +67,7 @@ def test_gc_keeps_a_killed_run_never_resumed(runs):
     ids = {r["id"] for r in runs["reg"].list_runs()}
     killed, killed_dir = runs["killed"]
     assert killed in ids and (killed_dir / "checkpoints" / "step-2" / "weights.bin").exists()
-    assert runs["resumed"][0] not in ids and not runs["resumed"][1].exists()
+    assert runs["resumed"][0] in ids and not (runs["resumed"][1] / "checkpoints" / "step-2").exists()
     assert runs["broken"][0] not in ids and not runs["broken"][1].exists()
     assert runs["later"] in ids
 
