@@ -174,9 +174,12 @@ def gc(reg: Registry, statuses: tuple[str, ...] = ("failed", "interrupted"), dry
         if r["status"] not in statuses:
             continue
         ckpts = checkpoints(r)
-        by = resumed_by(reg, r, runs) if ckpts else None
-        if ckpts and by is not None:
-            drop_checkpoints(entry, ckpts, f"resumed by run {by}; the run stays for its lineage")
+        by = resumed_by(reg, r, runs)
+        if by is not None:  # superseded: its checkpoints may go, the run itself stays (a later gc too)
+            if ckpts and delete_files:
+                drop_checkpoints(entry, ckpts, f"resumed by run {by}; the run stays for its lineage")
+            else:
+                kept.append({**entry, "reason": f"resumed by run {by}: kept for its lineage"})
             continue
         if ckpts:
             kept.append({**entry, "reason": f"{len(ckpts)} checkpoint(s) never resumed (resume it with --resume, or "

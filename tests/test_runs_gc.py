@@ -68,6 +68,9 @@ def test_gc_keeps_a_killed_run_never_resumed(runs):
     killed, killed_dir = runs["killed"]
     assert killed in ids and (killed_dir / "checkpoints" / "step-2" / "weights.bin").exists()
     assert runs["resumed"][0] in ids and not (runs["resumed"][1] / "checkpoints" / "step-2").exists()
+    out = run_cli("runs", "gc").output  # a second gc keeps the superseded run (now without checkpoints)
+    assert f"kept {runs['resumed'][0]} (train-rl, interrupted): resumed by run {runs['later']}" in out
+    assert runs["resumed"][0] in {r["id"] for r in runs["reg"].list_runs()}
     assert runs["broken"][0] not in ids and not runs["broken"][1].exists()
     assert runs["later"] in ids
 
