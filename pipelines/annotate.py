@@ -276,6 +276,7 @@ def annotate(
     from pipelines.models import decode_media
     from pipelines.prompts import build_messages, load_template
     from pipelines.records import json_columns, load_records, record_dict
+    from pipelines.validate import check_record
 
     if not cfg.data.file:
         raise DataError("no input records given", hint="pass --data FILE (Video-R1 JSON list or JSONL)")
@@ -321,6 +322,7 @@ def annotate(
             prompts, media, slots = [], [], []
             for j, rec in enumerate(recs):
                 try:
+                    check_record(rec, cfg.data.file, idx[j])
                     msgs = build_messages(rec, template, mode="eval")
                     m = decode_media(rec, cfg, root)
                     prompts.append(processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
@@ -357,6 +359,8 @@ def annotate(
     stats = stats_of(all_recs)
     have = {rid(r) for r in all_recs}
     complete = all(ids[i] in have for i in mine)
+    if complete and (stats.total or shard is None):
+        _end_error_check(cfg, jsonl, all_recs, stats)  # before the COT file: a run of errors is no dataset
     cot_path = None
     if complete:
         order = {x: k for k, x in enumerate(ids)}
@@ -365,6 +369,23 @@ def annotate(
     return AnnotateResult(prefix=sp, jsonl=jsonl, cot=cot_path, stats=stats.as_dict(), processed=processed,
                           resumed=resumed, seconds=elapsed, records_per_s=processed / max(elapsed, 1e-9),
                           tokens_per_s=tokens / max(elapsed, 1e-9), completion_tokens=tokens)
+
+
+def _end_error_check(cfg, jsonl: Path, records: Sequence[dict], stats: Stats) -> None:
+    """data.max_skip_fraction judged on every record of this shard: records that could not be annotated (media
+    unreadable, a bad record, generation failed) are counted; nothing or only errors is a failure, not an empty
+    COT file. The annotations stay in PREFIX.jsonl."""
+    from pipelines.errors import check_skip_rate
+
+    first = next((r for r in records if r.get("error")), None)
+    example = f"record {rid(first)}: {first['error']}" if first else ""
+    try:
+        check_skip_rate(stats.errors, stats.total, cfg.data.max_skip_fraction, dataset_size=stats.total,
+                        file=str(cfg.data.file), example=example, what="records to annotate", final=True)
+    except DataError as e:
+        e.hint = (f"the annotations are kept in {jsonl}; error records count as done there: fix the cause and "
+                  "annotate into a new --out, or accept them with --set data.max_skip_fraction=1")
+        raise
 
 
 def _generate_isolating(backend, prompts: Sequence[str], media: Sequence[Any], sampling) -> list[Any]:

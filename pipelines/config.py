@@ -100,8 +100,10 @@ class DataConfig(Section):
     num_workers: int = Field(0, ge=0, description="DataLoader workers that decode media in the background.")
     max_skip_fraction: float = Field(
         0.1, ge=0, le=1,
-        description="Training (sft, rl) stops with an error when more than this fraction of the samples seen so "
-        "far were skipped (unreadable media, bad fields, too long); judged after 64 samples. 1 = never stop.",
+        description="sft and rl stop with an error when more than this fraction of the samples seen so far were "
+        "skipped (unreadable media, bad fields, too long), judged after 64 samples; at the end sft, rl, eval "
+        "(error rows per benchmark) and annotate (error records) fail (exit 1, no model/result registered, files "
+        "kept) above it, or when they read nothing or skipped everything. 1 = only the last two fail.",
     )
 
 
@@ -117,7 +119,12 @@ class VideoConfig(Section):
         description="Pixel budget over all frames of one video; lowers the per-frame cap for long samples.",
     )
     backend: Literal["auto", "decord", "pyav"] = Field(
-        "auto", description="Video reader. auto = decord, falling back to PyAV when decord is missing or fails."
+        "auto", description="Video reader. auto = pyav (FFmpeg inside the PyAV wheel; faster than decord here, same "
+        "pixels). decord = opt-in, needs the [decord] extra (unmaintained since 2021; can deadlock, decord#373)."
+    )
+    decode_timeout_s: float | None = Field(
+        120.0, ge=0, description="A video whose decode takes longer is given up as a hung decoder (MediaError "
+        "naming it; skipped and counted like any unreadable video). 0 or null = no watchdog."
     )
     cache_dir: str | None = Field(
         None, description="Directory of the decoded-frame cache (off when unset). Keyed by file identity + settings."

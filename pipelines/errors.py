@@ -47,21 +47,30 @@ SKIP_CHECK_MIN_SAMPLES = 64
 
 
 def check_skip_rate(skipped: int, seen: int, max_fraction: float, *, dataset_size: int, file: str | None,
-                    example: str = "", what: str = "training samples") -> None:
+                    example: str = "", what: str = "training samples", final: bool = False) -> None:
     """Raise DataError when more than `max_fraction` of the `seen` samples were skipped.
 
     Skips are counted and training goes on (a few unreadable videos in 260k records should not stop a run), but a
     run that skips most of its data - record paths resolved against the wrong folder, a partial download - trains
     on nothing and would still save a model. Judged once `seen` reaches SKIP_CHECK_MIN_SAMPLES (or the whole set,
-    when it is smaller); checkpoints already written are kept."""
-    if seen <= 0 or seen < min(SKIP_CHECK_MIN_SAMPLES, max(1, dataset_size)):
+    when it is smaller), and with ``final`` (the stage's end) on whatever was seen: a short run never reaches 64,
+    and a stage that consumed nothing fails even with max_fraction = 1. Checkpoints already written are kept."""
+    eg = f" (e.g. {example})" if example else ""
+    if final and seen <= 0:
+        raise DataError(f"no {what} were read: nothing to work on", file=file,
+                        hint="check --data / data.max_samples; `videor1 data stats FILE` counts the records")
+    where = ("record paths resolve against data.root (default: the records file's folder); `videor1 data "
+             "validate` lists what is unreadable")
+    hint = where + ". To go on with what remains: --set data.max_skip_fraction=1"
+    if final and seen > 0 and skipped >= seen:  # everything skipped is never a success, whatever the fraction
+        raise DataError(f"all {seen} {what} were skipped{eg}", file=file, hint=where)
+    if seen <= 0 or (not final and seen < min(SKIP_CHECK_MIN_SAMPLES, max(1, dataset_size))):
         return
     if skipped / seen <= max_fraction:
         return
-    eg = f" (e.g. {example})" if example else ""
+    when = "in all" if final else "so far"
     raise DataError(
-        f"skipped {skipped} of {seen} {what} so far{eg}, more than data.max_skip_fraction = {max_fraction:g}",
+        f"skipped {skipped} of {seen} {what} {when}{eg}, more than data.max_skip_fraction = {max_fraction:g}",
         file=file,
-        hint="record paths resolve against data.root (default: the records file's folder); `videor1 data "
-        "validate` lists what is unreadable. To train on what remains: --set data.max_skip_fraction=1",
+        hint=hint,
     )

@@ -5,6 +5,7 @@ The registry itself (pipelines/registry.py) stores; this module answers the ques
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -84,20 +85,119 @@ def plot(reg: Registry, run_id: str, out: str | Path, metrics: list[str] | None 
     return list(wanted)
 
 
+# Where the trainers write resumable checkpoints, relative to a run's directory: RL <run>/checkpoints/step-N,
+# SFT (transformers.Trainer) <output dir>/checkpoint-N.
+CHECKPOINT_GLOBS = ("checkpoints/step-*", "checkpoint-*")
+
+
+def dir_size(path: str | Path) -> int:
+    p = Path(path)
+    if p.is_file():
+        return p.stat().st_size
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and not f.is_symlink()) if p.exists() else 0
+
+
+def checkpoints(r: dict[str, Any]) -> list[Path]:
+    """A run's resumable checkpoints (its run directory, and sft.output_dir for train-sft), oldest step first."""
+    dirs = [Path(r["run_dir"])] if r.get("run_dir") else []
+    cfg = r.get("config") or {}
+    if isinstance(cfg, str):  # list_runs leaves the config as stored (JSON text)
+        try:
+            cfg = json.loads(cfg)
+        except ValueError:
+            cfg = {}
+    out_dir = (cfg.get("sft") or {}).get("output_dir") if r.get("kind") == "train-sft" else None
+    if out_dir:
+        dirs.append(Path(out_dir))
+    found = {p.resolve() for d in dirs if d.is_dir() for g in CHECKPOINT_GLOBS for p in d.glob(g) if p.is_dir()}
+
+    def step(p: Path) -> int:
+        tail = p.name.rsplit("-", 1)[-1]
+        return int(tail) if tail.isdigit() else -1
+
+    return sorted(found, key=lambda p: (step(p), str(p)))
+
+
+def resumed_by(reg: Registry, r: dict[str, Any], runs: list[dict[str, Any]]) -> str | None:
+    """The id of a later run that continued this one: it recorded a path inside this run's directory (the checkpoint
+    it resumed from, or the output directory SFT resumes into) or names one as `resumed_from`."""
+    if not r.get("run_dir"):
+        return None
+    rd = Path(r["run_dir"]).resolve()
+
+    def inside(p: Any) -> bool:
+        return isinstance(p, str) and bool(p) and Path(p).resolve().is_relative_to(rd)
+
+    for o in runs:
+        if o["id"] == r["id"] or (o.get("started_at") or 0) < (r.get("started_at") or 0):
+            continue
+        arts = reg.artifacts_of(o["id"])
+        if any(inside(a.path) for a in arts["inputs"] + arts["outputs"]):
+            return o["id"]
+        if inside((o.get("summary") or {}).get("resumed_from")):
+            return o["id"]
+    return None
+
+
 def gc(reg: Registry, statuses: tuple[str, ...] = ("failed", "interrupted"), dry_run: bool = False,
-       delete_files: bool = True) -> dict[str, list[str]]:
-    """Delete runs with these statuses (and their run directories), never one whose outputs another run uses."""
-    removed, kept = [], []
-    for r in reg.list_runs():
+       delete_files: bool = True, intermediate_checkpoints: bool = False) -> dict[str, list[dict[str, Any]]]:
+    """Collect runs with these statuses, and with ``intermediate_checkpoints`` the older checkpoints of finished runs.
+
+    What goes: a failed/interrupted run with no checkpoint (nothing to resume): the run and its directory; and the
+    checkpoints of one that a later run resumed from (superseded): only the checkpoints, the run stays in the registry
+    so the lineage of the run that continued it keeps its steps. What stays: a run whose outputs another run uses, and
+    a failed/interrupted run with checkpoints that no run has resumed (a killed run's only copy of its work:
+    `--resume` it, or `videor1 runs rm ID --files`). Of a finished run only checkpoints older than its newest go (the
+    newest extends the run with --resume; the final model is never touched). Returns {"removed": [...], "kept":
+    [...]}, each {id, kind, status, reason, paths, bytes, files_only?}; with ``dry_run`` nothing is deleted."""
+    removed: list[dict[str, Any]] = []
+    kept: list[dict[str, Any]] = []
+    runs = reg.list_runs()
+
+    def drop_checkpoints(entry: dict[str, Any], paths: list[Path], reason: str) -> None:
+        if not delete_files:  # --keep-files: checkpoints are files
+            return
+        entry.update(reason=reason, paths=[str(p) for p in paths], bytes=sum(dir_size(p) for p in paths),
+                     files_only=True)
+        removed.append(entry)
+        if not dry_run:
+            for p in paths:
+                shutil.rmtree(p, ignore_errors=True)
+
+    for r in runs:
+        entry = {"id": r["id"], "kind": r["kind"], "status": r["status"], "paths": [], "bytes": 0}
+        if r["status"] == "finished" and intermediate_checkpoints:
+            old = checkpoints(r)[:-1]
+            if old:
+                drop_checkpoints(entry, old, f"{len(old)} intermediate checkpoint(s) of a finished run (newest kept)")
+            continue
         if r["status"] not in statuses:
             continue
-        if reg.dependents(r["id"]):
-            kept.append(r["id"])
+        ckpts = checkpoints(r)
+        by = resumed_by(reg, r, runs)
+        if by is not None:  # superseded: its checkpoints may go, the run itself stays (a later gc too)
+            if ckpts and delete_files:
+                drop_checkpoints(entry, ckpts, f"resumed by run {by}; the run stays for its lineage")
+            else:
+                kept.append({**entry, "reason": f"resumed by run {by}: kept for its lineage"})
             continue
-        removed.append(r["id"])
+        if ckpts:
+            kept.append({**entry, "reason": f"{len(ckpts)} checkpoint(s) never resumed (resume it with --resume, or "
+                         f"`videor1 runs rm {r['id']} --files`)", "paths": [str(p) for p in ckpts],
+                         "bytes": sum(dir_size(p) for p in ckpts)})
+            continue
+        deps = reg.dependents(r["id"])
+        if deps:
+            kept.append({**entry, "reason": f"runs {', '.join(deps)} use its outputs"})
+            continue
+        rd = r.get("run_dir")
+        files = delete_files and rd and Path(rd).exists() and not _holds_other_outputs(reg, r)
+        entry.update(reason="no checkpoint to resume from", paths=[str(rd)] if files else [],
+                     bytes=dir_size(rd) if files else 0)
+        removed.append(entry)
         if dry_run:
             continue
-        if delete_files:
+        if files:
             _remove_run_files(reg, r)
         reg.delete_run(r["id"])
     return {"removed": removed, "kept": kept}
@@ -113,13 +213,18 @@ def remove(reg: Registry, run_id: str, delete_files: bool = False) -> None:
 def _remove_run_files(reg: Registry, r: dict[str, Any]) -> None:
     """Remove the run directory and its output artifacts, unless some other run's artifact lives inside them."""
     run_dir = r.get("run_dir")
-    if not run_dir or not Path(run_dir).exists():
+    if not run_dir or not Path(run_dir).exists() or _holds_other_outputs(reg, r):
         return
-    others = {a.path for rid in _all_ids(reg) if rid != r["id"] for a in reg.artifacts_of(rid)["outputs"]}
-    rd = Path(run_dir).resolve()
-    if any(Path(p).resolve().is_relative_to(rd) for p in others):
-        return
-    shutil.rmtree(rd, ignore_errors=True)
+    shutil.rmtree(Path(run_dir).resolve(), ignore_errors=True)
+
+
+def _holds_other_outputs(reg: Registry, r: dict[str, Any]) -> bool:
+    """Some other run's output lives inside this run's directory (e.g. an SFT resumed into the same folder). Inputs
+    recorded as 'external:*' (the checkpoint a resume started from) are not outputs of that run."""
+    rd = Path(r["run_dir"]).resolve()
+    others = {a.path for rid in _all_ids(reg) if rid != r["id"] for a in reg.artifacts_of(rid)["outputs"]
+              if not a.kind.startswith("external:")}
+    return any(Path(p).resolve().is_relative_to(rd) for p in others)
 
 
 def _all_ids(reg: Registry) -> list[str]:

@@ -125,10 +125,14 @@ class SftDataset(torch.utils.data.Dataset):
         if "process" not in ds.column_names:
             raise DataError("no record has a 'process' (the reasoning trace SFT trains on)", file=self.file,
                             field="process", hint="SFT reads Video-R1-COT records; make them with `videor1 annotate`")
+        self.file_index = list(range(len(ds)))  # row -> record index in the file, for error messages
         if max_samples is not None and max_samples < len(ds):
-            if shuffle_seed is not None:
-                ds = ds.shuffle(seed=shuffle_seed)
-            ds = ds.select(range(max_samples))
+            if shuffle_seed is not None:  # the permutation ds.shuffle(seed=...) draws, kept to name file indices
+                import numpy as np
+
+                self.file_index = [int(x) for x in np.random.default_rng(shuffle_seed).permutation(len(ds))]
+            self.file_index = self.file_index[:max_samples]
+            ds = ds.select(self.file_index)
         self.ds = ds
         self.json_cols = json_columns(ds)
         self.cfg = cfg
@@ -149,10 +153,12 @@ class SftDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         from pipelines.models import decode_media
         from pipelines.prompts import build_messages
+        from pipelines.validate import check_record
 
         rec = self.record(i)
         rid = rec.get("problem_id", f"#{i}")
         try:
+            check_record(rec, self.file, self.file_index[int(i)])
             messages = build_messages(rec, self.template, mode="sft")
             media = decode_media(rec, self.cfg, self.root)
             ex = encode_example(self.processor, messages, media, self.eos_id)
@@ -470,6 +476,20 @@ def training_arguments(cfg, output_dir: str | os.PathLike, *, has_eval: bool):
     )
 
 
+def _end_skip_check(trainer, cfg, resumed: bool) -> None:
+    """data.max_skip_fraction judged on every training sample of the run, summed over ranks: the in-loop check
+    waits for 64 samples, so a short run that skipped all of them would end at loss 0.0 as a saved model."""
+    st = trainer.skips["train"]
+    counts = torch.tensor([float(st.total), float(trainer.samples_seen)], dtype=torch.float64)
+    if trainer.args.world_size > 1:
+        counts = trainer.accelerator.reduce(counts.to(trainer.args.device), reduction="sum").cpu()
+    skipped, used = (int(x) for x in counts.tolist())
+    if resumed and skipped + used == 0:
+        return  # resumed at the last step: nothing left to read is not a failure
+    check_skip_rate(skipped, skipped + used, cfg.data.max_skip_fraction, dataset_size=len(trainer.train_dataset),
+                    file=str(cfg.data.file), example=st.example, what="training samples", final=True)
+
+
 @dataclass
 class SftResult:
     output_dir: Path
@@ -558,6 +578,7 @@ def run_sft(cfg, run=None, *, output_dir: str | os.PathLike, resume_from: str | 
         for reason, ids in st.ids.items():
             log.warning("skipped %d %s sample(s) (%s), first ids: %s", st.counts[reason], split, reason,
                         ", ".join(ids))
+    _end_skip_check(trainer, cfg, resumed=resume_from is not None)  # after saving: nothing done is lost
     metrics = dict(result.metrics)
     return SftResult(
         output_dir=out, global_step=trainer.state.global_step, train_loss=metrics.get("train_loss"),

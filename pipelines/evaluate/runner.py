@@ -26,6 +26,7 @@ import json
 import os
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -198,8 +199,16 @@ def finished_rows(out: Path, bench: str) -> dict[int, dict[str, Any]]:
     for f in files:
         for r in read_jsonl(f):
             if isinstance(r.get("index"), int):
-                done.setdefault(r["index"], r)
+                old = done.get(r["index"])
+                if old is None or (old.get("error") and not r.get("error")):  # a retried error row: the new one
+                    done[r["index"]] = r
     return done
+
+
+def retry_needed(row: dict[str, Any] | None) -> bool:
+    """A sample to (re)generate: never done, or done as an error row (unreadable media, a bad record, a failed
+    generation): a rerun after fixing --root or the file retries those and keeps every finished row."""
+    return row is None or bool(row.get("error"))
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -319,12 +328,13 @@ def generate_rows(
     """
     from pipelines.models import decode_media
     from pipelines.prompts import load_template
+    from pipelines.validate import check_record
 
     bench = bench_input.bench
     records = records if records is not None else load_eval_records(bench_input.file, cfg.eval.limit)
     done = finished_rows(out, bench.name)
     mine = shard_indices(len(records), rank, world)
-    todo = [i for i in mine if i not in done]
+    todo = [i for i in mine if retry_needed(done.get(i))]
     for i in mine:
         if i in done and done[i].get("id") != records[i].get("problem_id"):
             raise EvalError(f"{out}: row {i} of {bench.name} is for id {done[i].get('id')}, the file now has "
@@ -343,6 +353,7 @@ def generate_rows(
             for i in chunk:
                 row = base_row(bench, i, records[i])
                 try:
+                    check_record(records[i], bench_input.file, i)
                     prompt = render_prompt(processor, records[i], template)
                     m = decode_media(records[i], cfg, bench_input.root)
                 except VideoR1Error as e:  # MediaError, DataError: count it, never substitute another sample
@@ -504,6 +515,27 @@ def attach_paper(results: dict[str, Any], model_name: str | None, frames: int | 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Orchestration
+@contextmanager
+def eval_lock(out: Path):
+    """Hold ``<out>/.eval.lock`` for the whole evaluation: a second identical eval (same output directory) refuses at
+    once with one line instead of generating every sample again beside the first. The lock is an OS file lock
+    (filelock), released when the holder exits or dies, so a killed eval never leaves a stale lock behind."""
+    from filelock import FileLock, Timeout
+
+    Path(out).mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(Path(out) / ".eval.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise EvalError(f"{out} is being evaluated by another process right now",
+                        hint="wait for it to finish (rerunning then resumes and redoes nothing), or pass another "
+                             "--out") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def _wait_for_ranks(out: Path, tag: str, world: int, rank: int, poll: float = 0.2) -> None:
     """A barrier through marker files: no process-group collective, so no collective timeout on long evals."""
     marks = Path(out) / ".ranks"
@@ -538,7 +570,13 @@ def evaluate(
     for bi in inputs:
         done = finished_rows(out, bi.bench.name)
         n = len(per_bench_records[bi.bench.name])
-        todo_of[bi.bench.name] = sum(1 for i in shard_indices(n, rank, world) if i not in done)
+        mine = shard_indices(n, rank, world)
+        todo_of[bi.bench.name] = sum(1 for i in mine if retry_needed(done.get(i)))
+        retry = sum(1 for i in mine if i in done and retry_needed(done[i]))
+        if log and done and rank == 0:
+            log(f"resuming {bi.bench.name}: {len(mine) - todo_of[bi.bench.name]} of {len(mine)} samples already done "
+                f"in {out}, {todo_of[bi.bench.name]} to generate"
+                + (f" (retrying {retry} error rows)" if retry else ""))
     stats: dict[str, dict[str, int]] = {}
     if any(todo_of.values()) and backend is None:
         backend, processor = build_backend(cfg, processor)
@@ -565,9 +603,29 @@ def evaluate(
         benches[bi.bench.name] = finalize_bench(bi.bench, rows, out, str(bi.file), _world_manifest(bi.file))
     results = build_results(cfg, benches, proto, stats=stats, gen_seconds=round(gen_seconds, 3), world_size=world)
     write_results(out, results)
+    check_errors(out, inputs, benches, cfg.data.max_skip_fraction)  # after writing: every sample row stays
     if run is not None:
         record_run(run, out, results)
     return results
+
+
+def check_errors(out: Path, inputs, benches: dict[str, Any], max_fraction: float) -> None:
+    """Raise DataError when a benchmark had no samples, or more than `max_fraction` of them are error rows (media
+    unreadable, bad record, generation failed): a score over errors is not a result. The rows and results.json
+    stay in `out`; a rerun retries only the error rows."""
+    from pipelines.errors import DataError, check_skip_rate
+
+    for bi in inputs:
+        b = benches[bi.bench.name]
+        rows = [r for r in read_jsonl(samples_path(out, bi.bench.name)) if r.get("error")][:1]
+        example = f"id {rows[0].get('id')}: {rows[0]['error']}" if rows else ""
+        try:
+            check_skip_rate(b["errors"], b["n"], max_fraction, dataset_size=b["n"], file=str(bi.file),
+                            example=example, what=f"{bi.bench.name} eval samples", final=True)
+        except DataError as e:
+            e.hint = (f"samples and results are kept in {out}; fix the cause and rerun the same command: it "
+                      "retries the error rows and keeps the rest. To accept them: --set data.max_skip_fraction=1")
+            raise
 
 
 def finalize_bench(bench: Benchmark, rows: list[dict[str, Any]], out: Path, file: str | None,

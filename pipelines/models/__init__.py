@@ -215,9 +215,67 @@ def resolve_attn(attn: str, device) -> str:
     return "sdpa"
 
 
+def _hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
+    """A TCP connect to the Hub endpoint: seconds, instead of transformers' minutes of retries when it is down.
+    Behind a proxy the direct connect says nothing, so it counts as reachable there."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
+        return True
+    u = urlparse(endpoint)
+    try:
+        socket.create_connection((u.hostname or "", u.port or (443 if u.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def check_model_path(name: str | Path, revision: str | None = None) -> None:
+    """Fail at once, naming it, when `name` is neither an existing local model directory nor a loadable Hub id.
+
+    A name that looks local (starts with '.', '~' or '/', holds a backslash or more than one '/', or is no valid
+    repo id) and does not exist is a missing directory. So is a bare name without an 'org/' part: every Qwen-VL
+    model on the Hub has an org, and `nosuchdir` would otherwise cost minutes of Hub retries. An `org/name` id not
+    in the local Hub cache needs the Hub: offline (HF_HUB_OFFLINE or no connection) it fails in one line."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    from pipelines.errors import VideoR1Error
+
+    s = str(name)
+    local_hint = ("pass an existing model directory (`videor1 model tiny --out DIR` builds a tiny one) or a Hub id "
+                  "such as Qwen/Qwen2.5-VL-7B-Instruct")
+    p = Path(s).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise VideoR1Error(f"model path is a file, not a model directory: {s}", hint=local_hint)
+        return
+    try:
+        validate_repo_id(s)
+        repo_like = (s.count("/") == 1 and not s.startswith((".", "~", "/")) and "\\" not in s
+                     and not Path(s.split("/")[0]).is_dir())  # runs/model with ./runs here: a local path
+    except HFValidationError:
+        repo_like = False
+    if not repo_like:
+        raise VideoR1Error(f"model directory not found: {s}", hint=local_hint)
+    if isinstance(try_to_load_from_cache(s, "config.json", revision=revision), str):
+        return  # in the local Hub cache
+    if constants.is_offline_mode():
+        raise VideoR1Error(f"model '{s}' is not a local directory nor in the Hub cache, and the Hub is offline "
+                           "(HF_HUB_OFFLINE=1)", hint=f"download it where the Hub is reachable (`hf download {s}`), "
+                           "or pass a local model directory")
+    if not _hub_reachable(constants.ENDPOINT):
+        raise VideoR1Error(f"model '{s}' is not a local directory nor in the Hub cache, and {constants.ENDPOINT} "
+                           "cannot be reached (offline?)", hint=f"download it where the Hub is reachable (`hf "
+                           f"download {s}`), or pass a local model directory")
+
+
 def load_processor(path: str | Path, revision: str | None = None):
     from transformers import AutoProcessor
 
+    check_model_path(path, revision)
     proc = AutoProcessor.from_pretrained(str(path), revision=revision)
     proc.tokenizer.padding_side = "left"
     return proc
@@ -235,8 +293,7 @@ def load_model(model_cfg, path: str | Path | None = None, device=None, for_train
     device = device or resolve_device(model_cfg.device)
     dtype = resolve_dtype(model_cfg.dtype, device)
     name = str(path or model_cfg.name_or_path)
-    if not Path(name).exists() and Path(name).is_absolute():
-        raise VideoR1Error(f"model directory not found: {name}", hint="build one with `videor1 model tiny --out DIR`")
+    check_model_path(name, model_cfg.revision)
     try:
         model = AutoModelForImageTextToText.from_pretrained(
             name, revision=model_cfg.revision, dtype=dtype, attn_implementation=resolve_attn(

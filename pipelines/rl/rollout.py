@@ -102,11 +102,13 @@ def prepare_samples(
 ) -> tuple[list[Sample], list[Skipped]]:
     """Decode (once), render and shuffle each record; broken ones are skipped and returned with their reason."""
     from pipelines.models import decode_media
+    from pipelines.validate import check_record
 
     samples, skipped = [], []
     for index, record in rows:
         rid = record_id(record, index)
         try:
+            check_record(record, cfg.data.file, index)  # a bad MC answer is skipped like unreadable media
             media = decode_media(record, cfg, root)
             prompt = render_prompt(record, template, processor)
         except (MediaError, DataError) as e:

@@ -122,6 +122,7 @@ class RLTrainer:
         self.position = 0  # index into this rank's shard of the current epoch
         self.skipped_total = 0
         self._rows_seen = self._rows_skipped = 0  # this process's, for data.max_skip_fraction
+        self._skip_example = ""  # this process's first skip, for the end-of-run error
         self.history: list[dict[str, float]] = []
         self.resumed_from: Path | None = None
         self.ref_model = None
@@ -338,12 +339,27 @@ class RLTrainer:
                 self.save_checkpoint()
         # The report first: saving merges LoRA adapters into rank 0's model in place, which would change its checksum.
         self._write_rank_report()
-        out = self.save_final()
+        failure = self._end_skip_check() if self.step > start_step else None
+        out = self.save_final(register=failure is None)  # on disk either way; a 'model' artifact only on success
         elapsed = time.perf_counter() - t_start
         summary = self._summary(out, elapsed, self.step - start_step)
         if self.is_main:
             self.run.set_summary(summary)
+        if failure is not None:
+            raise failure
         return summary
+
+    def _end_skip_check(self) -> DataError | None:
+        """data.max_skip_fraction judged on every prompt of the run (all ranks): a short run never reaches the
+        64 prompts the in-loop check waits for, and 8 of 8 skipped must not end as a saved model."""
+        skipped, seen = self._sum_over_ranks(torch.tensor([self._rows_skipped, self._rows_seen],
+                                                          dtype=torch.float64)).tolist()
+        try:
+            check_skip_rate(int(skipped), int(seen), self.cfg.data.max_skip_fraction, dataset_size=len(self.records),
+                            file=str(self.cfg.data.file), example=self._skip_example, what="RL prompts", final=True)
+        except DataError as e:
+            return e
+        return None
 
     def parameter_checksum(self) -> str:
         """sha256 over this rank's copy of every parameter (replicas must agree after each step)."""
@@ -495,6 +511,8 @@ class RLTrainer:
         stats.add("skipped", len(skipped), 1 if self.is_main else 0)  # summed, not averaged (count on rank 0)
         self._rows_seen += len(rows)
         self._rows_skipped += len(skipped)
+        if skipped and not self._skip_example:
+            self._skip_example = f"record {skipped[0].id}: {skipped[0].reason}"
         if skipped:
             check_skip_rate(self._rows_skipped, self._rows_seen, cfg.data.max_skip_fraction,
                             dataset_size=len(self.records), file=str(cfg.data.file),
@@ -727,11 +745,11 @@ class RLTrainer:
         if self.is_main:
             _info(f"resumed from {path} at step {self.step} (epoch {self.epoch}, position {self.position})")
 
-    def save_final(self) -> Path:
+    def save_final(self, register: bool = True) -> Path:
         out = Path(self.cfg.rl.output_dir) if self.cfg.rl.output_dir else self.run_dir / "model"
         self._save_model(out, merge_lora=True)
         self.accelerator.wait_for_everyone()
-        if self.is_main:
+        if self.is_main and register:
             self.run.log_artifact("model", out, meta={"step": self.step, "algo": self.cfg.rl.algo})
         return out
 
