@@ -49,6 +49,10 @@ class RunConfig(Section):
     report_to: list[Literal["wandb", "tensorboard", "mlflow"]] = Field(
         default_factory=list, description="Extra trackers metrics are also sent to (the registry always gets them)."
     )
+    progress_every: float = Field(
+        30.0, gt=0, description="Seconds between plain progress lines of long stages when output is not a terminal "
+        "(a log file, CI, nohup); on a terminal a live rich bar is drawn instead.",
+    )
 
 
 class LoraConfig(Section):

@@ -16,13 +16,57 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 
 from pipelines.config import Config, load_config
 from pipelines.registry import Registry, Run
 
-console = Console(stderr=False, highlight=False)
-err_console = Console(stderr=True, highlight=False)
+# Output that is not a terminal (a log file, a pipe, CI, nohup) has no width: rich would wrap at $COLUMNS or 80 and
+# break paths mid-word. There, lines are printed whole (soft wrap) and tables get room for their widest cell.
+NON_TTY_WIDTH = 10_000
+RULE_WIDTH = 100
+
+
+class ReadableConsole(Console):
+    """rich's Console, deciding per print whether its stream is a terminal (CliRunner and redirects swap streams).
+
+    On a terminal: rich's own width and wrapping. Elsewhere: no wrapping, no cropping, tables as wide as their content,
+    rules 100 columns wide."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self._fixed_width = kwargs.get("width")  # rich turns $COLUMNS into a fixed width: only a given one counts
+        super().__init__(*args, **kwargs)
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = Console.size.fget(self)  # type: ignore[attr-defined]
+        if self._fixed_width is None and not self.is_terminal:
+            return ConsoleDimensions(NON_TTY_WIDTH, size.height)
+        return size
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        self._fixed_width = new_size[0]
+        Console.size.fset(self, new_size)  # type: ignore[attr-defined]
+
+    @property
+    def soft_wrap(self) -> bool:
+        return self._soft_wrap or not self.is_terminal
+
+    @soft_wrap.setter
+    def soft_wrap(self, value: bool) -> None:
+        self._soft_wrap = value
+
+    def rule(self, *args: Any, **kwargs: Any) -> None:
+        if self.is_terminal:
+            return super().rule(*args, **kwargs)
+        from rich.rule import Rule
+
+        self.print(Rule(*args, **kwargs), width=RULE_WIDTH)
+
+
+console = ReadableConsole(stderr=False, highlight=False)
+err_console = ReadableConsole(stderr=True, highlight=False)
 
 
 class Shortcut:
@@ -103,6 +147,9 @@ def run_dir_for(cfg: Config, kind: str, run: Run) -> Path:
 @contextlib.contextmanager
 def registered_run(cfg: Config, kind: str, run_dir: Optional[Path] = None) -> Iterator[tuple[Run, Path]]:
     """Open a registry run for this command; always ends it (finished / failed / interrupted)."""
+    from pipelines import progress
+
+    progress.configure(cfg.run.progress_every)
     reg = Registry(cfg.registry_path())
     attached = os.environ.get("VIDEOR1_RUN_ID")
     if attached:

@@ -268,9 +268,11 @@ def synth(
     """
     import time as _time
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, ProgressColumn, TimeRemainingColumn
     from rich.table import Table
     from rich.text import Text
+
+    from pipelines.progress import progress_bar
 
     from pipelines.synth import synthesize
     from videor1_cli.common import console, err_console, registered_run
@@ -286,7 +288,7 @@ def synth(
         t0 = _time.perf_counter()
         columns = ("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(), _Rate(),
                    TimeRemainingColumn())
-        with Progress(*columns, console=err_console, transient=True) as bar:
+        with progress_bar("data synth", *columns, console=err_console, transient=True, unit="records") as bar:
             task = bar.add_task("synthesizing records", total=None)
             world = synthesize(out, train=train, test=test, seed=seed, sft=sft, frames=frames, size=size, fps=fps,
                                image_fraction=image_fraction, shuffle_options=not fixed_options,

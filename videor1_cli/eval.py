@@ -129,12 +129,14 @@ def _summary(results: dict[str, Any], out: Path) -> dict[str, Any]:
 
 class _Bar:
     def __init__(self, name: str, total: int):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-        self.progress = Progress(TextColumn(f"eval {name}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("[dim]{task.fields[rate]}"),
-                                 TimeRemainingColumn(), console=err_console, transient=True,
-                                 disable=os.environ.get("VIDEOR1_QUIET") == "1")
+        from pipelines.progress import progress_bar
+
+        self.progress = progress_bar(f"eval {name}", TextColumn(f"eval {name}"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("[dim]{task.fields[rate]}"),
+                                     TimeRemainingColumn(), console=err_console, transient=True,
+                                     disable=os.environ.get("VIDEOR1_QUIET") == "1", unit="samples")
         self.task = self.progress.add_task(name, total=total, rate="")
         self.progress.start()
 

@@ -156,11 +156,13 @@ def _rl_progress(err_console, enabled: bool = True):
         if not enabled:
             yield None
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+
+        from pipelines.progress import progress_bar
 
         columns = [TextColumn("[bold]train rl[/bold]"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), TextColumn("{task.fields[live]}")]
-        with Progress(*columns, console=err_console, transient=True) as bar:
+        with progress_bar("train rl", *columns, console=err_console, transient=True, unit="steps") as bar:
             task = None
 
             def on_step(step: int, total: int, m: dict) -> None:
