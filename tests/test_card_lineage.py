@@ -1,0 +1,119 @@
+"""The model card of a REAL lineage: `data synth -> model tiny -> train sft -> train rl -> eval -> push --dry-run`
+run through the CLI on the tiny model; what the card says is checked against the registry and the files."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+from pipelines.registry import Registry
+
+ABS_PATH = re.compile(r"(?<![\w.~-])/(tmp|home|work|root|Users|var|private|mnt)/")
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    d = tmp_path_factory.mktemp("chain")
+    reg_path = d / "registry.db"
+    common = ["--set", f"run.registry={reg_path}", "--set", f"run.output_dir={d / 'runs'}"]
+    world = d / "world"
+    run_cli("data", "synth", "--out", world, "--train", "8", "--test", "4", "--sft", "8", "--seed", "0", *common)
+    run_cli("model", "tiny", "--out", d / "tiny-model", "--seed", "3", *common)
+    run_cli("train", "sft", "--model", d / "tiny-model", "--data", world / "sft.json", "--root", world,
+            "--max-steps", "2", "--out", d / "my-sft", "--set", "sft.per_device_batch_size=4",
+            "--set", "sft.logging_steps=1", *common)
+    run_cli("train", "rl", "--model", d / "my-sft", "--data", world / "rl.json", "--root", world, "--max-steps", "2",
+            "--set", "rl.num_generations=2", "--set", "rl.max_completion_length=8", "--set", "rl.per_device_prompts=2",
+            "--set", "rl.save_steps=1", "--set", f"rl.output_dir={d / 'my-rl'}", *common)
+    run_cli("eval", "--model", d / "my-rl", "--data", world / "test.json", "--root", world, "--bench", "synthetic",
+            "--set", "eval.max_new_tokens=8", *common)
+    reg = Registry(reg_path)
+    rl = reg.list_runs(kind="train-rl")[0]
+    card = run_cli("push", rl["id"], "--repo-id", "me/tiny-r1", "--dry-run", *common).output
+    return {"dir": d, "reg": reg, "card": card, "world": world, "rl": rl, "common": common}
+
+
+def test_card_has_no_local_path(chain):
+    card = chain["card"]
+    assert str(chain["dir"]) not in card
+    assert not ABS_PATH.search(card), ABS_PATH.search(card)
+
+
+def test_card_base_model_is_the_first_model_no_training_run_produced(chain):
+    card = chain["card"]
+    base = [x for x in card.splitlines() if x.startswith("- Base model:")]
+    assert len(base) == 1 and "`tiny-model`" in base[0] and "videor1 model tiny" in base[0] and "(seed 3)" in base[0]
+    assert "my-sft" not in base[0]
+    assert "- Model family: `qwen2_5_vl`" in card
+
+
+def test_card_evaluation_table_is_filled_from_the_eval_run(chain):
+    reg, card = chain["reg"], chain["card"]
+    ev = reg.list_runs(kind="eval")[0]
+    results = json.loads(Path(ev["summary"]["results"]).read_text())["benchmarks"]["synthetic"]
+    row = [x for x in card.splitlines() if x.startswith("| synthetic |")]
+    assert row, card
+    cells = [c.strip() for c in row[0].strip("|").split("|")]
+    assert cells == ["synthetic", f"{results['video-r1']['overall']:.4g}", f"{results['official']['overall']:.4g}",
+                     str(results["n"]), str(results["errors"])]
+    assert "headline scoring: `video-r1`" in card
+
+
+def test_card_lists_the_data_files_with_counts_and_hashes(chain):
+    reg, card = chain["reg"], chain["card"]
+    synth = reg.list_runs(kind="data-synth")[0]
+    arts = {Path(a.path).name: a for a in reg.artifacts_of(synth["id"])["outputs"] if a.kind == "records"}
+    for name, count in (("sft.json", 8), ("rl.json", 8), ("test.json", 4)):
+        row = [x for x in card.splitlines() if x.startswith(f"| `{name}` |")]
+        assert row, (name, card)
+        assert f"| {count} |" in row[0] and arts[name].hash[:23] in row[0]
+    assert "train-sft" in [x for x in card.splitlines() if x.startswith("| `sft.json` |")][0]
+    assert "eval" in [x for x in card.splitlines() if x.startswith("| `test.json` |")][0]
+
+
+def _commands(card: str) -> list[list[str]]:
+    block = card.split("## Reproduce", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    return [shlex.split(c.replace("\\\n", " ")) for c in re.split(r"(?<!\\)\n", block.strip()) if c.strip()]
+
+
+def test_reproduce_commands_are_self_contained_and_give_the_recorded_config(chain):
+    """Each reproduce line, parsed as the CLI would, resolves (preset + --set + flags) to the recorded config of its
+    stage on every recipe key; the chain runs on names only (tiny-model -> sft-model -> rl-model -> eval)."""
+    from pipelines.config import load_config
+    from pipelines.push import _NOT_READ, _NOT_RECIPE
+    from pipelines.runs import flatten
+
+    reg, cmds = chain["reg"], _commands(chain["card"])
+    assert [c[:3] for c in cmds] == [["videor1", "model", "tiny"], ["videor1", "train", "sft"],
+                                     ["videor1", "train", "rl"], ["videor1", "eval", "--preset"]]
+    assert "--config" not in sum(cmds, [])
+    flags = {"--model": "model.name_or_path", "--data": "data.file", "--root": "data.root", "--out": "sft.output_dir"}
+    for argv, kind in zip(cmds[1:], ["train-sft", "train-rl", "eval"]):
+        preset, sets, sc = None, [], {}
+        i = 3 if kind != "eval" else 2
+        while i < len(argv):
+            if argv[i] == "--preset":
+                preset = argv[i + 1]
+            elif argv[i] == "--set":
+                sets.append(argv[i + 1])
+            else:
+                sc[flags[argv[i]]] = argv[i + 1]
+            i += 2
+        got = flatten(load_config(preset=preset, overrides=sets, shortcuts=sc).model_dump(mode="json"))
+        want = flatten(reg.get_run(reg.list_runs(kind=kind)[0]["id"])["config"])
+        for k, v in want.items():
+            if k in _NOT_RECIPE or k.split(".")[0] in _NOT_READ[kind]:
+                continue
+            assert got[k] == v, (kind, k, got[k], v)
+        if kind == "train-sft":
+            assert sc["model.name_or_path"] == "tiny-model" and sc["sft.output_dir"] == "sft-model"
+            assert sc["data.file"] == "sft.json"
+        if kind == "train-rl":
+            assert sc["model.name_or_path"] == "sft-model" and "rl.output_dir=rl-model" in sets
+        if kind == "eval":
+            assert sc["model.name_or_path"] == "rl-model" and sc["data.file"] == "test.json"
