@@ -46,8 +46,9 @@ class RunConfig(Section):
         "else <run.output_dir>/registry.db.",
     )
     tags: list[str] = Field(default_factory=list, description="Free-form tags stored with the run.")
-    report_to: list[Literal["wandb", "tensorboard", "mlflow"]] = Field(
-        default_factory=list, description="Extra trackers metrics are also sent to (the registry always gets them)."
+    report_to: list[Literal["wandb", "tensorboard", "mlflow", "trackio"]] = Field(
+        default_factory=list, description="Extra trackers metrics are also sent to (the registry and <run dir>/"
+        "metrics.jsonl always get them); trackio is TRL's local-first tracker (pip install trackio).",
     )
     progress_every: float = Field(
         30.0, gt=0, description="Seconds between plain progress lines of long stages when output is not a terminal "

@@ -87,6 +87,7 @@ CREATE INDEX IF NOT EXISTS artifacts_run ON artifacts(run_id);
 """
 
 STATUSES = ("running", "finished", "failed", "interrupted")
+METRICS_FILE = "metrics.jsonl"  # beside every run, one JSON object per log_metrics call (as EasyR1's file logger)
 _HASH_FULL_LIMIT = 64 * 1024 * 1024  # files above this are identified by (size, mtime, head, tail), not a full read
 
 
@@ -467,6 +468,19 @@ class Registry:
         )
 
 
+def append_metrics_line(path: Path, step: int, t: float, values: dict[str, float]) -> None:
+    """One line {"step", "time", name: value, ...}; non-finite values are written as null (strict JSON)."""
+    import math
+
+    line = {"step": step, "time": round(t, 3), **{k: (v if math.isfinite(v) else None) for k, v in values.items()}}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps(line) + "\n")
+    except OSError:  # the registry has the values; a read-only run dir must not stop training
+        pass
+
+
 def _artifact(row: sqlite3.Row) -> Artifact:
     return Artifact(
         id=row["id"], run_id=row["run_id"], kind=row["kind"], path=row["path"], size=row["size"], hash=row["hash"],
@@ -481,6 +495,7 @@ class Run:
         self.registry = registry
         self.id = run_id
         self._lock = threading.Lock()
+        self.metrics_file: Path | None = None  # <run dir>/metrics.jsonl once the run has a directory
 
     @property
     def info(self) -> dict[str, Any]:
@@ -491,10 +506,15 @@ class Run:
 
     def set_run_dir(self, run_dir: str | os.PathLike) -> None:
         self.registry._write("UPDATE runs SET run_dir = ? WHERE id = ?", (str(Path(run_dir).resolve()), self.id))
+        self.attach_dir(run_dir)
+
+    def attach_dir(self, run_dir: str | os.PathLike) -> None:
+        """Also write every log_metrics call to <run_dir>/metrics.jsonl (without touching the registry row)."""
+        self.metrics_file = Path(run_dir) / METRICS_FILE
 
     def log_metrics(self, step: int, values: dict[str, float]) -> None:
         t = _now()
-        rows = []
+        rows, clean = [], {}
         for k, v in values.items():
             if v is None:
                 continue
@@ -502,11 +522,14 @@ class Run:
                 fv = float(v)
             except (TypeError, ValueError):
                 continue
+            clean[k] = fv
             rows.append(("INSERT INTO metrics (run_id, step, name, value, time) VALUES (?,?,?,?,?)",
                          (self.id, int(step), k, fv, t)))
         if rows:
             with self._lock:
                 self.registry._write_many(rows)
+                if self.metrics_file is not None:
+                    append_metrics_line(self.metrics_file, int(step), t, clean)
 
     def log_artifact(
         self, kind: str, path: str | os.PathLike, meta: dict[str, Any] | None = None, hash_content: bool = True

@@ -117,3 +117,15 @@ def test_reproduce_commands_are_self_contained_and_give_the_recorded_config(chai
             assert sc["model.name_or_path"] == "sft-model" and "rl.output_dir=rl-model" in sets
         if kind == "eval":
             assert sc["model.name_or_path"] == "rl-model" and sc["data.file"] == "test.json"
+
+
+def test_every_run_writes_metrics_jsonl_beside_it_matching_the_registry(chain):
+    """metrics.jsonl in each run directory: one JSON object per log_metrics call, with step and time (EasyR1's file
+    logger), the same values as the registry's SQLite rows."""
+    reg = chain["reg"]
+    for kind, name in (("train-sft", "loss"), ("train-rl", "reward")):
+        run = reg.get_run(reg.list_runs(kind=kind)[0]["id"])
+        lines = [json.loads(x) for x in (Path(run["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+        assert lines and all({"step", "time"} <= set(x) for x in lines)
+        from_file = [(x["step"], x[name]) for x in lines if name in x]
+        assert from_file == [(s, v) for s, v in reg.metrics(run["id"], [name])[name]], kind

@@ -80,3 +80,43 @@ def test_a_long_stage_off_a_terminal_logs_plain_progress_lines(tiny_model_dir, s
     assert lines and lines[-1].startswith("[progress] train rl 3/3 (100.0%)"), text
     assert any("reward" in x for x in lines)
     assert "\x1b[" not in text  # no cursor movement or colour codes in a log file
+
+
+def test_report_to_a_tracker_that_is_not_installed_fails_at_once(tiny_model_dir, synth_world, tmp_path):
+    import importlib.util
+
+    import pytest
+
+    from conftest import run_cli
+
+    if importlib.util.find_spec("trackio") is not None:
+        pytest.skip("trackio is installed here")
+    r = run_cli("train", "sft", "--model", tiny_model_dir, "--data", synth_world["sft"], "--max-steps", "1",
+                "--set", "run.report_to=[trackio]", "--set", f"run.output_dir={tmp_path / 'runs'}", check=False)
+    assert r.exit_code == 1
+    assert "error: run.report_to names trackio, which is not installed" in r.output
+    assert "pip install trackio" in r.output
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # nothing started
+
+
+def test_report_to_trackio_logs_rl_metrics_locally(tiny_model_dir, synth_world, tmp_path):
+    """With trackio installed: `train rl --set run.report_to=[trackio]` logs to trackio's local store (TRACKIO_DIR);
+    the registry and metrics.jsonl get the metrics as always."""
+    import importlib.util
+
+    import pytest
+
+    if importlib.util.find_spec("trackio") is None:
+        pytest.skip("trackio is not installed (pip install trackio)")
+    tdir = tmp_path / "trackio"
+    r = subprocess.run(
+        [sys.executable, "-m", "videor1_cli.app", "train", "rl", "--model", str(tiny_model_dir),
+         "--data", synth_world["rl"], "--max-steps", "2", "--set", "rl.num_generations=2",
+         "--set", "rl.max_completion_length=6", "--set", "rl.per_device_prompts=1", "--set", "rl.save_steps=100",
+         "--set", "run.report_to=[trackio]", "--set", f"run.output_dir={tmp_path / 'runs'}"],
+        capture_output=True, text=True, timeout=600,
+        env=_env(VIDEOR1_HOME=str(tmp_path / "home"), TRACKIO_DIR=str(tdir), GRADIO_ANALYTICS_ENABLED="False"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "not started" not in r.stderr
+    assert any(tdir.rglob("*.db")), sorted(str(p) for p in tdir.rglob("*"))
+    assert list((tmp_path / "runs").glob("train-rl-*/metrics.jsonl"))

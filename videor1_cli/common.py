@@ -150,12 +150,15 @@ def registered_run(cfg: Config, kind: str, run_dir: Optional[Path] = None) -> It
     from pipelines import progress
 
     progress.configure(cfg.run.progress_every)
+    check_trackers(cfg.run.report_to)
     reg = Registry(cfg.registry_path())
     attached = os.environ.get("VIDEOR1_RUN_ID")
     if attached:
         # A worker started by pipelines.launch (torchrun): the launching process owns the run and ends it.
         run = Run(reg, attached)
-        yield run, Path(os.environ.get("VIDEOR1_RUN_DIR") or run_dir or run_dir_for(cfg, kind, run))
+        d = Path(os.environ.get("VIDEOR1_RUN_DIR") or run_dir or run_dir_for(cfg, kind, run))
+        run.attach_dir(d)
+        yield run, d
         return
     if int(os.environ.get("RANK", "0") or 0) != 0:
         # A worker of a job launched by hand (torchrun/srun without `videor1 ... --nproc`): rank 0 records the
@@ -170,6 +173,25 @@ def registered_run(cfg: Config, kind: str, run_dir: Optional[Path] = None) -> It
         if os.environ.get("VIDEOR1_QUIET") != "1":
             err_console.print(f"[dim]run {run.id} ({kind}) -> {d}[/dim]")
         yield run, d
+
+
+# run.report_to name -> the module that must import (transformers' and accelerate's integrations load these)
+TRACKER_MODULES = {"wandb": "wandb", "tensorboard": "tensorboard", "mlflow": "mlflow", "trackio": "trackio"}
+
+
+def check_trackers(report_to: list[str]) -> None:
+    """Fail before any work when run.report_to names a tracker that is not installed (one line, the pip command)."""
+    import importlib.util
+
+    from pipelines.errors import VideoR1Error
+
+    for name in report_to or []:
+        module = TRACKER_MODULES.get(name, name)
+        if importlib.util.find_spec(module) is None and not (name == "tensorboard" and
+                                                               importlib.util.find_spec("tensorboardX")):
+            raise VideoR1Error(f"run.report_to names {name}, which is not installed",
+                               hint=f"pip install {name}, or remove it from run.report_to (metrics always go to the "
+                               "registry and <run dir>/metrics.jsonl)")
 
 
 class _NullRun:
