@@ -129,3 +129,40 @@ def test_every_run_writes_metrics_jsonl_beside_it_matching_the_registry(chain):
         assert lines and all({"step", "time"} <= set(x) for x in lines)
         from_file = [(x["step"], x[name]) for x in lines if name in x]
         assert from_file == [(s, v) for s, v in reg.metrics(run["id"], [name])[name]], kind
+
+
+def test_a_resumed_run_is_linked_to_the_run_it_continued(tiny_model_dir, synth_world, tmp_path):
+    """`train rl --resume RUN_DIR`: the new run's parents include the run that wrote the checkpoint, so lineage and
+    the model card list both runs (and the steps the first one made)."""
+    reg_path = tmp_path / "registry.db"
+    common = ["--set", f"run.registry={reg_path}", "--set", f"run.output_dir={tmp_path / 'runs'}",
+              "--model", tiny_model_dir, "--data", synth_world["rl"], "--set", "rl.num_generations=2",
+              "--set", "rl.max_completion_length=6", "--set", "rl.per_device_prompts=1", "--set", "rl.save_steps=1"]
+    run_cli("train", "rl", "--max-steps", "2", *common)
+    reg = Registry(reg_path)
+    first = reg.get_run(reg.list_runs(kind="train-rl")[0]["id"])
+    run_cli("train", "rl", "--max-steps", "3", "--resume", first["run_dir"], *common)
+    second = [r for r in reg.list_runs(kind="train-rl") if r["id"] != first["id"]][0]
+    assert reg.parents(second["id"]) == [first["id"]]
+    assert [n["id"] for n in reg.lineage(second["id"])["next"]] == [first["id"]]
+    card = run_cli("push", second["id"], "--repo-id", "me/x", "--dry-run", "--set", f"run.registry={reg_path}").output
+    rows = [x for x in card.splitlines() if x.startswith("| train-rl")]
+    assert len(rows) == 2 and f"`{first['id']}`" in rows[0] and "| 2 |" in rows[0]
+    assert rows[1].startswith("| train-rl (resumed) |") and "| 3 |" in rows[1]
+    assert "--resume auto" in card
+
+
+def test_a_resumed_sft_run_is_linked_to_the_run_it_continued(tiny_model_dir, tmp_path):
+    from pipelines.synth import synthesize
+
+    w = synthesize(tmp_path / "w", train=4, test=2, seed=0, sft=8)
+    reg_path = tmp_path / "registry.db"
+    common = ["--set", f"run.registry={reg_path}", "--set", f"run.output_dir={tmp_path / 'runs'}",
+              "--model", tiny_model_dir, "--data", w["sft"], "--out", tmp_path / "sft-out",
+              "--set", "sft.per_device_batch_size=4", "--set", "sft.save_steps=1"]
+    run_cli("train", "sft", "--max-steps", "2", *common)
+    reg = Registry(reg_path)
+    first = reg.list_runs(kind="train-sft")[0]["id"]
+    run_cli("train", "sft", "--max-steps", "3", "--resume", "auto", *common)
+    second = [r for r in reg.list_runs(kind="train-sft") if r["id"] != first][0]["id"]
+    assert reg.parents(second) == [first]

@@ -62,6 +62,7 @@ def sft(
                 run.use_path("records", cfg.sft.eval_file, role="eval-records")
             if ckpt is not None:
                 err_console.print(f"[dim]resuming from {ckpt}[/dim]")
+                run.continues(ckpt)  # lineage: this run continues the one that wrote the checkpoint
         summary: dict = {}
         if needs_launch(cfg):
             code = launch(cfg, sys.argv[1:], run)
