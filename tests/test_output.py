@@ -120,3 +120,15 @@ def test_report_to_trackio_logs_rl_metrics_locally(tiny_model_dir, synth_world, 
     assert "not started" not in r.stderr
     assert any(tdir.rglob("*.db")), sorted(str(p) for p in tdir.rglob("*"))
     assert list((tmp_path / "runs").glob("train-rl-*/metrics.jsonl"))
+
+
+def test_scoring_columns_name_the_headline_and_the_quickstart_table_names_its_scoring():
+    from videor1_cli.eval import headline_column
+    from videor1_cli.quickstart import SCORING_NOTE, final_tables
+
+    assert headline_column("official", "official") == "official (headline)"
+    assert headline_column("video-r1", "official") == "video-r1"
+    row = {"chance": 33.3, "untrained": 0.0, "sft": 60.0, "rl": 63.0}
+    table = {**row, "order_dependent": row, "per_type": {}, "n_test": 10, "seeds": [{"seed": 1}]}
+    assert "`official` scoring" in final_tables(table)[0].title
+    assert "`official (headline)`" in SCORING_NOTE

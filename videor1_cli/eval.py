@@ -159,6 +159,11 @@ def _f(v: Any) -> str:
     return "-" if v is None else f"{v:.1f}" if isinstance(v, (int, float)) else str(v)
 
 
+def headline_column(col: str, headline: str) -> str:
+    """The scoring columns keep the mode's name everywhere (`video-r1`, `official`); the headline one says so."""
+    return f"{col} (headline)" if col == headline else col
+
+
 def bench_table(name: str, b: dict[str, Any], headline: str) -> Table:
     vr, of = b["video-r1"], b["official"]
     has_paper = "paper" in b
@@ -166,7 +171,7 @@ def bench_table(name: str, b: dict[str, Any], headline: str) -> Table:
               caption=f"overall: video-r1 = {vr['label']}; official = {of['label']}"
                       + (f". {of['note']}" if of.get("note") else ""), caption_justify="left")
     for col in ("", "n", "video-r1", "official"):
-        t.add_column(col, justify="left" if not col else "right")
+        t.add_column(headline_column(col, headline), justify="left" if not col else "right")
     t.add_row("[bold]overall[/bold]", str(b["n"]), f"[bold]{_f(vr['overall'])}[/bold]",
               f"[bold]{_f(of['overall'])}[/bold]")
     t.add_row("mean_acc (non-regression)", str(vr["n_acc"]), _f(vr["mean_acc"]), "")
@@ -213,7 +218,7 @@ def combined_table(results: dict[str, Any]) -> Table:
     if paper:
         cols += ["paper", "delta"]
     for c in cols:
-        t.add_column(c, justify="left" if c == "benchmark" else "right")
+        t.add_column(headline_column(c, mode), justify="left" if c == "benchmark" else "right")
     for name, b in results["benchmarks"].items():
         vr, of = _f(b["video-r1"]["overall"]), _f(b["official"]["overall"])
         if mode == "video-r1":
