@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 PRESET_DIR = Path(__file__).parent / "presets"
 DEFAULT_PRESET = "cpu-tiny"
@@ -452,6 +452,13 @@ class DistributedConfig(Section):
 class Config(Section):
     """Root of the videor1 configuration."""
 
+    # dotted key -> where its value came from ("preset cpu-tiny", "config file F", "--set k=v", ...); keys absent
+    # here hold the schema default. Filled by load_config; not part of the config's content or hash.
+    _origin: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    def origin(self, key: str) -> str:
+        return self._origin.get(key, "default")
+
     run: RunConfig = Field(default_factory=RunConfig, description="Run identity, seed, outputs and registry.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="The model trained or evaluated.")
     data: DataConfig = Field(default_factory=DataConfig, description="Input records and where their media live.")
@@ -624,6 +631,8 @@ def load_config(
         # The eval frame protocol sets the sampler's ceiling: one place to say "32 frames".
         cfg.video.max_frames = cfg.eval.frames
         cfg.video.min_frames = min(cfg.video.min_frames, cfg.eval.frames)
+        origin["video.max_frames"] = f"eval.frames ({origin.get('eval.frames', 'default')})"
+    cfg._origin = origin
     return cfg
 
 
