@@ -28,6 +28,22 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def config_as_preset(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """A recorded config as (the preset it is closest to, {dotted key: value} of every key that differs from it):
+    the whole config, exactly, in a few lines."""
+    from pipelines.config import list_presets, load_config
+
+    flat = flatten(config)
+    best: tuple[str, dict[str, Any]] | None = None
+    for preset in list_presets():
+        ref = flatten(load_config(preset=preset).model_dump(mode="json"))
+        diff = {k: v for k, v in flat.items() if ref.get(k) != v}
+        if best is None or len(diff) < len(best[1]):
+            best = (preset, diff)
+    assert best is not None
+    return best
+
+
 def compare(reg: Registry, run_ids: list[str]) -> dict[str, Any]:
     """Config keys that differ between the runs, and each run's final metrics."""
     runs = [reg.get_run(r) for r in run_ids]

@@ -29,3 +29,56 @@ def test_config_keys_shows_the_value_in_force_and_where_it_came_from(tmp_path):
     out = run_cli("config", "keys", "sft", "--config", f, "--set", "sft.learning_rate=0.001").output
     assert _row(out, "sft.learning_rate")[1:3] == ["0.001", "--set sft.learning_rate=0.001"]
     assert _row(out, "sft.warmup_ratio")[1:3] == ["0.2", f"config file {f}"]
+
+
+def _flat(text: str) -> str:
+    """Help text without rich's box characters and line breaks (whatever width it was drawn at)."""
+    return " ".join(re.sub(r"[│╭╮╰╯─┃━┏┓┗┛]", " ", text).split())
+
+
+def _all_commands():
+    import typer
+
+    from videor1_cli.app import app
+
+    root = typer.main.get_command(app)
+
+    def walk(cmd, path: list[str]):
+        yield path
+        if getattr(cmd, "commands", None):
+            for name, sub in cmd.commands.items():
+                yield from walk(sub, [*path, name])
+
+    return list(walk(root, []))
+
+
+def test_no_help_text_shows_a_type_placeholder_on_a_flag():
+    paths = _all_commands()
+    assert len(paths) > 20
+    for path in paths:
+        out = run_cli(*path, "--help").output
+        assert not re.search(r"<(bool|str|int|float|path|list\[)", out), (path, out)
+    flat = _flat(run_cli("push", "--help").output)
+    assert "--dry-run Print the model card" in flat and "--set -s KEY=VALUE" in flat
+
+
+def test_help_texts_say_what_the_commands_do():
+    ann = _flat(run_cli("annotate", "--help").output)
+    assert "annotate [OPTIONS] [merge ...]" in ann and "COMMAND [ARGS]" not in ann
+    ev = _flat(run_cli("eval", "--help").output)
+    assert "--data TEXT A directory holding each benchmark's Video-R1 eval file" in ev
+    assert "Input records, JSON or JSONL" not in ev
+    assert "in place, into the directory that holds it" in _flat(run_cli("data", "unzip", "--help").output)
+
+
+def test_runs_show_prints_the_config(tmp_path):
+    from pipelines.config import load_config
+    from pipelines.registry import Registry
+
+    reg = Registry(tmp_path / "r.db")
+    with reg.run("train-sft", load_config(overrides=["sft.max_steps=7"])) as run:
+        pass
+    out = run_cli("runs", "show", run.id, "--set", f"run.registry={tmp_path / 'r.db'}").output
+    assert "config: preset cpu-tiny plus these keys" in out
+    row = [x for x in out.splitlines() if "sft.max_steps" in x]
+    assert row and "7" in row[0]

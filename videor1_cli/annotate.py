@@ -23,7 +23,9 @@ MAX_SAMPLES = Shortcut("data.max_samples", ["--limit"], Optional[int], "Only the
 NPROC = Shortcut("annotate.nproc", ["--nproc"], Optional[int], "Shard processes on this node, each on its own "
                  "--tp GPUs, merged at the end (annotate.nproc).")
 
-app = typer.Typer(help="Annotate records with a teacher's reasoning traces (Video-R1-COT), then filter.")
+app = typer.Typer(help="Annotate records with a teacher's reasoning traces (Video-R1-COT), then filter. Runs with no "
+                  "command; `videor1 annotate merge` joins the shards of --shard runs.",
+                  subcommand_metavar="[merge ...]")
 
 
 def register(root: typer.Typer) -> None:

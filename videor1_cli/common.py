@@ -69,6 +69,44 @@ console = ReadableConsole(stderr=False, highlight=False)
 err_console = ReadableConsole(stderr=True, highlight=False)
 
 
+# Typer (0.29) prints a `<type>` placeholder after every option in --help, `<bool>` even after an on/off flag that takes
+# no value. Flags get none; value options get click's names (TEXT, INTEGER, FLOAT, PATH; ranges are printed apart).
+_VALUE_NAMES = {"str": "TEXT", "int": "INTEGER", "float": "FLOAT", "path": "PATH", "file": "FILE", "directory": "DIR"}
+
+
+def value_placeholder(label: str | None) -> str | None:
+    """Typer's `<int range>` / `<list[str]>` / `<path>` -> INTEGER / TEXT / PATH; choices `a|b` stay as they are."""
+    if label is None:
+        return None
+    core = label.strip("<>").removesuffix("...")
+    if core.startswith("list[") and core.endswith("]"):
+        core = core[5:-1]
+    core = core.removesuffix(" range")
+    return _VALUE_NAMES.get(core.lower(), core if "|" in core else core.upper())
+
+
+def _readable_help_types() -> None:
+    import typer.core as tc
+
+    option_type, argument_type = tc.TyperOption.display_type_rich, tc.TyperArgument.display_type_rich
+
+    def option(self: Any, ctx: Any) -> str | None:
+        if self.metavar is not None:
+            return self.metavar
+        if self.is_flag:
+            return None
+        return value_placeholder(option_type(self, ctx))
+
+    def argument(self: Any, ctx: Any) -> str | None:
+        return self.metavar if self.metavar is not None else value_placeholder(argument_type(self, ctx))
+
+    tc.TyperOption.display_type_rich = option  # type: ignore[method-assign]
+    tc.TyperArgument.display_type_rich = argument  # type: ignore[method-assign]
+
+
+_readable_help_types()
+
+
 class Shortcut:
     """A command flag that sets one config key (e.g. --frames -> eval.frames)."""
 
@@ -108,11 +146,11 @@ def config_command(*shortcuts: Shortcut, default_preset: Optional[Callable[[dict
         own = [p for p in sig.parameters.values() if p.name != "cfg"]
         extra = [
             _param("config_file", typer.Option(None, "--config", "-c", help="YAML config file (overrides the preset).",
-                                               rich_help_panel="Config"), Optional[Path]),
+                                               rich_help_panel="Config", metavar="FILE"), Optional[Path]),
             _param("preset", typer.Option(None, "--preset", "-p", help="Preset: cpu-tiny (default), video-r1-7b, "
-                                          "video-r1-eval.", rich_help_panel="Config"), Optional[str]),
+                                          "video-r1-eval.", rich_help_panel="Config", metavar="NAME"), Optional[str]),
             _param("set_", typer.Option(None, "--set", "-s", help="Override one key: dotted.key=value (repeatable).",
-                                        rich_help_panel="Config"), Optional[list[str]]),
+                                        rich_help_panel="Config", metavar="KEY=VALUE"), Optional[list[str]]),
         ]
         names = []
         for i, sc in enumerate(shortcuts):

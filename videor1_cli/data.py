@@ -92,7 +92,8 @@ def unzip(
     jobs: int = typer.Option(2, "--jobs", "-j", min=1, help="Archives extracted in parallel (threads)."),
     force: bool = typer.Option(False, "--force", help="Extract again even when the marker says it is done."),
 ) -> None:
-    """Extract every *.zip under ROOT into its own directory (safe, idempotent, restartable).
+    """Extract every *.zip under ROOT in place, into the directory that holds it (CLEVRER/CLEVRER.zip -> CLEVRER/...,
+    as the records' ./CLEVRER/... paths expect); safe, idempotent, restartable.
 
     Refuses archives with entries escaping the target or symlinks; a corrupt archive is named, the others are still
     extracted, and the command exits 1 at the end.

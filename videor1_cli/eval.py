@@ -30,7 +30,10 @@ NPROC = Shortcut("distributed.nproc", ["--nproc"], Optional[int], "Data-parallel
 OUT = Shortcut("eval.output_dir", ["--out"], Optional[str], "Directory of the samples and results "
                "(eval.output_dir; default: keyed on the protocol, so a rerun resumes).")
 
-_SHORTCUTS = (MODEL, DATA, ROOT, BENCH, FRAMES, BACKEND, SCORING, COMPARE, LIMIT, BATCH, NPROC, OUT)
+EVAL_DATA = Shortcut("data.file", ["--data"], Optional[str],
+                     "A directory holding each benchmark's Video-R1 eval file (eval_<bench>.json; the synthetic "
+                     "world's test.json), or one JSON/JSONL file for a single --bench (data.file).")
+_SHORTCUTS = (MODEL, EVAL_DATA, ROOT, BENCH, FRAMES, BACKEND, SCORING, COMPARE, LIMIT, BATCH, NPROC, OUT)
 
 
 def _protocol_preset(values: dict[str, Any]) -> Optional[str]:

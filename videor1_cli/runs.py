@@ -96,6 +96,13 @@ def show(cfg: Config, run_id: str = typer.Argument(..., help="Run id (or a uniqu
         console.print(t)
     if info["summary"]:
         console.print("[bold]summary[/bold]", json.dumps(info["summary"], default=str)[:2000])
+    if r["config"]:
+        preset, diff = R.config_as_preset(r["config"])
+        t = Table("key", "value", title=f"config: preset {preset} plus these keys (--json: every key)",
+                  title_justify="left")
+        for k, v in diff.items():
+            t.add_row(k, json.dumps(v, default=str))
+        console.print(t)
     console.print(f"[bold]parents[/bold] {', '.join(info['parents']) or '-'}   "
                   f"[bold]children[/bold] {', '.join(info['children']) or '-'}")
 
