@@ -82,3 +82,25 @@ def test_runs_show_prints_the_config(tmp_path):
     assert "config: preset cpu-tiny plus these keys" in out
     row = [x for x in out.splitlines() if "sft.max_steps" in x]
     assert row and "7" in row[0]
+
+
+def test_readme_cpu_install_names_the_cpu_index_and_a_torch_pair_inside_the_pins():
+    """README's CPU-only instruction installs torch/torchvision versions that pyproject's pins accept (else the
+    following `pip install -e` would replace them with the CUDA build)."""
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    line = next(x for x in readme.splitlines() if "download.pytorch.org/whl/cpu" in x and x.startswith("pip install"))
+    pins = {}
+    import tomllib
+
+    for dep in tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]:
+        r = Requirement(dep)
+        pins[r.name] = r.specifier
+    got = dict(tok.split("==") for tok in line.split() if "==" in tok)
+    assert set(got) == {"torch", "torchvision"}
+    for name, version in got.items():
+        assert pins[name].contains(version), (name, version, pins[name])
