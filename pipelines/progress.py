@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional, TextIO
 
 ENV_INTERVAL = "VIDEOR1_PROGRESS_EVERY"
 DEFAULT_INTERVAL = 30.0
+MIN_RATE_SECONDS = 0.5
 _MARKUP = re.compile(r"\[/?[a-z][a-z0-9 ._#-]*\]")
 
 
@@ -76,17 +77,23 @@ class _Task:
     completed: float = 0.0
     fields: dict[str, Any] = field(default_factory=dict)
     start_completed: float = 0.0
-    start_time: float = field(default_factory=time.monotonic)
+    clock: Callable[[], float] = time.monotonic
+    start_time: float = -1.0
+
+    def __post_init__(self) -> None:
+        if self.start_time < 0:
+            self.start_time = self.clock()
 
     @property
     def elapsed(self) -> float:
-        return time.monotonic() - self.start_time
+        return self.clock() - self.start_time
 
     @property
     def speed(self) -> Optional[float]:
-        """Items per second since the task was added (work resumed from a checkpoint is not counted)."""
+        """Items per second since the task was added (work resumed from a checkpoint is not counted); None over the
+        first half second, when one item's timing says nothing (a task added just as its first item ends)."""
         done, dt = self.completed - self.start_completed, self.elapsed
-        return done / dt if done > 0 and dt > 0 else None
+        return done / dt if done > 0 and dt >= MIN_RATE_SECONDS else None
 
     @property
     def finished(self) -> bool:
@@ -103,12 +110,14 @@ class PlainProgress:
         self.every = every if every is not None else interval()
         self.tasks: list[_Task] = []
         self._last: float | None = None
+        self._last_completed: float | None = None
         self._started = False
 
     # rich's API --------------------------------------------------------------------------------------------------
     def add_task(self, description: str, start: bool = True, total: float | None = 100.0, completed: float = 0,
                  visible: bool = True, **fields: Any) -> int:
-        t = _Task(len(self.tasks), description, total, float(completed or 0), dict(fields), float(completed or 0))
+        t = _Task(len(self.tasks), description, total, float(completed or 0), dict(fields), float(completed or 0),
+                  self.clock)
         self.tasks.append(t)
         return t.id
 
@@ -132,8 +141,8 @@ class PlainProgress:
         self._started = True
 
     def stop(self) -> None:
-        if self._started and self.tasks:
-            self._print()
+        if self._started and self.tasks and self.tasks[0].completed != self._last_completed:
+            self._print()  # the final state, unless the last line already showed it
         self._started = False
 
     def refresh(self) -> None:
@@ -157,6 +166,7 @@ class PlainProgress:
         if self.disable or not self.tasks:
             return
         t = self.tasks[0]
+        self._last_completed = t.completed
         # the rate is computed here; a task's own "rate" text (for rich's column) would repeat it
         info = "  ".join(str(v) for k, v in t.fields.items()
                          if k != "rate" and isinstance(v, (str, int, float)) and str(v).strip())

@@ -37,6 +37,15 @@ def test_plain_progress_prints_at_start_every_interval_and_at_stop():
     assert lines[1].startswith("[progress] train rl 11/100") and "reward 0.110" in lines[1]
     assert lines[-1].startswith("[progress] train rl 30/100 (30.0%)") and "ETA" in lines[-1]
     assert "9 steps/s" not in buf.getvalue()  # the task's own rate text is not repeated
+    # all the work in one update (an eval of a few samples): one line, not the same line twice; and no rate from a
+    # task added just as its first item ended (RL adds it after step 1)
+    buf = io.StringIO()
+    now[0] = 0.0
+    with PlainProgress("eval", file=buf, every=10.0, clock=lambda: now[0]) as p:
+        t = p.add_task("e", total=12)
+        now[0] = 0.001
+        p.update(t, completed=12)
+    assert buf.getvalue().splitlines() == ["[progress] eval 12/12 (100.0%)  elapsed 0s"]
 
 
 def test_progress_bar_is_rich_on_a_terminal_and_plain_elsewhere(monkeypatch):
