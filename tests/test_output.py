@@ -141,3 +141,6 @@ def test_scoring_columns_name_the_headline_and_the_quickstart_table_names_its_sc
     table = {**row, "order_dependent": row, "per_type": {}, "n_test": 10, "seeds": [{"seed": 1}]}
     assert "`official` scoring" in final_tables(table)[0].title
     assert "`official (headline)`" in SCORING_NOTE
+    buf = io.StringIO()
+    Console(file=buf, width=300).print(final_tables({**table, "smoke": True})[0])
+    assert "[smoke: no accuracy claim]" in buf.getvalue()  # was eaten as a rich style tag

@@ -53,7 +53,8 @@ def test_dry_run_card_from_lineage(trained):
     out = run_cli("push", rl_id, "--repo-id", "me/tiny-r1", "--dry-run").output
     assert "train-sft" in out and "train-rl" in out and rl_id in out
     assert "rl.temporal_alpha" in out and "0.3" in out
-    assert "videor1 train rl --preset" in out and "videor1 train sft --preset" in out and "| `cot.json` | train-sft |" in out
+    assert "videor1 train rl --preset" in out and "videor1 train sft --preset" in out
+    assert "| `cot.json` | train-sft |" in out
     assert "- Base model: `base` (a local model directory" in out and str(model.parent) not in out
     assert "| synthetic | 0.71 | 0.69 | 100 | 0 |" in out
     assert "reward | 0.5 → 0.7" in out

@@ -169,9 +169,11 @@ def _cols(table: dict[str, Any]) -> list[tuple[str, str]]:
 def final_tables(table: dict[str, Any]) -> list[Table]:
     seeds = table["seeds"]
     cols = _cols(table)
-    title = ("quickstart: held-out score (%, `official` scoring)" + (f", mean of seeds {', '.join(str(s['seed']) for s in seeds)}"
-                                                     if len(seeds) > 1 else f", seed {seeds[0]['seed']}")
-             + f", {table.get('n_test')} held-out questions" + ("  [smoke: no accuracy claim]" if table.get("smoke") else ""))
+    title = ("quickstart: held-out score (%, `official` scoring)"
+             + (f", mean of seeds {', '.join(str(s['seed']) for s in seeds)}" if len(seeds) > 1
+                else f", seed {seeds[0]['seed']}")
+             + f", {table.get('n_test')} held-out questions"
+             + ("  \\[smoke: no accuracy claim]" if table.get("smoke") else ""))  # escaped: not a rich style tag
     t = Table(title=title, title_justify="left")
     t.add_column("")
     for _, label in cols:
