@@ -52,7 +52,8 @@ def _all_commands():
     return list(walk(root, []))
 
 
-def test_no_help_text_shows_a_type_placeholder_on_a_flag():
+def test_no_help_text_shows_a_type_placeholder_on_a_flag(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # typer draws help at the terminal's width and cuts cells with "…"
     paths = _all_commands()
     assert len(paths) > 20
     for path in paths:
@@ -62,7 +63,8 @@ def test_no_help_text_shows_a_type_placeholder_on_a_flag():
     assert "--dry-run Print the model card" in flat and "--set -s KEY=VALUE" in flat
 
 
-def test_help_texts_say_what_the_commands_do():
+def test_help_texts_say_what_the_commands_do(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
     ann = _flat(run_cli("annotate", "--help").output)
     assert "annotate [OPTIONS] [merge ...]" in ann and "COMMAND [ARGS]" not in ann
     ev = _flat(run_cli("eval", "--help").output)
