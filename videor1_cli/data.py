@@ -100,10 +100,11 @@ def unzip(
     """
     import json as _json
 
-    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+    from rich.progress import BarColumn, DownloadColumn, TimeRemainingColumn, TransferSpeedColumn
     from rich.table import Table
 
     from pipelines.errors import DataError
+    from pipelines.progress import progress_bar
     from pipelines.unzip import archive_size, extract_all, find_archives
     from videor1_cli.common import console, err_console, registered_run
 
@@ -115,7 +116,7 @@ def unzip(
         sizes = {str(a): archive_size(a) for a in archives}
         columns = ("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                    TimeRemainingColumn())
-        with Progress(*columns, console=err_console, transient=True) as bar:
+        with progress_bar("data unzip", *columns, console=err_console, transient=True, unit="B") as bar:
             task = bar.add_task(f"{len(archives)} archives", total=sum(sizes.values()) or None)
 
             def done(r):
