@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 PRESET_DIR = Path(__file__).parent / "presets"
 DEFAULT_PRESET = "cpu-tiny"
@@ -46,8 +46,13 @@ class RunConfig(Section):
         "else <run.output_dir>/registry.db.",
     )
     tags: list[str] = Field(default_factory=list, description="Free-form tags stored with the run.")
-    report_to: list[Literal["wandb", "tensorboard", "mlflow"]] = Field(
-        default_factory=list, description="Extra trackers metrics are also sent to (the registry always gets them)."
+    report_to: list[Literal["wandb", "tensorboard", "mlflow", "trackio"]] = Field(
+        default_factory=list, description="Extra trackers metrics are also sent to (the registry and <run dir>/"
+        "metrics.jsonl always get them); trackio is TRL's local-first tracker (pip install trackio).",
+    )
+    progress_every: float = Field(
+        30.0, gt=0, description="Seconds between plain progress lines of long stages when output is not a terminal "
+        "(a log file, CI, nohup); on a terminal a live rich bar is drawn instead.",
     )
 
 
@@ -454,6 +459,13 @@ class DistributedConfig(Section):
 class Config(Section):
     """Root of the videor1 configuration."""
 
+    # dotted key -> where its value came from ("preset cpu-tiny", "config file F", "--set k=v", ...); keys absent
+    # here hold the schema default. Filled by load_config; not part of the config's content or hash.
+    _origin: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    def origin(self, key: str) -> str:
+        return self._origin.get(key, "default")
+
     run: RunConfig = Field(default_factory=RunConfig, description="Run identity, seed, outputs and registry.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="The model trained or evaluated.")
     data: DataConfig = Field(default_factory=DataConfig, description="Input records and where their media live.")
@@ -626,6 +638,8 @@ def load_config(
         # The eval frame protocol sets the sampler's ceiling: one place to say "32 frames".
         cfg.video.max_frames = cfg.eval.frames
         cfg.video.min_frames = min(cfg.video.min_frames, cfg.eval.frames)
+        origin["video.max_frames"] = f"eval.frames ({origin.get('eval.frames', 'default')})"
+    cfg._origin = origin
     return cfg
 
 

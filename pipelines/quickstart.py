@@ -113,7 +113,7 @@ def plan_seed(cfg, seed: int, out: Path, config_file: Path, tag: str) -> SeedPla
         sp.evals[label] = e
         add(f"eval-{label}", f"eval {label} model on {q.test} held-out questions",
             ["eval", *common, *named(f"eval-{label}"), "--model", str(model), "--data", str(world / "test.json"),
-             "--bench", "synthetic", "--out", str(e)], e)
+             "--bench", "synthetic", "--out", str(e), "--set", f"eval.scoring={SCORING}"], e)  # one headline
 
     evaluate("untrained", tiny)
     sft = d / "sft-model"

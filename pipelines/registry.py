@@ -87,6 +87,7 @@ CREATE INDEX IF NOT EXISTS artifacts_run ON artifacts(run_id);
 """
 
 STATUSES = ("running", "finished", "failed", "interrupted")
+METRICS_FILE = "metrics.jsonl"  # beside every run, one JSON object per log_metrics call (as EasyR1's file logger)
 _HASH_FULL_LIMIT = 64 * 1024 * 1024  # files above this are identified by (size, mtime, head, tail), not a full read
 
 
@@ -335,16 +336,34 @@ class Registry:
             rows = con.execute("SELECT id, pid FROM runs WHERE status = 'running' AND host = ?", (host,)).fetchall()
         dead = [r["id"] for r in rows if r["pid"] and r["pid"] != os.getpid() and not _pid_alive(r["pid"])]
         if dead:
+            # It ended when it was last seen alive, not when someone noticed: its "took" must not grow until then.
             self._write_many(
                 [
                     (
                         "UPDATE runs SET status='failed', ended_at=?, error=? WHERE id=? AND status='running'",
-                        (_now(), "process died without ending the run (killed?)", rid),
+                        (self.last_seen(rid), "process died without ending the run (killed?)", rid),
                     )
                     for rid in dead
                 ]
             )
         return len(dead)
+
+    def last_seen(self, run_id: str) -> float:
+        """The last sign of life of a run: its newest metric, artifact or metrics.jsonl line, else its start."""
+        with self._connect() as con:
+            row = con.execute(
+                "SELECT r.started_at, r.run_dir, (SELECT MAX(time) FROM metrics WHERE run_id = r.id), "
+                "(SELECT MAX(created_at) FROM artifacts WHERE run_id = r.id) FROM runs r WHERE r.id = ?", (run_id,)
+            ).fetchone()
+        if row is None:
+            return _now()
+        times = [t for t in (row[0], row[2], row[3]) if t is not None]
+        if row[1]:
+            try:
+                times.append((Path(row[1]) / METRICS_FILE).stat().st_mtime)
+            except OSError:
+                pass
+        return max(times) if times else _now()
 
     # -- artifacts and lineage ------------------------------------------------------------------------------------
     def get_artifact(self, artifact_id: str) -> Artifact:
@@ -401,6 +420,26 @@ class Registry:
                 (run_id, run_id),
             ).fetchall()
         return [r[0] for r in rows]
+
+    def run_owning(self, path: str | os.PathLike, exclude: str | None = None) -> str | None:
+        """The newest run whose directory (or configured sft/rl output directory) holds `path`: e.g. the run that
+        wrote a checkpoint."""
+        p = Path(path).resolve()
+        with self._connect() as con:
+            rows = con.execute("SELECT id, run_dir, config FROM runs ORDER BY started_at DESC").fetchall()
+        for r in rows:
+            if r["id"] == exclude:
+                continue
+            places = [r["run_dir"]]
+            try:
+                cfg = json.loads(r["config"] or "{}")
+                places += [(cfg.get(s) or {}).get("output_dir") for s in ("sft", "rl")]
+            except (ValueError, AttributeError):
+                pass
+            for d in places:
+                if d and p.is_relative_to(Path(d).resolve()):
+                    return r["id"]
+        return None
 
     def lineage(self, run_id: str, direction: str = "up") -> dict[str, Any]:
         """A tree {id, kind, status, children: [...]} following parents (up) or children (down)."""
@@ -467,6 +506,19 @@ class Registry:
         )
 
 
+def append_metrics_line(path: Path, step: int, t: float, values: dict[str, float]) -> None:
+    """One line {"step", "time", name: value, ...}; non-finite values are written as null (strict JSON)."""
+    import math
+
+    line = {"step": step, "time": round(t, 3), **{k: (v if math.isfinite(v) else None) for k, v in values.items()}}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps(line) + "\n")
+    except OSError:  # the registry has the values; a read-only run dir must not stop training
+        pass
+
+
 def _artifact(row: sqlite3.Row) -> Artifact:
     return Artifact(
         id=row["id"], run_id=row["run_id"], kind=row["kind"], path=row["path"], size=row["size"], hash=row["hash"],
@@ -481,6 +533,7 @@ class Run:
         self.registry = registry
         self.id = run_id
         self._lock = threading.Lock()
+        self.metrics_file: Path | None = None  # <run dir>/metrics.jsonl once the run has a directory
 
     @property
     def info(self) -> dict[str, Any]:
@@ -491,10 +544,15 @@ class Run:
 
     def set_run_dir(self, run_dir: str | os.PathLike) -> None:
         self.registry._write("UPDATE runs SET run_dir = ? WHERE id = ?", (str(Path(run_dir).resolve()), self.id))
+        self.attach_dir(run_dir)
+
+    def attach_dir(self, run_dir: str | os.PathLike) -> None:
+        """Also write every log_metrics call to <run_dir>/metrics.jsonl (without touching the registry row)."""
+        self.metrics_file = Path(run_dir) / METRICS_FILE
 
     def log_metrics(self, step: int, values: dict[str, float]) -> None:
         t = _now()
-        rows = []
+        rows, clean = [], {}
         for k, v in values.items():
             if v is None:
                 continue
@@ -502,11 +560,14 @@ class Run:
                 fv = float(v)
             except (TypeError, ValueError):
                 continue
+            clean[k] = fv
             rows.append(("INSERT INTO metrics (run_id, step, name, value, time) VALUES (?,?,?,?,?)",
                          (self.id, int(step), k, fv, t)))
         if rows:
             with self._lock:
                 self.registry._write_many(rows)
+                if self.metrics_file is not None:
+                    append_metrics_line(self.metrics_file, int(step), t, clean)
 
     def log_artifact(
         self, kind: str, path: str | os.PathLike, meta: dict[str, Any] | None = None, hash_content: bool = True
@@ -539,6 +600,18 @@ class Run:
             aid = art.id
         self.use_artifact(aid, role or kind)
         return aid
+
+    def continues(self, checkpoint: str | os.PathLike) -> str | None:
+        """This run resumed from `checkpoint`: record it as a 'checkpoint' output of the run that wrote it and an
+        input of this one, so lineage (and the model card) includes the steps that run made. Returns that run's id.
+        Not content-hashed: a 7B checkpoint is tens of GB, and the edge, not the bytes, is what is recorded."""
+        owner = self.registry.run_owning(checkpoint, exclude=self.id)
+        if owner is None:
+            return None
+        aid = Run(self.registry, owner).log_artifact("checkpoint", checkpoint, meta={"resumed_by": self.id},
+                                                     hash_content=False)
+        self.use_artifact(aid, role="resumed-from")
+        return owner
 
     def set_summary(self, summary: dict[str, Any]) -> None:
         self.registry._write("UPDATE runs SET summary = ? WHERE id = ?", (json.dumps(summary, default=str), self.id))

@@ -333,12 +333,13 @@ def _callbacks():
             if not state.is_world_process_zero or os.environ.get("VIDEOR1_QUIET") == "1":
                 return
             from rich.console import Console
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                       TimeRemainingColumn)
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-            self.progress = Progress(TextColumn("sft"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                                     console=Console(stderr=True), transient=False)
+            from pipelines.progress import progress_bar
+
+            self.progress = progress_bar("sft", TextColumn("sft"), BarColumn(), MofNCompleteColumn(),
+                                         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                         console=Console(stderr=True), transient=False, unit="steps")
             self.progress.start()
             self.task = self.progress.add_task("sft", total=state.max_steps, completed=state.global_step, info="")
 

@@ -53,7 +53,9 @@ def test_dry_run_card_from_lineage(trained):
     out = run_cli("push", rl_id, "--repo-id", "me/tiny-r1", "--dry-run").output
     assert "train-sft" in out and "train-rl" in out and rl_id in out
     assert "rl.temporal_alpha" in out and "0.3" in out
-    assert "videor1 train rl --algo tgrpo" in out and "videor1 train sft --data cot.json" in out
+    assert "videor1 train rl --preset" in out and "videor1 train sft --preset" in out
+    assert "| `cot.json` | train-sft |" in out
+    assert "- Base model: `base` (a local model directory" in out and str(model.parent) not in out
     assert "| synthetic | 0.71 | 0.69 | 100 | 0 |" in out
     assert "reward | 0.5 → 0.7" in out
     assert "arXiv:2503.21776" in out and "license: apache-2.0" in out
@@ -95,3 +97,25 @@ def test_push_needs_repo_id(trained):
     reg, rl_id, model = trained
     r = run_cli("push", rl_id, check=False)
     assert r.exit_code == 1 and "--repo-id" in r.output
+
+
+def test_eval_rows_read_number_summaries_and_dict_summaries():
+    """The eval run's summary is {"synthetic": 56.54, ...} (numbers in the headline mode) once its results.json is
+    gone; older runs stored dicts with both modes. Both fill the card's table."""
+    from pipelines.push import eval_rows
+
+    e = {"summary": {"results": "/nonexistent/results.json", "scoring": "video-r1", "frames": 16,
+                     "synthetic": 56.54, "errors": 2}, "config": {}}
+    assert eval_rows(e) == ("video-r1", [{"bench": "synthetic", "video-r1": 56.54, "n": None, "errors": 2}])
+    e = {"summary": {"benchmarks": {"vsi": {"video-r1": {"overall": 35.8}, "official": {"overall": 34.1},
+                                            "n": 10, "errors": 0}}}, "config": {"eval": {"scoring": "official"}}}
+    assert eval_rows(e) == ("official", [{"bench": "vsi", "video-r1": 35.8, "official": 34.1, "n": 10, "errors": 0}])
+
+
+def test_public_name_drops_local_directories_and_keeps_hub_ids(tmp_path):
+    from pipelines.push import public_name
+
+    assert public_name("Qwen/Qwen2.5-VL-7B-Instruct") == "Qwen/Qwen2.5-VL-7B-Instruct"
+    assert public_name("/data/runs/train-sft-x/model") == "model"
+    assert public_name(str(tmp_path / "m"), {str(tmp_path / "m"): "sft-model"}) == "sft-model"
+    assert public_name({"a": ["/x/y.json", 3]}) == {"a": ["y.json", 3]}

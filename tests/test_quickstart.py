@@ -65,6 +65,8 @@ def test_plan_chains_each_stage_on_the_previous_outputs(tmp_path):
     assert str(by["tiny"].output) in by["sft"].argv and str(by["sft"].output) in by["rl-grpo"].argv
     assert str(by["rl-tgrpo"].output) in by["eval-rl-tgrpo"].argv
     assert all("run.seed=3" in s.argv for s in sp.stages)
+    # the stage evals headline the scoring the final table uses (one name per number)
+    assert all(f"eval.scoring={Q.SCORING}" in s.argv for s in sp.stages if s.key.startswith("eval-"))
     # the vision tower is frozen in the RL stages only (quickstart.rl_freeze_vision), never in SFT
     assert "model.freeze_vision=true" in by["rl-tgrpo"].argv and "model.freeze_vision=true" in by["rl-grpo"].argv
     assert not any("model.freeze_vision=true" in s.argv for s in sp.stages if not s.key.startswith("rl-"))
@@ -131,6 +133,12 @@ def test_quickstart_smoke_runs_every_stage_linked_by_lineage(tmp_path):
     assert parents(evals["eval-sft"]) == ["data-synth", "train-sft"]
     assert parents(evals["eval-untrained"]) == ["data-synth", "model-tiny"]
     assert sorted(reg.parents(qs["id"])) == sorted(evals.values())
+    # each stage eval's headline (its run summary, its table) is the number the quickstart table shows
+    label_of = {"eval-untrained": "untrained", "eval-sft": "sft", "eval-rl-tgrpo": "rl"}
+    for name, rid in evals.items():
+        s = reg.get_run(rid)["summary"]
+        assert s["scoring"] == "official" and round(s["synthetic"], 2) == table["seeds"][0][label_of[name]]
+    assert "official (headline)" in res.output  # the stage tables (stderr) name it the same way
     # every stage logged metrics
     for r in runs:
         if r["kind"] != "model-tiny":

@@ -137,3 +137,33 @@ def test_content_hash_dir_is_manifest(tmp_path):
     assert size == 1 and h.startswith("manifest:")
     (tmp_path / "a").write_text("y")
     assert content_hash(tmp_path)[1] != h
+
+
+_CHILD_WITH_METRIC = """
+import sys, time
+from pipelines.registry import Registry
+reg = Registry(sys.argv[1])
+with reg.run("long") as run:
+    run.log_metrics(1, {"loss": 1.0})
+    print(run.id, flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_killed_run_ends_when_it_was_last_seen_not_when_noticed(tmp_path):
+    """SIGKILL leaves the run 'running'; the reader that notices marks it failed with ended_at = its last metric's
+    time, so `runs ls` does not count the time nobody was looking as the run's duration."""
+    import time
+
+    db = tmp_path / "r.db"
+    p = subprocess.Popen([sys.executable, "-c", _CHILD_WITH_METRIC, str(db)], stdout=subprocess.PIPE, text=True)
+    run_id = p.stdout.readline().strip()
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait(timeout=30)
+    time.sleep(1.0)  # noticed later
+    reg = Registry(db)
+    r = reg.get_run(run_id)
+    import sqlite3
+
+    last_metric = sqlite3.connect(db).execute("SELECT MAX(time) FROM metrics WHERE run_id = ?", (run_id,)).fetchone()[0]
+    assert r["status"] == "failed" and r["ended_at"] == last_metric

@@ -90,3 +90,56 @@ def test_rm_and_gc_keep_depended_on_runs(chain):
     run_cli("runs", "rm", c)
     run_cli("runs", "rm", b)
     assert {x["id"] for x in reg.list_runs()} == {a}
+
+
+def test_common_path_prefix_delta_and_ema_by_hand():
+    from pipelines.runs import common_path_prefix, delta, ema
+
+    assert common_path_prefix(["/tmp/x/long/a/d.json", "/tmp/x/long/b/d.json"]) == "/tmp/x/long/"
+    assert common_path_prefix(["/a/d.json", "rel/d.json"]) == "" and common_path_prefix([1, 2]) == ""
+    assert common_path_prefix(["/m/run/model", "/m/run/model2"]) == "/m/run/"  # the file name is never cut
+    assert delta([0.5, 0.75]) == 0.25 and delta([None, 1.0]) is None and delta(["a", "b"]) is None
+    # debiased EMA, weight 0.5: 1 -> 0.5 / 0.5 = 1; 3 -> (0.25 + 1.5) / 0.75 = 2.333
+    assert ema([1.0, 3.0], 0.5) == pytest.approx([1.0, 7 / 3]) and ema([1.0, 3.0], 0.0) == [1.0, 3.0]
+
+
+def test_compare_shows_the_differing_part_of_paths_and_a_delta(tmp_path):
+    reg = Registry(os.path.join(os.environ["VIDEOR1_HOME"], "registry.db"))
+    base = tmp_path / ("a-long-directory-name-" * 4)
+    ids = []
+    for name, acc in (("first", 0.5), ("second", 0.75)):
+        cfg = Config()
+        cfg.data.file = str(base / name / "records.json")
+        with reg.run("train-rl", cfg) as r:
+            r.log_metrics(1, {"rewards/accuracy": acc})
+        ids.append(r.id)
+    out = run_cli("runs", "compare", *ids).output
+    row = [x for x in out.splitlines() if "data.file" in x][0]
+    assert "…/first/records.json" in row and "…/second/records.json" in row
+    assert f"paths under {base}/" in out
+    assert "Δ" in out and "+0.25" in [x for x in out.splitlines() if "rewards/accuracy" in x][0]
+    res = json.loads(run_cli("runs", "compare", *ids, "--json").output)
+    assert res["delta"]["rewards/accuracy"] == pytest.approx(0.25)
+
+
+def test_plot_smooths_draws_the_temporal_panel_and_bars_for_an_eval(tmp_path):
+    from PIL import Image
+
+    reg = Registry(os.path.join(os.environ["VIDEOR1_HOME"], "registry.db"))
+    with reg.run("train-rl", Config()) as r:
+        for s in range(1, 21):
+            r.log_metrics(s, {"reward": (s % 3) / 2, "p_ordered": 0.5 + s / 50, "p_shuffled": 0.5, "kl": 0.01})
+    raw, smooth = tmp_path / "raw.png", tmp_path / "smooth.png"
+    out = run_cli("runs", "plot", r.id, "-o", raw).output
+    assert "p_ordered vs p_shuffled" in out
+    run_cli("runs", "plot", r.id, "-o", smooth, "--smooth", "0.8")
+    assert list(Image.open(raw).convert("L").getdata()) != list(Image.open(smooth).convert("L").getdata())
+    bad = run_cli("runs", "plot", r.id, "-o", smooth, "--smooth", "1.5", check=False)
+    assert bad.exit_code == 1 and "--smooth 1.5: the EMA weight must be in [0, 1)" in bad.output
+    with reg.run("eval", Config()) as e:
+        e.log_metrics(0, {"eval/synthetic/overall": 56.5, "eval/synthetic/official": 60.1, "eval/synthetic/errors": 0})
+    bars = tmp_path / "eval.png"
+    out = run_cli("runs", "plot", e.id, "-o", bars).output
+    assert "eval/synthetic/overall" in out
+    # one 7.5 x 2 inch bar chart at 110 dpi, not a 3-panel grid (12.6 x 3 inches) of one-point lines
+    assert Image.open(bars).size == (825, 220)

@@ -23,7 +23,9 @@ MAX_SAMPLES = Shortcut("data.max_samples", ["--limit"], Optional[int], "Only the
 NPROC = Shortcut("annotate.nproc", ["--nproc"], Optional[int], "Shard processes on this node, each on its own "
                  "--tp GPUs, merged at the end (annotate.nproc).")
 
-app = typer.Typer(help="Annotate records with a teacher's reasoning traces (Video-R1-COT), then filter.")
+app = typer.Typer(help="Annotate records with a teacher's reasoning traces (Video-R1-COT), then filter. Runs with no "
+                  "command; `videor1 annotate merge` joins the shards of --shard runs.",
+                  subcommand_metavar="[merge ...]")
 
 
 def register(root: typer.Typer) -> None:
@@ -47,9 +49,10 @@ def annotate_command(
     """
     if ctx.invoked_subcommand:
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from pipelines import annotate as A
+    from pipelines.progress import progress_bar
 
     sh = A.parse_shard(shard)
     if cfg.annotate.nproc > 1 and sh is None:
@@ -61,9 +64,9 @@ def annotate_command(
         run.use_path("model", cfg.annotate.model)
         with err_console.status(f"loading teacher {cfg.annotate.model} ({cfg.annotate.backend})"):
             backend, processor = A.make_teacher(cfg)
-        progress = Progress(TextColumn("annotate"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                            console=err_console, transient=True)
+        progress = progress_bar("annotate", TextColumn("annotate"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                console=err_console, transient=True, unit="records")
         task = progress.add_task("annotate", total=None, rate="")
         first: list[tuple[int, float]] = []
 
@@ -108,9 +111,10 @@ def _annotate_in_parallel(cfg: Config) -> None:
     failure or an interrupt redoes nothing already written."""
     import time
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from pipelines import annotate as A
+    from pipelines.progress import progress_bar
     from pipelines.records import load_records
 
     n = cfg.annotate.nproc
@@ -131,8 +135,9 @@ def _annotate_in_parallel(cfg: Config) -> None:
         child.annotate.output = prefix
         child_cfg = Path(run_dir) / "annotate-shard-config.yaml"
         child_cfg.write_text(child.to_yaml())
-        progress = Progress(TextColumn(f"annotate x{n}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=True)
+        progress = progress_bar(f"annotate x{n}", TextColumn(f"annotate x{n}"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=True,
+                                unit="records")
         with progress:
             task = progress.add_task("annotate", total=total)
             files, logs = A.run_shard_processes(child_cfg, prefix, groups, run_dir,

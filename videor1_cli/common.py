@@ -16,13 +16,95 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 
 from pipelines.config import Config, load_config
 from pipelines.registry import Registry, Run
 
-console = Console(stderr=False, highlight=False)
-err_console = Console(stderr=True, highlight=False)
+# Output that is not a terminal (a log file, a pipe, CI, nohup) has no width: rich would wrap at $COLUMNS or 80 and
+# break paths mid-word. There, lines are printed whole (soft wrap) and tables get room for their widest cell.
+NON_TTY_WIDTH = 10_000
+RULE_WIDTH = 100
+
+
+class ReadableConsole(Console):
+    """rich's Console, deciding per print whether its stream is a terminal (CliRunner and redirects swap streams).
+
+    On a terminal: rich's own width and wrapping. Elsewhere: no wrapping, no cropping, tables as wide as their content,
+    rules 100 columns wide."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self._fixed_width = kwargs.get("width")  # rich turns $COLUMNS into a fixed width: only a given one counts
+        super().__init__(*args, **kwargs)
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = Console.size.fget(self)  # type: ignore[attr-defined]
+        if self._fixed_width is None and not self.is_terminal:
+            return ConsoleDimensions(NON_TTY_WIDTH, size.height)
+        return size
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        self._fixed_width = new_size[0]
+        Console.size.fset(self, new_size)  # type: ignore[attr-defined]
+
+    @property
+    def soft_wrap(self) -> bool:
+        return self._soft_wrap or not self.is_terminal
+
+    @soft_wrap.setter
+    def soft_wrap(self, value: bool) -> None:
+        self._soft_wrap = value
+
+    def rule(self, *args: Any, **kwargs: Any) -> None:
+        if self.is_terminal:
+            return super().rule(*args, **kwargs)
+        from rich.rule import Rule
+
+        self.print(Rule(*args, **kwargs), width=RULE_WIDTH)
+
+
+console = ReadableConsole(stderr=False, highlight=False)
+err_console = ReadableConsole(stderr=True, highlight=False)
+
+
+# Typer (0.29) prints a `<type>` placeholder after every option in --help, `<bool>` even after an on/off flag that takes
+# no value. Flags get none; value options get click's names (TEXT, INTEGER, FLOAT, PATH; ranges are printed apart).
+_VALUE_NAMES = {"str": "TEXT", "int": "INTEGER", "float": "FLOAT", "path": "PATH", "file": "FILE", "directory": "DIR"}
+
+
+def value_placeholder(label: str | None) -> str | None:
+    """Typer's `<int range>` / `<list[str]>` / `<path>` -> INTEGER / TEXT / PATH; choices `a|b` stay as they are."""
+    if label is None:
+        return None
+    core = label.strip("<>").removesuffix("...")
+    if core.startswith("list[") and core.endswith("]"):
+        core = core[5:-1]
+    core = core.removesuffix(" range")
+    return _VALUE_NAMES.get(core.lower(), core if "|" in core else core.upper())
+
+
+def _readable_help_types() -> None:
+    import typer.core as tc
+
+    option_type, argument_type = tc.TyperOption.display_type_rich, tc.TyperArgument.display_type_rich
+
+    def option(self: Any, ctx: Any) -> str | None:
+        if self.metavar is not None:
+            return self.metavar
+        if self.is_flag:
+            return None
+        return value_placeholder(option_type(self, ctx))
+
+    def argument(self: Any, ctx: Any) -> str | None:
+        return self.metavar if self.metavar is not None else value_placeholder(argument_type(self, ctx))
+
+    tc.TyperOption.display_type_rich = option  # type: ignore[method-assign]
+    tc.TyperArgument.display_type_rich = argument  # type: ignore[method-assign]
+
+
+_readable_help_types()
 
 
 class Shortcut:
@@ -64,11 +146,11 @@ def config_command(*shortcuts: Shortcut, default_preset: Optional[Callable[[dict
         own = [p for p in sig.parameters.values() if p.name != "cfg"]
         extra = [
             _param("config_file", typer.Option(None, "--config", "-c", help="YAML config file (overrides the preset).",
-                                               rich_help_panel="Config"), Optional[Path]),
+                                               rich_help_panel="Config", metavar="FILE"), Optional[Path]),
             _param("preset", typer.Option(None, "--preset", "-p", help="Preset: cpu-tiny (default), video-r1-7b, "
-                                          "video-r1-eval.", rich_help_panel="Config"), Optional[str]),
+                                          "video-r1-eval.", rich_help_panel="Config", metavar="NAME"), Optional[str]),
             _param("set_", typer.Option(None, "--set", "-s", help="Override one key: dotted.key=value (repeatable).",
-                                        rich_help_panel="Config"), Optional[list[str]]),
+                                        rich_help_panel="Config", metavar="KEY=VALUE"), Optional[list[str]]),
         ]
         names = []
         for i, sc in enumerate(shortcuts):
@@ -103,12 +185,18 @@ def run_dir_for(cfg: Config, kind: str, run: Run) -> Path:
 @contextlib.contextmanager
 def registered_run(cfg: Config, kind: str, run_dir: Optional[Path] = None) -> Iterator[tuple[Run, Path]]:
     """Open a registry run for this command; always ends it (finished / failed / interrupted)."""
+    from pipelines import progress
+
+    progress.configure(cfg.run.progress_every)
+    check_trackers(cfg.run.report_to)
     reg = Registry(cfg.registry_path())
     attached = os.environ.get("VIDEOR1_RUN_ID")
     if attached:
         # A worker started by pipelines.launch (torchrun): the launching process owns the run and ends it.
         run = Run(reg, attached)
-        yield run, Path(os.environ.get("VIDEOR1_RUN_DIR") or run_dir or run_dir_for(cfg, kind, run))
+        d = Path(os.environ.get("VIDEOR1_RUN_DIR") or run_dir or run_dir_for(cfg, kind, run))
+        run.attach_dir(d)
+        yield run, d
         return
     if int(os.environ.get("RANK", "0") or 0) != 0:
         # A worker of a job launched by hand (torchrun/srun without `videor1 ... --nproc`): rank 0 records the
@@ -123,6 +211,25 @@ def registered_run(cfg: Config, kind: str, run_dir: Optional[Path] = None) -> It
         if os.environ.get("VIDEOR1_QUIET") != "1":
             err_console.print(f"[dim]run {run.id} ({kind}) -> {d}[/dim]")
         yield run, d
+
+
+# run.report_to name -> the module that must import (transformers' and accelerate's integrations load these)
+TRACKER_MODULES = {"wandb": "wandb", "tensorboard": "tensorboard", "mlflow": "mlflow", "trackio": "trackio"}
+
+
+def check_trackers(report_to: list[str]) -> None:
+    """Fail before any work when run.report_to names a tracker that is not installed (one line, the pip command)."""
+    import importlib.util
+
+    from pipelines.errors import VideoR1Error
+
+    for name in report_to or []:
+        module = TRACKER_MODULES.get(name, name)
+        if importlib.util.find_spec(module) is None and not (name == "tensorboard" and
+                                                               importlib.util.find_spec("tensorboardX")):
+            raise VideoR1Error(f"run.report_to names {name}, which is not installed",
+                               hint=f"pip install {name}, or remove it from run.report_to (metrics always go to the "
+                               "registry and <run dir>/metrics.jsonl)")
 
 
 class _NullRun:

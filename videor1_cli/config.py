@@ -36,13 +36,19 @@ def schema() -> None:
 
 
 @app.command("keys")
-def keys(section: Optional[str] = typer.Argument(None, help="Only keys of this section (e.g. rl).")) -> None:
-    """List every config key with its default and help text."""
-    table = Table("key", "default", "help", show_lines=False)
-    for key, help_, default in describe(Config):
+@config_command()
+def keys(cfg: Config, section: Optional[str] = typer.Argument(None, help="Only keys of this section (e.g. rl).")
+         ) -> None:
+    """List every config key with the value in force (preset < --config file < --set), where that value came from
+    (default, preset NAME, config file, --set) and its help text."""
+    from pipelines.runs import flatten
+
+    values = flatten(cfg.model_dump(mode="json"))
+    table = Table("key", "value", "from", "help", show_lines=False)
+    for key, help_, _default in describe(Config):
         if section and not key.startswith(section + "."):
             continue
-        table.add_row(key, json.dumps(default, default=str), help_)
+        table.add_row(key, json.dumps(values.get(key), default=str), cfg.origin(key), help_)
     console.print(table)
     if not section:
         console.print(f"presets: {', '.join(list_presets())}")

@@ -92,17 +92,19 @@ def unzip(
     jobs: int = typer.Option(2, "--jobs", "-j", min=1, help="Archives extracted in parallel (threads)."),
     force: bool = typer.Option(False, "--force", help="Extract again even when the marker says it is done."),
 ) -> None:
-    """Extract every *.zip under ROOT into its own directory (safe, idempotent, restartable).
+    """Extract every *.zip under ROOT in place, into the directory that holds it (CLEVRER/CLEVRER.zip -> CLEVRER/...,
+    as the records' ./CLEVRER/... paths expect); safe, idempotent, restartable.
 
     Refuses archives with entries escaping the target or symlinks; a corrupt archive is named, the others are still
     extracted, and the command exits 1 at the end.
     """
     import json as _json
 
-    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+    from rich.progress import BarColumn, DownloadColumn, TimeRemainingColumn, TransferSpeedColumn
     from rich.table import Table
 
     from pipelines.errors import DataError
+    from pipelines.progress import progress_bar
     from pipelines.unzip import archive_size, extract_all, find_archives
     from videor1_cli.common import console, err_console, registered_run
 
@@ -114,7 +116,7 @@ def unzip(
         sizes = {str(a): archive_size(a) for a in archives}
         columns = ("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                    TimeRemainingColumn())
-        with Progress(*columns, console=err_console, transient=True) as bar:
+        with progress_bar("data unzip", *columns, console=err_console, transient=True, unit="B") as bar:
             task = bar.add_task(f"{len(archives)} archives", total=sum(sizes.values()) or None)
 
             def done(r):
@@ -276,9 +278,11 @@ def synth(
     """
     import time as _time
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, ProgressColumn, TimeRemainingColumn
     from rich.table import Table
     from rich.text import Text
+
+    from pipelines.progress import progress_bar
 
     from pipelines.synth import synthesize
     from videor1_cli.common import console, err_console, registered_run
@@ -294,7 +298,7 @@ def synth(
         t0 = _time.perf_counter()
         columns = ("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(), _Rate(),
                    TimeRemainingColumn())
-        with Progress(*columns, console=err_console, transient=True) as bar:
+        with progress_bar("data synth", *columns, console=err_console, transient=True, unit="records") as bar:
             task = bar.add_task("synthesizing records", total=None)
             world = synthesize(out, train=train, test=test, seed=seed, sft=sft, frames=frames, size=size, fps=fps,
                                image_fraction=image_fraction, shuffle_options=not fixed_options,

@@ -30,7 +30,10 @@ NPROC = Shortcut("distributed.nproc", ["--nproc"], Optional[int], "Data-parallel
 OUT = Shortcut("eval.output_dir", ["--out"], Optional[str], "Directory of the samples and results "
                "(eval.output_dir; default: keyed on the protocol, so a rerun resumes).")
 
-_SHORTCUTS = (MODEL, DATA, ROOT, BENCH, FRAMES, BACKEND, SCORING, COMPARE, LIMIT, BATCH, NPROC, OUT)
+EVAL_DATA = Shortcut("data.file", ["--data"], Optional[str],
+                     "A directory holding each benchmark's Video-R1 eval file (eval_<bench>.json; the synthetic "
+                     "world's test.json), or one JSON/JSONL file for a single --bench (data.file).")
+_SHORTCUTS = (MODEL, EVAL_DATA, ROOT, BENCH, FRAMES, BACKEND, SCORING, COMPARE, LIMIT, BATCH, NPROC, OUT)
 
 
 def _protocol_preset(values: dict[str, Any]) -> Optional[str]:
@@ -133,12 +136,14 @@ def _summary(results: dict[str, Any], out: Path) -> dict[str, Any]:
 
 class _Bar:
     def __init__(self, name: str, total: int):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-        self.progress = Progress(TextColumn(f"eval {name}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("[dim]{task.fields[rate]}"),
-                                 TimeRemainingColumn(), console=err_console, transient=True,
-                                 disable=os.environ.get("VIDEOR1_QUIET") == "1")
+        from pipelines.progress import progress_bar
+
+        self.progress = progress_bar(f"eval {name}", TextColumn(f"eval {name}"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("[dim]{task.fields[rate]}"),
+                                     TimeRemainingColumn(), console=err_console, transient=True,
+                                     disable=os.environ.get("VIDEOR1_QUIET") == "1", unit="samples")
         self.task = self.progress.add_task(name, total=total, rate="")
         self.progress.start()
 
@@ -161,6 +166,11 @@ def _f(v: Any) -> str:
     return "-" if v is None else f"{v:.1f}" if isinstance(v, (int, float)) else str(v)
 
 
+def headline_column(col: str, headline: str) -> str:
+    """The scoring columns keep the mode's name everywhere (`video-r1`, `official`); the headline one says so."""
+    return f"{col} (headline)" if col == headline else col
+
+
 def bench_table(name: str, b: dict[str, Any], headline: str) -> Table:
     vr, of = b["video-r1"], b["official"]
     has_paper = "paper" in b
@@ -168,7 +178,7 @@ def bench_table(name: str, b: dict[str, Any], headline: str) -> Table:
               caption=f"overall: video-r1 = {vr['label']}; official = {of['label']}"
                       + (f". {of['note']}" if of.get("note") else ""), caption_justify="left")
     for col in ("", "n", "video-r1", "official"):
-        t.add_column(col, justify="left" if not col else "right")
+        t.add_column(headline_column(col, headline), justify="left" if not col else "right")
     t.add_row("[bold]overall[/bold]", str(b["n"]), f"[bold]{_f(vr['overall'])}[/bold]",
               f"[bold]{_f(of['overall'])}[/bold]")
     t.add_row("mean_acc (non-regression)", str(vr["n_acc"]), _f(vr["mean_acc"]), "")
@@ -215,7 +225,7 @@ def combined_table(results: dict[str, Any]) -> Table:
     if paper:
         cols += ["paper", "delta"]
     for c in cols:
-        t.add_column(c, justify="left" if c == "benchmark" else "right")
+        t.add_column(headline_column(c, mode), justify="left" if c == "benchmark" else "right")
     for name, b in results["benchmarks"].items():
         vr, of = _f(b["video-r1"]["overall"]), _f(b["official"]["overall"])
         if mode == "video-r1":

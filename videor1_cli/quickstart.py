@@ -169,9 +169,11 @@ def _cols(table: dict[str, Any]) -> list[tuple[str, str]]:
 def final_tables(table: dict[str, Any]) -> list[Table]:
     seeds = table["seeds"]
     cols = _cols(table)
-    title = ("quickstart: held-out score (%)" + (f", mean of seeds {', '.join(str(s['seed']) for s in seeds)}"
-                                                     if len(seeds) > 1 else f", seed {seeds[0]['seed']}")
-             + f", {table.get('n_test')} held-out questions" + ("  [smoke: no accuracy claim]" if table.get("smoke") else ""))
+    title = ("quickstart: held-out score (%, `official` scoring)"
+             + (f", mean of seeds {', '.join(str(s['seed']) for s in seeds)}" if len(seeds) > 1
+                else f", seed {seeds[0]['seed']}")
+             + f", {table.get('n_test')} held-out questions"
+             + ("  \\[smoke: no accuracy claim]" if table.get("smoke") else ""))  # escaped: not a rich style tag
     t = Table(title=title, title_justify="left")
     t.add_column("")
     for _, label in cols:
@@ -195,7 +197,9 @@ def final_tables(table: dict[str, Any]) -> list[Table]:
     return out
 
 
-SCORING_NOTE = ("[dim]score = the synthetic world's own (training-reward) scoring: exact option letter / number, OCR "
-                "1-WER, free-form ROUGE, regression 1 - relative error; chance = a uniform guess under the same "
-                "scoring (world.json). Order-dependent: direction, which colour first/last, descriptions of "
-                "motion.[/dim]")
+SCORING_NOTE = ("[dim]score = `videor1 eval`'s `official` scoring of the synthetic bench, the world's own "
+                "(training-reward) scoring: exact option letter / number, OCR 1-WER, free-form ROUGE, regression "
+                "1 - relative error; each stage's eval table shows the same number in its `official (headline)` "
+                "column (the `video-r1` column scores OCR and free-form 0, docs/eval.md). chance = a uniform guess "
+                "under the same scoring (world.json). Order-dependent: direction, which colour first/last, "
+                "descriptions of motion.[/dim]")

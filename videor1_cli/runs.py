@@ -96,6 +96,13 @@ def show(cfg: Config, run_id: str = typer.Argument(..., help="Run id (or a uniqu
         console.print(t)
     if info["summary"]:
         console.print("[bold]summary[/bold]", json.dumps(info["summary"], default=str)[:2000])
+    if r["config"]:
+        preset, diff = R.config_as_preset(r["config"])
+        t = Table("key", "value", title=f"config: preset {preset} plus these keys (--json: every key)",
+                  title_justify="left")
+        for k, v in diff.items():
+            t.add_row(k, json.dumps(v, default=str))
+        console.print(t)
     console.print(f"[bold]parents[/bold] {', '.join(info['parents']) or '-'}   "
                   f"[bold]children[/bold] {', '.join(info['children']) or '-'}")
 
@@ -130,14 +137,29 @@ def compare(cfg: Config, run_ids: list[str] = typer.Argument(..., help="Two or m
     if as_json:
         typer.echo(json.dumps(res, indent=2, default=str))
         return
+    from rich.markup import escape
+
     ids = [r["id"] for r in res["runs"]]
     t = Table("config key", *ids, title="config differences", title_justify="left")
+    for c in t.columns:
+        c.overflow = "fold"  # a long value wraps whole; nothing is cut out of its middle
+    notes = []
     for k, vals in res["config_diff"].items():
-        t.add_row(k, *[json.dumps(v, default=str) for v in vals])
+        prefix = R.common_path_prefix(vals)
+        if prefix:
+            notes.append(f"{k}: paths under {prefix}")
+        shown = [("…/" + v[len(prefix):]) if prefix and isinstance(v, str) else json.dumps(v, default=str)
+                 for v in vals]
+        t.add_row(k, *[escape(s) for s in shown])
+    if notes:
+        t.caption = "; ".join(notes)
+        t.caption_justify = "left"
     console.print(t if res["config_diff"] else "[dim]configs are identical[/dim]")
-    t = Table("metric (last)", *ids, title="metrics", title_justify="left")
+    dlabel = f"Δ {ids[-1][-6:]} − {ids[0][-6:]}"
+    t = Table("metric (last)", *ids, dlabel, title="metrics", title_justify="left")
     for k, vals in res["metrics"].items():
-        t.add_row(k, *["-" if v is None else f"{v:.4g}" for v in vals])
+        d = res["delta"].get(k)
+        t.add_row(k, *["-" if v is None else f"{v:.4g}" for v in vals], "-" if d is None else f"{d:+.4g}")
     console.print(t)
 
 
@@ -145,9 +167,13 @@ def compare(cfg: Config, run_ids: list[str] = typer.Argument(..., help="Two or m
 @config_command()
 def plot(cfg: Config, run_id: str = typer.Argument(..., help="Run id."),
          metrics: Optional[list[str]] = typer.Option(None, "--metrics", "-m", help="Metric names (repeatable)."),
-         out: str = typer.Option("run.png", "--out", "-o", help="PNG file to write.")) -> None:
-    """Plot a run's curves (accuracy/format reward, length, KL, temporal-bonus rate) to a PNG."""
-    names = R.plot(_reg(cfg), run_id, out, metrics)
+         out: str = typer.Option("run.png", "--out", "-o", help="PNG file to write."),
+         smooth: float = typer.Option(0.0, "--smooth", help="EMA smoothing weight in [0, 1), as in TensorBoard / "
+                                      "trackio: 0 = raw, 0.6 = moderate, 0.9 = strong; the raw curve stays faint "
+                                      "behind.")) -> None:
+    """Plot a run's curves (accuracy/format reward, length, KL, temporal-bonus rate, p_ordered vs p_shuffled for
+    T-GRPO) to a PNG; a run of single values (an eval) is drawn as one bar chart."""
+    names = R.plot(_reg(cfg), run_id, out, metrics, smooth=smooth)
     console.print(f"[green]wrote[/green] {out} ({', '.join(names)})")
 
 

@@ -62,6 +62,7 @@ def sft(
                 run.use_path("records", cfg.sft.eval_file, role="eval-records")
             if ckpt is not None:
                 err_console.print(f"[dim]resuming from {ckpt}[/dim]")
+                run.continues(ckpt)  # lineage: this run continues the one that wrote the checkpoint
         summary: dict = {}
         if needs_launch(cfg):
             code = launch(cfg, sys.argv[1:], run)
@@ -156,11 +157,13 @@ def _rl_progress(err_console, enabled: bool = True):
         if not enabled:
             yield None
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+
+        from pipelines.progress import progress_bar
 
         columns = [TextColumn("[bold]train rl[/bold]"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), TextColumn("{task.fields[live]}")]
-        with Progress(*columns, console=err_console, transient=True) as bar:
+        with progress_bar("train rl", *columns, console=err_console, transient=True, unit="steps") as bar:
             task = None
 
             def on_step(step: int, total: int, m: dict) -> None:

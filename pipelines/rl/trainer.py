@@ -245,7 +245,7 @@ class RLTrainer:
         if self.is_main:
             self.run.use_path("model", base)
             self.run.use_path("records", cfg.data.file)
-            if self.resumed_from:
+            if self.resumed_from and not self.run.continues(self.resumed_from):  # lineage edge to the run it continues
                 self.run.use_path("checkpoint", self.resumed_from)
 
     def _make_backend(self):
