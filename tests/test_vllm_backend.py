@@ -447,3 +447,28 @@ def test_sampled_token_logprobs_are_requested_and_read(tokenizer):
     assert c.token_ids == [5, 6, eos] and c.logprobs == [-0.5, -1.5, -0.25]
     c = V.to_completion(SimpleNamespace(text="x", token_ids=(5,), finish_reason="stop", logprobs=lp[:1]), eos)
     assert c.token_ids == [5, eos] and c.logprobs[0] == -0.5 and c.logprobs[1] != c.logprobs[1]  # NaN: not reported
+
+
+def test_rollout_trainer_mismatch_terms():
+    from pipelines.rl.trainer import mismatch_terms
+
+    policy = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, -9.0]])
+    rollout = torch.tensor([[-1.1, -2.0, float("nan")], [-0.5, -0.2, -1.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])  # NaN: the engine reported none; masked: padding
+    total, count, peak = mismatch_terms(policy, rollout, mask)
+    assert count == 4 and total == pytest.approx(0.1 + 0.0 + 0.0 + 0.3) and peak == pytest.approx(0.3)
+    assert mismatch_terms(policy, rollout, torch.zeros_like(mask)) == (0.0, 0, 0.0)
+
+
+def test_stats_reduce_keeps_means_and_maxima():
+    from pipelines.rl.trainer import _Stats
+
+    acc = SimpleNamespace(device="cpu", num_processes=1)
+    st = _Stats()
+    st.add("rollout/logp_diff_mean", 0.4, 4)
+    st.add_max("rollout/logp_diff_max", 0.3)
+    st.add_max("rollout/logp_diff_max", 0.1)
+    st.ensure_max("never")
+    out = st.reduce(acc)
+    assert out["rollout/logp_diff_mean"] == pytest.approx(0.1) and out["rollout/logp_diff_max"] == 0.3
+    assert out["never"] != out["never"]  # NaN when nothing was measured

@@ -154,6 +154,14 @@ def _platform_checks(model_path: str, enable_sleep_mode: bool) -> bool:
 
 
 # vLLM's validation messages for a prompt past the context (the renderer's and the input processor's wording).
+def engine_dtype(model_dtype: str, device: str = "auto") -> str:
+    """The dtype the HF path would load the model in (`model.dtype` / `model.device`), for vLLM: its own "auto" picks
+    bfloat16 for a float32 checkpoint on the CPU, and the two backends (and the RL policy) must run the same dtype."""
+    from pipelines.models import resolve_device, resolve_dtype
+
+    return str(resolve_dtype(model_dtype, resolve_device(device))).removeprefix("torch.")
+
+
 PROMPT_TOO_LONG = ("longer than the maximum model length", "maximum context length")
 
 
@@ -356,7 +364,7 @@ class VLLMBackend:
         mm_processor_kwargs: dict[str, Any] | None = None,
         llm_kwargs: dict[str, Any] | None = None,
         sampling_params_cls: Callable[..., Any] | None = None,
-        request_logprobs: bool = False,
+        logprobs_mode: str | None = None,
         max_model_len_key: str = "max_model_len",
     ):
         self.model_path = str(model_path)
@@ -392,9 +400,10 @@ class VLLMBackend:
             )
             if max_num_seqs is not None:
                 kwargs["max_num_seqs"] = max_num_seqs
-            if request_logprobs:
-                # Log-probs after temperature (what the trainer's log-prob forward computes), not the raw logits'.
-                kwargs["logprobs_mode"] = "processed_logprobs"
+            if logprobs_mode:
+                # raw_logprobs: log_softmax of the model's logits (the trainer's log-prob forward at temperature 1);
+                # processed_logprobs: after temperature, logit bias and top-p (renormalised over the nucleus).
+                kwargs["logprobs_mode"] = logprobs_mode
             if self.colocate:
                 # One engine per trainer rank, inside the torchrun process (TRL's colocate mode). Ranks of one
                 # tensor-parallel group must sample identically, so they share a seed.
