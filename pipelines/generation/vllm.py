@@ -230,7 +230,7 @@ def sampling_kwargs(sampling: Sampling, stop_token_ids: Sequence[int], logit_bia
     return kw
 
 
-def to_completion(output: Any, eos_id: int) -> Completion:
+def to_completion(output: Any, eos_id: int, decode: Callable[[list[int]], str] | None = None) -> Completion:
     """A vLLM CompletionOutput (.text, .token_ids, .finish_reason) -> Completion (ids up to and incl. first EOS)."""
     ids = [int(t) for t in output.token_ids]
     logprobs = _token_logprobs(getattr(output, "logprobs", None), ids)
@@ -242,7 +242,10 @@ def to_completion(output: Any, eos_id: int) -> Completion:
         ids.append(eos_id)
     if logprobs is not None:
         logprobs = (logprobs + [math.nan] * len(ids))[: len(ids)]
-    return Completion(text=output.text, token_ids=ids, finished=finished, logprobs=logprobs)
+    # `decode` (the tokenizer, as the HF backend decodes): vLLM's incremental detokenizer holds back a trailing partial
+    # UTF-8 sequence that a full decode renders as U+FFFD, so the same tokens would give different texts.
+    text = decode(ids) if decode is not None else output.text
+    return Completion(text=text, token_ids=ids, finished=finished, logprobs=logprobs)
 
 
 def _token_logprobs(per_token: Any, ids: Sequence[int]) -> list[float] | None:
@@ -432,6 +435,7 @@ class VLLMBackend:
                 self.sleep()
         self.llm = llm
         tok = llm.get_tokenizer()
+        self._tokenizer = tok
         self.eos_id = int(tok.convert_tokens_to_ids(EOS_TOKEN))
         self.stop_token_ids = [self.eos_id]
         self.logit_bias: dict[int, float] = {}
@@ -478,7 +482,11 @@ class VLLMBackend:
                 hint="raise max_model_len (up to the model's context) or send fewer visual tokens "
                      "(video.max_frames, video.max_pixels / image.max_pixels)") from None
         outputs = list(outputs)[offset: offset + own]
-        return [[to_completion(o, self.eos_id) for o in out.outputs] for out in outputs]
+        decode = self._decode if hasattr(self._tokenizer, "decode") else None  # stand-in tokenizers may lack it
+        return [[to_completion(o, self.eos_id, decode) for o in out.outputs] for out in outputs]
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True)
 
     # -- colocated tensor parallel groups ------------------------------------------------------------------------------
     def _setup_tp_group(self) -> None:

@@ -451,7 +451,9 @@ class RLTrainer:
 
         loss_val, grad_norm, loss_counts = self._optimize(groups, adv, stats)
         if self.backend is not None and hasattr(self.backend, "sync_weights"):
+            t_sync = time.perf_counter()
             self.backend.sync_weights(self.unwrapped)
+            stats.add("time/weight_sync", time.perf_counter() - t_sync, 1)
 
         step_time = time.perf_counter() - t0
         stats.add("loss", loss_val, 1)
@@ -594,6 +596,7 @@ class RLTrainer:
             step_loss = 0.0
             if not chunks:
                 self._dummy_backward()
+            t_fb = time.perf_counter()
             for j, c in enumerate(chunks):
                 last = j == len(chunks) - 1
                 ctx = acc.no_sync(self.model) if not last else nullcontext()
@@ -615,6 +618,8 @@ class RLTrainer:
                     ntok = float(out.num_tokens)
                     stats.add("kl", float(out.kl) * ntok, ntok)
                     stats.add("clip_ratio", float(out.clip_ratio) * ntok, ntok)
+            if it == 0:  # one policy forward/backward of the step (bench rl: the share of a step spent elsewhere)
+                stats.add("time/policy_fwd_bwd", time.perf_counter() - t_fb, 1)
             self._check_finite(step_loss, "loss")
             gn = acc.clip_grad_norm_(self.model.parameters(), rl.max_grad_norm)
             grad_norm = float(gn) if gn is not None else float("nan")  # DeepSpeed clips inside its step
