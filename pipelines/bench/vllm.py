@@ -65,9 +65,9 @@ def eval_compare(cfg, bench_input, batch_size: int, repeats: int,
     hf_start = time.perf_counter() - t
 
     def hf_generate(ps):
-        out = []
+        out, ms = [], media[: len(ps)]
         for s in range(0, len(ps), batch_size):
-            out += hf.generate(ps[s:s + batch_size], media[s:s + batch_size], sampling)
+            out += hf.generate(ps[s:s + batch_size], ms[s:s + batch_size], sampling)
         return out
 
     hf_times, hf_out = timed(hf_generate)
