@@ -170,7 +170,8 @@ class PromptConfig(Section):
 class VllmConfig(Section):
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="Fraction of GPU memory vLLM may take.")
     tensor_parallel_size: int = Field(1, ge=1, description="Tensor-parallel degree of the vLLM engine.")
-    enable_sleep_mode: bool = Field(True, description="Free vLLM's memory while the trainer runs (colocated).")
+    enable_sleep_mode: bool = Field(True, description="Free vLLM's memory while the trainer runs (colocated); "
+                                    "switched off with a warning where the platform has no sleep mode (CPU).")
     enable_prefix_caching: bool = Field(True, description="Reuse KV cache of shared prompt prefixes.")
     max_model_len: int | None = Field(None, ge=1, description="Context length of the engine (default: model's).")
     enforce_eager: bool = Field(False, description="Disable CUDA graphs (slower, less memory).")
@@ -301,7 +302,9 @@ class AnnotateConfig(Section):
     backend: Literal["vllm", "hf"] = Field("vllm", description="vllm (GPU, tensor parallel) or hf (any device).")
     tensor_parallel_size: int = Field(1, ge=1, description="Tensor-parallel GPUs of the vLLM teacher.")
     gpu_memory_utilization: float = Field(0.8, gt=0, le=1, description="vLLM memory fraction.")
-    max_model_len: int = Field(8192, ge=1, description="vLLM context length.")
+    max_model_len: int = Field(8192, ge=1, description="vLLM context length (clamped to the model's own).")
+    enforce_eager: bool = Field(False, description="vLLM without CUDA graphs / compilation (on the CPU: skips ~60 s of "
+                                "compile warm-up per engine).")
     temperature: float = Field(1.0, ge=0, description="Sampling temperature (paper: 1.0).")
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling (paper: 0.95).")
     max_new_tokens: int = Field(512, ge=1, description="Most tokens per answer (paper: 512).")
@@ -337,7 +340,9 @@ class EvalConfig(Section):
     backend: Literal["hf", "vllm"] = Field("hf", description="hf (batched generate) or vllm (GPU).")
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallel degree.")
     gpu_memory_utilization: float = Field(0.8, gt=0, le=1, description="vLLM memory fraction.")
-    max_model_len: int = Field(16384, ge=1, description="vLLM context length.")
+    max_model_len: int = Field(16384, ge=1, description="vLLM context length (clamped to the model's own).")
+    enforce_eager: bool = Field(False, description="vLLM without CUDA graphs / compilation (on the CPU: skips ~60 s of "
+                                "compile warm-up per engine).")
     output_dir: str | None = Field(None, description="Where per-sample JSONL and results.json go (default: run dir).")
     compare: Literal["none", "paper"] = Field("none", description="paper = add the paper's row and the delta.")
     limit: int | None = Field(None, ge=1, description="Evaluate only the first N samples of each benchmark.")

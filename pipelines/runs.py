@@ -15,6 +15,7 @@ from pipelines.registry import Registry, RegistryError
 # The curves the paper shows, by the names the trainers log.
 DEFAULT_PLOT_METRICS = [
     "rewards/accuracy", "rewards/format", "completion_length", "kl", "temporal_bonus_rate", "reward", "loss",
+    "rollout/logp_diff_mean", "rollout/logp_diff_max",  # rl.backend=vllm: rollout vs trainer log-prob mismatch
 ]
 
 

@@ -63,14 +63,15 @@ def test_several_images_and_videos_with_left_padding():
     assert delta[1].item() == 27 - 12
 
 
-def test_temporal_positions_truncate_like_the_reference():
-    # fps 3 -> second_per_grid_t = 2/3 in float32; 3 * 0.6667 * 2 is evaluated left to right before .long().
-    spg = torch.tensor([2 / 3], dtype=torch.float32)
-    tt = _types((2, 6))
-    pos, _ = reference_rope_index(torch.zeros_like(tt), tt, None, torch.tensor([[6, 2, 2]]), spg,
+def test_temporal_positions_truncate_like_vllm():
+    # Sampled fps 0.3 -> second_per_grid_t = float32(2 / 0.3) = 6.6666665; times tokens_per_second 2 in float64 =
+    # 13.33333301..., so t = 3 gives 39.999999 -> 39 (vLLM). float32 left to right (transformers 4.x) gives 40.
+    spg = torch.tensor([2 / 0.3], dtype=torch.float32)
+    tt = _types((2, 4))
+    pos, _ = reference_rope_index(torch.zeros_like(tt), tt, None, torch.tensor([[4, 2, 2]]), spg,
                                   spatial_merge_size=2, tokens_per_second=2)
-    expected = [int(x) for x in (torch.arange(6) * spg[0] * 2).long()]
-    assert pos[0, 0].tolist() == expected
+    assert pos[0, 0].tolist() == [0, 13, 26, 39]
+    assert int((3 * spg[0] * 2).long()) == 40  # the float32 order this replaces
 
 
 def test_spatially_dominated_inputs_agree_with_transformers(tiny_model_dir):

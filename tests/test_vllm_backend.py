@@ -1,6 +1,7 @@
-"""VLLMBackend against vLLM's public API, driven by a stand-in engine (vLLM cannot run Qwen2.5-VL on these CPU
-machines; the real engine is exercised only on a GPU). The stand-in records requests and answers with objects shaped
-like vLLM's RequestOutput / CompletionOutput."""
+"""VLLMBackend's request building and bookkeeping, driven by a stand-in engine that records requests and answers with
+objects shaped like vLLM's RequestOutput / CompletionOutput. These run in the default suite (no vLLM needed) and are
+NOT evidence that the engine path works: the real engine is driven by tests/test_vllm_engine.py and
+tests/test_vllm_commands.py (marked `vllm`, run in the vLLM CPU venv)."""
 
 from __future__ import annotations
 
@@ -47,10 +48,9 @@ class FakeLLM:
         self.finish, self.eos_in_ids = finish, eos_in_ids
         self.model = FakeModel()
         self.rpc: list = []
-        if in_process:
-            runner = SimpleNamespace(model=self.model)
-            self.llm_engine = SimpleNamespace(model_executor=SimpleNamespace(
-                driver_worker=SimpleNamespace(worker=SimpleNamespace(model_runner=runner))))
+        self.llm_engine = SimpleNamespace(reset_encoder_cache=lambda: self.events.append(("reset_encoder_cache",)))
+        if in_process:  # vLLM sets llm_engine.model_executor only for an engine in this process
+            self.llm_engine.model_executor = SimpleNamespace()
 
     def get_tokenizer(self):
         return self.tok
@@ -79,9 +79,16 @@ class FakeLLM:
         self.events.append(("reset_prefix_cache",))
 
     def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
-        self.rpc.append((method, args))
-        worker = SimpleNamespace(model_runner=SimpleNamespace(model=self.model))
-        return [method(worker, *args)]
+        """Only `reload_weights` (a method NAME: callables do not cross process boundaries), as vLLM's worker does."""
+        assert method == "reload_weights" and not args
+        self.rpc.append((method, dict(kwargs)))
+        if kwargs.get("weights_iterator") is not None:
+            self.model.load_weights(kwargs["weights_iterator"])
+        else:
+            from safetensors.torch import load_file
+
+            self.model.load_weights(load_file(f"{kwargs['weights_path']}/model.safetensors").items())
+        return [None]
 
 
 class FakeSamplingParams(SimpleNamespace):
@@ -188,7 +195,8 @@ def test_sampling_mapping_sampled_n_and_seed(tokenizer):
     sp = fake.calls[0][1]
     assert (sp.temperature, sp.top_p, sp.n, sp.seed, sp.max_tokens) == (1.0, 0.95, 4, 7, 768)
     assert [len(g) for g in out] == [4, 4]
-    assert [c.text for c in out[1]] == ["r1s0", "r1s1", "r1s2", "r1s3"]  # groups stay with their prompt
+    assert [c.token_ids[:2] for c in out[1]] == [[101, 200 + j] for j in range(4)]  # groups stay with their prompt
+    assert out[1][0].text == tokenizer.decode(out[1][0].token_ids, skip_special_tokens=True)  # decoded as HF does
 
 
 def test_special_tokens_other_than_eos_are_suppressed(tokenizer):
@@ -208,7 +216,8 @@ def test_completion_ids_end_at_eos_and_finished(tokenizer):
     b, _ = backend(tokenizer)
     eos = b.eos_id
     (c,), = b.generate([TEXT_PROMPT], [Media()], Sampling())
-    assert c.token_ids == [100, 200, eos] and c.finished and c.text == "r0s0"
+    assert c.token_ids == [100, 200, eos] and c.finished
+    assert c.text == tokenizer.decode([100, 200], skip_special_tokens=True)
     # ids after the first EOS are dropped
     c = V.to_completion(SimpleNamespace(text="x", token_ids=[5, eos, 6, eos], finish_reason="stop"), eos)
     assert c.token_ids == [5, eos] and c.finished
@@ -234,7 +243,7 @@ def test_colocated_tensor_parallel_keeps_own_share(tokenizer, monkeypatch):
     b._all_gather_object = lambda mine: [other, mine]
     out = b.generate([TEXT_PROMPT, TEXT_PROMPT], [Media(), Media()], Sampling())
     assert len(fake.calls[0][0]) == 5  # the engine ran the whole TP group's requests
-    assert [g[0].text for g in out] == ["r3s0", "r4s0"]  # ...and this rank keeps its own two
+    assert [g[0].token_ids[0] for g in out] == [103, 104]  # ...and this rank keeps its own two
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -257,13 +266,16 @@ def test_sync_weights_pushes_every_parameter_by_hf_name(tokenizer, tiny_model_di
     b, fake = backend(tokenizer)
     n = b.sync_weights(model)
     names = [nm for nm, _ in model.named_parameters()]
-    assert n == len(names)
-    assert [nm for nm, _ in fake.model.loaded] == names
+    assert n == len(names) + 1  # tied embeddings: lm_head.weight is pushed too
+    assert [nm for nm, _ in fake.model.loaded] == names + ["lm_head.weight"]
     params = dict(model.named_parameters())
+    params["lm_head.weight"] = model.get_input_embeddings().weight
     assert all(torch.equal(t, params[nm].data) for nm, t in fake.model.loaded)
     assert any(nm.startswith("model.visual.") for nm in names) and any(
         nm.startswith("model.language_model.") for nm in names)
-    assert fake.events[-1] == ("reset_prefix_cache",)
+    assert fake.rpc[0][0] == "reload_weights" and "weights_iterator" in fake.rpc[0][1]
+    # vision embeddings of media seen with the old weights first, then the prefix KV blocks
+    assert fake.events[-2:] == [("reset_encoder_cache",), ("reset_prefix_cache",)]
 
 
 def test_sync_weights_strips_wrappers(tokenizer):
@@ -299,11 +311,20 @@ def test_sync_weights_merges_peft_adapters(tokenizer):
     assert torch.allclose(model.base_model.model.proj.base_layer.weight, w0, atol=1e-6)  # unmerged afterwards
 
 
-def test_sync_weights_falls_back_to_collective_rpc(tokenizer):
+def test_sync_weights_to_a_multiprocess_engine_goes_through_a_path(tokenizer, tiny_model_dir):
     fake = FakeLLM(tokenizer, in_process=False)
-    b, _ = backend(tokenizer, llm=fake)
-    b.sync_weights(torch.nn.Linear(2, 2))
-    assert len(fake.rpc) == 2 and [nm for nm, _ in fake.model.loaded] == ["weight", "bias"]
+    b = V.VLLMBackend(tiny_model_dir, llm=fake, sampling_params_cls=FakeSamplingParams)
+    lin = torch.nn.Linear(2, 2)
+    assert b.sync_weights(lin) == 2
+    (method, kwargs), = fake.rpc
+    assert set(kwargs) == {"weights_path"}  # a string, not tensors or a callable, crosses the process boundary
+    assert {nm for nm, _ in fake.model.loaded} == {"weight", "bias"}
+    assert torch.equal(dict(fake.model.loaded)["weight"], lin.weight.data)
+    from pathlib import Path
+
+    folder = Path(kwargs["weights_path"])  # a complete model folder: the engine re-reads its processor from it
+    assert (folder / "config.json").exists() and (folder / "tokenizer.json").exists()
+    assert fake.events[-2:] == [("reset_encoder_cache",), ("reset_prefix_cache",)]
 
 
 def test_sleep_level2_requires_sync_before_generate(tokenizer):
@@ -373,8 +394,9 @@ def test_llm_constructor_arguments(monkeypatch, tokenizer):
     b.generate([TEXT_PROMPT], [Media()], Sampling())  # default SamplingParams class comes from the vllm module
 
     seen.clear()
-    monkeypatch.setenv("RANK", "1")
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    for k, v in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": "29555"}.items():
+        monkeypatch.setenv(k, v)
     b = V.VLLMBackend("/m", colocate=True, enable_sleep_mode=True, seed=10)
     assert seen["distributed_executor_backend"] == "external_launcher"
     assert seen["seed"] == 11  # one seed per TP group (tp=1: per rank)
@@ -384,3 +406,71 @@ def test_llm_constructor_arguments(monkeypatch, tokenizer):
 def test_make_backend_vllm(tokenizer):
     b = make_backend("vllm", model_path="/m", llm=FakeLLM(tokenizer), sampling_params_cls=FakeSamplingParams)
     assert isinstance(b, V.VLLMBackend)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Settings that run (pure helpers)
+def test_engine_environment_fills_what_external_launcher_reads(monkeypatch):
+    """Problem 4: vLLM's external_launcher reads RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT, also in one process."""
+    env = V.engine_environment(0, 0, 1, env={})
+    assert env["RANK"] == "0" and env["LOCAL_RANK"] == "0" and env["WORLD_SIZE"] == "1"
+    assert env["MASTER_ADDR"] == "127.0.0.1" and 0 < int(env["MASTER_PORT"]) < 65536
+    launched = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "MASTER_ADDR": "10.0.0.2", "MASTER_PORT": "29500"}
+    assert V.engine_environment(0, 0, 4, env=launched) == launched  # torchrun's values win
+    with pytest.raises(VideoR1Error):
+        V.engine_environment(1, 1, 2, env={"RANK": "1"})  # several processes must share a port: torchrun sets it
+
+
+def test_max_model_len_defaults_to_the_model_and_is_clamped(tiny_model_dir):
+    """Problem 5: eval's 16384 / annotate's 8192 exceed a model's context and vLLM refuses: clamp with one line."""
+    assert V.resolve_max_model_len(None, 4096) == (4096, None)
+    assert V.resolve_max_model_len(2048, 4096) == (2048, None)
+    value, note = V.resolve_max_model_len(16384, 4096, "eval.max_model_len")
+    assert value == 4096 and note == "eval.max_model_len 16384 exceeds the model's context (4096): using 4096"
+    assert V.resolve_max_model_len(16384, None) == (16384, None)
+    assert V.model_text_config(tiny_model_dir)["max_position_embeddings"] == 4096
+
+
+def test_unsupported_head_size_message():
+    V.check_head_size(32, [32, 64], "CPU")
+    with pytest.raises(VideoR1Error) as e:
+        V.check_head_size(16, [32, 64, 80], "CPU")
+    assert "head size 16" in str(e.value) and "hf backend" in e.value.hint
+
+
+def test_sampled_token_logprobs_are_requested_and_read(tokenizer):
+    assert V.sampling_kwargs(Sampling(logprobs=True), [1])["logprobs"] == 0
+    assert "logprobs" not in V.sampling_kwargs(Sampling(), [1])
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    lp = [{5: SimpleNamespace(logprob=-0.5)}, {6: SimpleNamespace(logprob=-1.5), 9: SimpleNamespace(logprob=-0.1)},
+          {eos: SimpleNamespace(logprob=-0.25)}, {7: SimpleNamespace(logprob=-3.0)}]
+    out = SimpleNamespace(text="x", token_ids=(5, 6, eos, 7), finish_reason="stop", logprobs=lp)
+    c = V.to_completion(out, eos)
+    assert c.token_ids == [5, 6, eos] and c.logprobs == [-0.5, -1.5, -0.25]
+    c = V.to_completion(SimpleNamespace(text="x", token_ids=(5,), finish_reason="stop", logprobs=lp[:1]), eos)
+    assert c.token_ids == [5, eos] and c.logprobs[0] == -0.5 and c.logprobs[1] != c.logprobs[1]  # NaN: not reported
+
+
+def test_rollout_trainer_mismatch_terms():
+    from pipelines.rl.trainer import mismatch_terms
+
+    policy = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, -9.0]])
+    rollout = torch.tensor([[-1.1, -2.0, float("nan")], [-0.5, -0.2, -1.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])  # NaN: the engine reported none; masked: padding
+    total, count, peak = mismatch_terms(policy, rollout, mask)
+    assert count == 4 and total == pytest.approx(0.1 + 0.0 + 0.0 + 0.3) and peak == pytest.approx(0.3)
+    assert mismatch_terms(policy, rollout, torch.zeros_like(mask)) == (0.0, 0, 0.0)
+
+
+def test_stats_reduce_keeps_means_and_maxima():
+    from pipelines.rl.trainer import _Stats
+
+    acc = SimpleNamespace(device="cpu", num_processes=1)
+    st = _Stats()
+    st.add("rollout/logp_diff_mean", 0.4, 4)
+    st.add_max("rollout/logp_diff_max", 0.3)
+    st.add_max("rollout/logp_diff_max", 0.1)
+    st.ensure_max("never")
+    out = st.reduce(acc)
+    assert out["rollout/logp_diff_mean"] == pytest.approx(0.1) and out["rollout/logp_diff_max"] == 0.3
+    assert out["never"] != out["never"]  # NaN when nothing was measured

@@ -126,6 +126,8 @@ def eval_throughput(
     workdir: Optional[Path] = typer.Option(
         None, "--workdir", help="Where the tiny model and the synthetic world are built once (default: "
         "$VIDEOR1_HOME/bench-eval or ~/.cache/videor1/bench-eval)."),
+    backend: str = typer.Option("hf", "--backend", help="hf: batched vs sequential generate; vllm: the vLLM engine "
+                                "vs HF generate on the same prompts (needs vLLM; tiny model with head_dim 32)."),
 ) -> None:
     """Eval generation throughput: batched (--batch-size) vs sequential (batch 1) `generate` on the tiny model and
     the synthetic world (default preset cpu-tiny: 64 new tokens, greedy). Media are decoded once up front, so this
@@ -147,6 +149,8 @@ def eval_throughput(
 
         err_console.print(f"[dim]building a synthetic world of {samples} test questions in {world_dir}[/dim]")
         synthesize(world_dir, train=1, test=samples, seed=0)
+    if backend == "vllm":
+        return _eval_vllm(cfg, world_dir, workdir, batch_size, repeats)
     if not Path(cfg.model.name_or_path).exists():
         from pipelines.models import build_tiny_model
 
@@ -179,6 +183,41 @@ def eval_throughput(
     console.print(f"speedup batched/sequential: [bold]{speedup:.2f}x[/bold]  (results: {path})")
 
 
+def _eval_vllm(cfg, world_dir: Path, workdir: Path, batch_size: int, repeats: int) -> None:
+    import json
+
+    from rich.table import Table
+
+    from pipelines.bench.vllm import eval_compare, tiny_vllm_model
+    from pipelines.evaluate.benchmarks import get_benchmark
+    from pipelines.evaluate.runner import BenchInput
+    from videor1_cli.common import console, err_console, registered_run
+
+    if not Path(cfg.model.name_or_path).exists():
+        cfg.model.name_or_path = tiny_vllm_model(workdir)
+    with registered_run(cfg, "bench-eval") as (run, run_dir):
+        run.use_path("model", cfg.model.name_or_path)
+        with err_console.status("bench eval --backend vllm") as status:
+            res = eval_compare(cfg, BenchInput(get_benchmark("synthetic"), world_dir / "test.json", world_dir),
+                               batch_size, repeats, progress=lambda m: status.update(f"bench eval: {m}"))
+        path = run_dir / "bench-eval-vllm.json"
+        path.write_text(json.dumps(res, indent=1) + "\n")
+        run.log_artifact("bench-results", path)
+        run.log_metrics(0, {"hf_tokens_per_s": res["hf"]["tokens_per_s"], "vllm_tokens_per_s": res["vllm"]["tokens_per_s"],
+                            "speedup": res["speedup"], "vllm_start_s": res["vllm"]["start_s"]})
+        run.set_summary({"speedup": res["speedup"], "results": str(path)})
+    t = Table("backend", "start s", "median s", "samples/s", "tokens/s", "passes (s)",
+              title=f"eval generation, vLLM vs HF ({res['samples']} samples, {res['max_new_tokens']} new tokens, "
+                    f"greedy, median of {repeats}; start excluded)")
+    for name in ("hf", "vllm"):
+        r = res[name]
+        t.add_row(name, f"{r['start_s']:.1f}", f"{r['median_s']:.2f}", f"{r['samples_per_s']:.1f}",
+                  f"{r['tokens_per_s']:.0f}", ", ".join(f"{x:.2f}" for x in r["seconds"]))
+    console.print(t)
+    console.print(f"vLLM / HF generation throughput: [bold]{res['speedup']:.2f}x[/bold]; identical outputs "
+                  f"{res['identical_outputs']}/{res['samples']}  (results: {path})")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # rl (pipelines.bench.rl)
 @app.command("rl")
@@ -195,6 +234,9 @@ def rl_bench(
     no_trl: bool = typer.Option(False, "--no-trl", help="Skip the TRL GRPOTrainer comparison."),
     frames: str = typer.Option("4,16,64", "--frames", help="Frame counts of the scaling scenario."),
     repeats: int = typer.Option(2, "--repeats", min=1, help="Alternating rounds of ours / the peer (steps pooled)."),
+    backend: str = typer.Option("hf", "--backend", help="vllm: T-GRPO steps with rl.backend=vllm vs hf on the same "
+                                "records (generation speed-up, the share of a step outside generation and one "
+                                "policy forward/backward); needs vLLM."),
 ) -> None:
     """RL step time: ours vs TRL GRPOTrainer (GRPO, image prompts), T-GRPO vs GRPO (video), 4/16/64 frames.
     Tiny model on the CPU (plumbing, not model speed); run it alone."""
@@ -204,6 +246,9 @@ def rl_bench(
 
     from pipelines.bench.rl import run_bench
     from videor1_cli.common import console, err_console, registered_run
+
+    if backend == "vllm":
+        return _rl_vllm(cfg, steps, warmup, out, work_dir, model)
 
     with registered_run(cfg, "bench-rl") as (run, run_dir):
         with err_console.status("bench rl") as status:
@@ -235,3 +280,41 @@ def rl_bench(
         Path(path).write_text(_json.dumps(res, indent=2))
         run.log_artifact("bench", path, hash_content=True)
         err_console.print(f"[dim]results: {path}[/dim]")
+
+
+def _rl_vllm(cfg, steps: int, warmup: int, out, work_dir, model) -> None:
+    import json
+
+    from rich.table import Table
+
+    from pipelines.bench.vllm import rl_compare, tiny_vllm_model
+    from pipelines.synth import synthesize
+    from videor1_cli.common import console, err_console, registered_run
+
+    with registered_run(cfg, "bench-rl") as (run, run_dir):
+        work = Path(work_dir or run_dir / "work")
+        model_dir = model or tiny_vllm_model(work)
+        world = work / "world"
+        if not (world / "rl.json").exists():
+            synthesize(world, train=32, test=1, seed=0, frames=16, fps=4.0)
+        overrides = ["rl.num_generations=4", "rl.max_completion_length=32", "rl.per_device_prompts=2",
+                     "rl.vllm.enforce_eager=true", "rl.temperature=1.0", "rl.top_p=1.0"]
+        with err_console.status("bench rl --backend vllm") as status:
+            res = rl_compare(model_dir, str(world / "rl.json"), work / "runs", steps, warmup, overrides,
+                             progress=lambda m: status.update(f"bench rl: {m}"))
+        path = out or run_dir / "bench-rl-vllm.json"
+        Path(path).write_text(json.dumps(res, indent=2))
+        run.log_artifact("bench", path, hash_content=True)
+        metrics = {"gen_speedup": res["gen_speedup"], "vllm_other_share": res["vllm"]["other_share"],
+                   "hf_other_share": res["hf"]["other_share"]}
+        run.log_metrics(0, metrics)
+        run.set_summary(metrics)
+    t = Table("backend", "setup s", "step s", "generation s", "policy fwd/bwd s", "weight sync s", "other share",
+              title=f"bench rl, T-GRPO, {', '.join(overrides[:3])} (median of {steps} steps)")
+    for name in ("hf", "vllm"):
+        r = res[name]
+        t.add_row(name, f"{r['setup_s']:.1f}", f"{r['step_s']:.3f}", f"{r['gen_s']:.3f}", f"{r['policy_fwd_bwd_s']:.3f}",
+                  f"{r['sync_s']:.3f}", f"{100 * r['other_share']:.1f}%")
+    console.print(t)
+    console.print(f"generation vLLM vs HF: [bold]{res['gen_speedup']:.2f}x[/bold]; rollout/trainer log-prob mismatch "
+                  f"{res['vllm']['logp_diff_mean']:.1e}  (results: {path})")

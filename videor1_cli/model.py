@@ -16,11 +16,13 @@ def tiny(
     cfg: Config,
     out: str = typer.Option("videor1-runs/tiny-model", "--out", help="Directory to write the model to."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random weights."),
+    vllm: bool = typer.Option(False, "--vllm", help="head_dim 32 (2 heads / 1 kv head): the spec vLLM's CPU "
+                              "attention accepts (the default's head_dim 16 is refused)."),
 ) -> None:
     """Build a tiny random Qwen2.5-VL (real transformers classes) with an offline-trained tokenizer and processor."""
-    from pipelines.models import TinySpec, build_tiny_model
+    from pipelines.models import TINY_VLLM_SPEC, TinySpec, build_tiny_model
 
-    spec = TinySpec()
+    spec = TINY_VLLM_SPEC if vllm else TinySpec()
     with registered_run(cfg, "model-tiny") as (run, _):
         path = build_tiny_model(out, seed=seed, spec=spec)
         run.log_artifact("model", path, meta={"seed": seed, "spec": spec.__dict__})

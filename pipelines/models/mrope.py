@@ -9,9 +9,13 @@ positions the checkpoints never saw, and RL that samples with vLLM differentiate
 No library offers the reference rule for transformers 5, so it is written here, once, as a pure function, and bound
 onto the model's `get_rope_index` by `install_reference_rope` (which every model load in the project calls).
 
-Temporal positions are computed as ``(t * second_per_grid_t * tokens_per_second).long()`` evaluated left to right in
-float32, as transformers 4.x did (5.x multiplies ``t * (tokens_per_second * second_per_grid_t)``, which can truncate
-differently for fps values without an exact binary fraction).
+Temporal positions are ``floor(t * (second_per_grid_t * tokens_per_second))`` with the factor and the product in
+float64, exactly as vLLM computes them (``Qwen2_5_VLForConditionalGeneration.get_mrope_input_positions``, checked
+against vLLM's own output in ``tests/test_vllm_engine.py``). transformers 4.x evaluated ``t * second_per_grid_t *
+tokens_per_second`` left to right in float32, which truncates one position lower or higher for some fps values that
+have no exact binary fraction (sampled fps 0.3: vLLM 0, 13, 26, 39; float32 0, 13, 26, 40). RL samples with vLLM and
+differentiates the HF forward, so the two engines must agree to the position; the difference to 4.x is at most one
+position on the time axis.
 """
 
 from __future__ import annotations
@@ -31,15 +35,16 @@ def vision_positions(start: int, grid_thw, spatial_merge_size: int, time_scale: 
                      device=None) -> torch.Tensor:
     """(3, t*h*w) positions of one image/video's merged tokens starting at `start`.
 
-    `time_scale` is ``second_per_grid_t * tokens_per_second`` as a (second_per_grid_t, tokens_per_second) pair
-    applied left to right, or None for one position per temporal step (Qwen2-VL, and images).
+    `time_scale` is a (second_per_grid_t, tokens_per_second) pair whose product (float64) spaces the temporal steps,
+    or None for one position per temporal step (Qwen2-VL, and images).
     """
     t, h, w = (int(x) for x in grid_thw)
     h, w = h // spatial_merge_size, w // spatial_merge_size
     t_index = torch.arange(t, device=device).view(-1, 1).expand(-1, h * w)
     if time_scale is not None:
         second_per_grid_t, tokens_per_second = time_scale
-        t_index = (t_index * second_per_grid_t * tokens_per_second).long()
+        factor = float(second_per_grid_t) * float(tokens_per_second)  # vLLM: a Python float (float64)
+        t_index = (t_index.to(torch.float64) * factor).long()
     t_index = t_index.flatten()
     h_index = torch.arange(h, device=device).view(1, -1, 1).expand(t, -1, w).flatten()
     w_index = torch.arange(w, device=device).view(1, 1, -1).expand(t, h, -1).flatten()

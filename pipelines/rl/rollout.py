@@ -22,6 +22,7 @@ The I/O half of a step, kept apart from the math in advantages.py / losses.py:
 from __future__ import annotations
 
 import logging
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -145,8 +146,7 @@ def generate_groups(
         for i in shuf_idx:
             prompts += [samples[i].prompt] * num_shuffled
             media += [samples[i].shuffled_media] * num_shuffled
-        one = Sampling(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
-                       top_p=sampling.top_p, n=1, seed=sampling.seed)
+        one = dataclasses.replace(sampling, n=1)
         flat = [c[0] for c in backend.generate(prompts, media, one)]
         groups = [Group(s, flat[k * num_generations:(k + 1) * num_generations]) for k, s in enumerate(samples)]
         off = len(samples) * num_generations
@@ -154,13 +154,11 @@ def generate_groups(
             groups[i].shuffled = flat[off + j * num_shuffled: off + (j + 1) * num_shuffled]
         return groups
     ordered = backend.generate([s.prompt for s in samples], [s.media for s in samples],
-                               Sampling(sampling.max_new_tokens, sampling.temperature, sampling.top_p,
-                                        num_generations, sampling.seed))
+                               dataclasses.replace(sampling, n=num_generations))
     groups = [Group(s, list(c)) for s, c in zip(samples, ordered)]
     if shuf_idx:
         shuf = backend.generate([samples[i].prompt for i in shuf_idx], [samples[i].shuffled_media for i in shuf_idx],
-                                Sampling(sampling.max_new_tokens, sampling.temperature, sampling.top_p,
-                                         num_shuffled, sampling.seed))
+                                dataclasses.replace(sampling, n=num_shuffled))
         for i, c in zip(shuf_idx, shuf):
             groups[i].shuffled = list(c)
     return groups

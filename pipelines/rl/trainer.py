@@ -255,8 +255,12 @@ class RLTrainer:
 
             # A LoRA checkpoint holds adapters only; the engine starts from the base and gets the merged weights.
             start = self.cfg.model.name_or_path if self.lora else (self.resumed_from or self.cfg.model.name_or_path)
-            b = VLLMBackend.from_config(str(start), rl.vllm,
-                                        seed=self.cfg.run.seed, colocate=True)
+            # The sampled tokens' log-probs feed the rollout/trainer mismatch metric. At temperature 1 the raw ones are
+            # the trainer's own distribution; otherwise vLLM's processed ones (temperature, logit bias, top-p).
+            b = VLLMBackend.from_config(str(start), rl.vllm, seed=self.cfg.run.seed, colocate=True,
+                                        logprobs_mode="raw_logprobs" if rl.temperature == 1.0 else "processed_logprobs",
+                                        max_model_len_key="rl.vllm.max_model_len",
+                                        dtype=str(next(self.unwrapped.parameters()).dtype).removeprefix("torch."))
             b.sync_weights(self.accelerator.unwrap_model(self.model))
             return b
         from pipelines.generation.hf import HFBackend
@@ -463,7 +467,9 @@ class RLTrainer:
 
         loss_val, grad_norm, loss_counts = self._optimize(groups, adv, stats)
         if self.backend is not None and hasattr(self.backend, "sync_weights"):
+            t_sync = time.perf_counter()
             self.backend.sync_weights(self.unwrapped)
+            stats.add("time/weight_sync", time.perf_counter() - t_sync, 1)
 
         step_time = time.perf_counter() - t0
         stats.add("loss", loss_val, 1)
@@ -518,7 +524,8 @@ class RLTrainer:
                             dataset_size=len(self.records), file=str(cfg.data.file),
                             example=f"record {skipped[0].id}: {skipped[0].reason}", what="RL prompts")
 
-        sampling = Sampling(max_new_tokens=rl.max_completion_length, temperature=rl.temperature, top_p=rl.top_p)
+        sampling = Sampling(max_new_tokens=rl.max_completion_length, temperature=rl.temperature, top_p=rl.top_p,
+                            logprobs=rl.backend == "vllm")
         from pipelines.generation.hf import HFBackend
 
         expand = isinstance(self.backend, HFBackend)
@@ -581,7 +588,8 @@ class RLTrainer:
             inputs = R.policy_inputs(self.processor, [g.sample for g in gs], self.G, ids, mask)
             inputs = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in inputs.items()}
             chunks.append({"inputs": inputs, "ids": ids.to(self.device), "mask": mask.to(self.device),
-                           "adv": adv[c0: c0 + micro].reshape(-1).to(self.device, torch.float32)})
+                           "adv": adv[c0: c0 + micro].reshape(-1).to(self.device, torch.float32),
+                           "rollout_logp": _rollout_logprobs(gs, ids.shape[1])})
         total_tokens = int(sum(int(c["mask"].sum()) for c in chunks))
         # The normalisers are the whole step's, over every rank: DDP and DeepSpeed average gradients over ranks, so a
         # rank divides by (global count / world size). With per-rank counts, `dapo`/`bnpo` would weight a token by
@@ -606,6 +614,7 @@ class RLTrainer:
             step_loss = 0.0
             if not chunks:
                 self._dummy_backward()
+            t_fb = time.perf_counter()
             for j, c in enumerate(chunks):
                 last = j == len(chunks) - 1
                 ctx = acc.no_sync(self.model) if not last else nullcontext()
@@ -613,6 +622,8 @@ class RLTrainer:
                     logp = R.completion_logprobs(self.model, c["inputs"], c["ids"], rl.temperature)
                     if it == 0:
                         c["old"] = logp.detach() if rl.num_iterations > 1 else None
+                        if c["rollout_logp"] is not None:
+                            _add_logp_mismatch(stats, logp.detach(), c["rollout_logp"].to(logp.device), c["mask"])
                     out = L.policy_loss(
                         logp, c["adv"], c["mask"], old_logp=c.get("old"), ref_logp=c.get("ref"), beta=rl.beta,
                         epsilon_low=rl.epsilon_low, epsilon_high=rl.epsilon_high, loss_type=rl.loss_type,
@@ -625,6 +636,8 @@ class RLTrainer:
                     ntok = float(out.num_tokens)
                     stats.add("kl", float(out.kl) * ntok, ntok)
                     stats.add("clip_ratio", float(out.clip_ratio) * ntok, ntok)
+            if it == 0:  # one policy forward/backward of the step (bench rl: the share of a step spent elsewhere)
+                stats.add("time/policy_fwd_bwd", time.perf_counter() - t_fb, 1)
             self._check_finite(step_loss, "loss")
             gn = acc.clip_grad_norm_(self.model.parameters(), rl.max_grad_norm)
             grad_norm = float(gn) if gn is not None else float("nan")  # DeepSpeed clips inside its step
@@ -636,6 +649,9 @@ class RLTrainer:
             losses.append(step_loss)
         stats.ensure("kl")
         stats.ensure("clip_ratio")
+        if rl.backend == "vllm":  # every rank reports the same keys (one all-reduce)
+            stats.ensure(MISMATCH_MEAN)
+            stats.ensure_max(MISMATCH_MAX)
         counts = {"local": [float(total_seqs), float(total_tokens)], "normalisers": norm}
         return float(np.mean(losses)), grad_norm, counts
 
@@ -769,11 +785,53 @@ def _info(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
+# Rollout/trainer mismatch (verl's rollout-vs-actor probability difference): |log p_vLLM - log p_policy| over the
+# completion tokens of a step, measured before the update. Near 0 when the engine samples from the policy's own
+# distribution; stale weights (no encoder-cache reset), other positions (M-RoPE) or numerics show up here first.
+MISMATCH_MEAN = "rollout/logp_diff_mean"
+MISMATCH_MAX = "rollout/logp_diff_max"
+
+
+def _rollout_logprobs(groups, length: int) -> torch.Tensor | None:
+    """(N*G, length) log-probs the rollout engine reported for the ordered completions (NaN-padded), or None."""
+    seqs = [c.logprobs for g in groups for c in g.ordered]
+    if not seqs or any(s is None for s in seqs):
+        return None
+    out = torch.full((len(seqs), length), float("nan"), dtype=torch.float32)
+    for i, s in enumerate(seqs):
+        if s:
+            out[i, : len(s)] = torch.tensor(s[:length], dtype=torch.float32)
+    return out
+
+
+def mismatch_terms(policy_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor
+                   ) -> tuple[float, int, float]:
+    """(sum, count, max) of |policy - rollout| over completion tokens where the engine reported a log-prob."""
+    valid = mask.bool() & torch.isfinite(rollout_logp)
+    diff = (policy_logp.float() - rollout_logp.float()).abs()[valid]
+    if not diff.numel():
+        return 0.0, 0, 0.0
+    return float(diff.sum()), int(diff.numel()), float(diff.max())
+
+
+def _add_logp_mismatch(stats: "_Stats", policy_logp, rollout_logp, mask) -> None:
+    total, count, peak = mismatch_terms(policy_logp, rollout_logp, mask)
+    stats.add(MISMATCH_MEAN, total, count)
+    stats.add_max(MISMATCH_MAX, peak)
+
+
 class _Stats:
-    """(sum, count) pairs with a fixed key set, all-reduced over ranks in one collective."""
+    """(sum, count) pairs with a fixed key set, all-reduced over ranks in one collective; maxima in a second."""
 
     def __init__(self):
         self.d: dict[str, list[float]] = {}
+        self.maxes: dict[str, float] = {}
+
+    def add_max(self, key: str, value: float) -> None:
+        self.maxes[key] = max(self.maxes.get(key, float("-inf")), float(value))
+
+    def ensure_max(self, key: str) -> None:
+        self.maxes.setdefault(key, float("-inf"))
 
     def add(self, key: str, total: float, count: float) -> None:
         s = self.d.setdefault(key, [0.0, 0.0])
@@ -796,4 +854,12 @@ class _Stats:
                 out[k] = s / max(1.0, c)
             else:
                 out[k] = s / c if c > 0 else float("nan")
+        if self.maxes:
+            mkeys = sorted(self.maxes)
+            m = torch.tensor([self.maxes[k] for k in mkeys], dtype=torch.float64, device=accelerator.device)
+            if accelerator.num_processes > 1:
+                import torch.distributed as dist
+
+                dist.all_reduce(m, op=dist.ReduceOp.MAX)
+            out.update({k: (v if v != float("-inf") else float("nan")) for k, v in zip(mkeys, m.tolist())})
         return out
