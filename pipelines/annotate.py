@@ -274,6 +274,7 @@ def annotate(
 
     from pipelines.generation import Sampling
     from pipelines.models import decode_media
+    from pipelines.models.families import adapter_for
     from pipelines.prompts import build_messages, load_template
     from pipelines.records import json_columns, load_records, record_dict
 
@@ -322,7 +323,7 @@ def annotate(
             for j, rec in enumerate(recs):
                 try:
                     msgs = build_messages(rec, template, mode="eval")
-                    m = decode_media(rec, cfg, root)
+                    m = decode_media(rec, cfg, root, factor=adapter_for(processor).factor)
                     prompts.append(processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
                     media.append(m)
                     slots.append(j)

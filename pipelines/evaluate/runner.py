@@ -318,6 +318,7 @@ def generate_rows(
     Returns {"todo", "generated", "skipped", "errors"}.
     """
     from pipelines.models import decode_media
+    from pipelines.models.families import adapter_for
     from pipelines.prompts import load_template
 
     bench = bench_input.bench
@@ -344,7 +345,7 @@ def generate_rows(
                 row = base_row(bench, i, records[i])
                 try:
                     prompt = render_prompt(processor, records[i], template)
-                    m = decode_media(records[i], cfg, bench_input.root)
+                    m = decode_media(records[i], cfg, bench_input.root, factor=adapter_for(processor).factor)
                 except VideoR1Error as e:  # MediaError, DataError: count it, never substitute another sample
                     row.update(output="", error=str(e))
                 else:
@@ -720,6 +721,7 @@ def throughput(cfg, bench_input: BenchInput, batch_sizes: Iterable[int], repeats
     import statistics
 
     from pipelines.models import decode_media, load_model, load_processor
+    from pipelines.models.families import adapter_for
     from pipelines.prompts import load_template
 
     from pipelines.generation.hf import HFBackend
@@ -729,7 +731,7 @@ def throughput(cfg, bench_input: BenchInput, batch_sizes: Iterable[int], repeats
     records = load_eval_records(bench_input.file, cfg.eval.limit)
     template = load_template(cfg.prompt.template)
     prompts = [render_prompt(processor, r, template) for r in records]
-    media = [decode_media(r, cfg, bench_input.root) for r in records]
+    media = [decode_media(r, cfg, bench_input.root, factor=adapter_for(processor).factor) for r in records]
     sampling = sampling_for(cfg)
     out: dict[int, dict[str, Any]] = {}
     for bs in batch_sizes:
