@@ -269,3 +269,27 @@ def test_data_probe_reports_family_sizes_and_tokens(synth_world):
     n = a32["nframes"]
     assert a28["visual_tokens"] == math.ceil(n / 2) * (56 // 14) ** 2 // 4
     assert a32["visual_tokens"] == math.ceil(n / 2) * (64 // 16) ** 2 // 4
+
+
+def test_rollout_shuffled_copies_keep_the_ordered_timestamps(family_models, synth_world):
+    """prepare_samples (train rl) on Qwen3-VL: each video's shuffled copy encodes to the same input_ids (timestamps
+    of the presented order) and permuted pixels."""
+    from pipelines.config import load_config
+    from pipelines.models import encode_batch, load_processor
+    from pipelines.prompts import load_template
+    from pipelines.rl.rollout import prepare_samples
+
+    path = family_models("qwen3_vl")
+    proc = load_processor(path)
+    cfg = load_config(overrides=[f"model.name_or_path={path}", "video.min_pixels=4096", "video.max_pixels=4096"])
+    recs = json.loads(Path(synth_world["rl"]).read_text())
+    rows = [(i, r) for i, r in enumerate(recs) if r["data_type"] == "video"][:3]
+    samples, skipped = prepare_samples(rows, cfg, proc, load_template("video-r1"), synth_world["root"],
+                                       torch.Generator().manual_seed(0), temporal=True)
+    assert not skipped and len(samples) == 3
+    for s in samples:
+        assert s.media.video.shape[1:3] == (64, 64)
+        a = encode_batch(proc, [s.prompt], [s.media])
+        b = encode_batch(proc, [s.prompt], [s.shuffled_media])
+        assert torch.equal(a["input_ids"], b["input_ids"]) and "seconds>" in proc.tokenizer.decode(a["input_ids"][0])
+        assert not torch.equal(a["pixel_values_videos"], b["pixel_values_videos"])
