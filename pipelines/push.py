@@ -104,12 +104,16 @@ def build_card(reg: Registry, model_dir: Path, run: dict | None, repo_id: str, l
         if e["kind"] == "model":
             base = e["path"]
     cfg0 = (run or {}).get("config") or {}
+    from pipelines.models.families import adapter_for, family_label
+
+    family = family_label(model_dir)
+    tag = adapter_for(str(model_dir)).label.lower() if family else "qwen2.5-vl"
     lines = [
         "---",
         f"license: {license}",
         "library_name: transformers",
         "pipeline_tag: video-text-to-text",
-        "tags: [video-r1, videor1, t-grpo, qwen2.5-vl, video-reasoning]",
+        f"tags: [video-r1, videor1, t-grpo, {tag}, video-reasoning]",
     ]
     if base and "/" in base and not Path(base).exists():
         lines.append(f"base_model: {base}")
@@ -127,6 +131,8 @@ def build_card(reg: Registry, model_dir: Path, run: dict | None, repo_id: str, l
                      f"`{(r['git_commit'] or '-')[:10]}` |")
     lines += ["", "## Base model and data", ""]
     lines.append(f"- Base model: `{base or cfg0.get('model', {}).get('name_or_path', 'unknown')}`")
+    if family:
+        lines.append(f"- Model family: {family}")
     for e in lin["externals"]:
         if e["kind"] != "model":
             rev = e["meta"].get("revision") if isinstance(e["meta"], dict) else None

@@ -79,6 +79,10 @@ def test_sft_tgrpo_eval_annotate_chain(family, models, synth_world, tmp_path, le
     assert "p_shuffled" in m and "temporal_bonus_rate" in m  # shuffled rollouts ran on this family
     rl_model = rl["summary"]["model"]
     assert json.loads((Path(rl_model) / "config.json").read_text())["model_type"] == family
+    label = f"{ADAPTERS[family].label} ({family})"
+    assert json.loads(run_cli("runs", "show", rl["id"], "--json").output)["family"] == label
+    card = run_cli("push", rl["id"], "--repo-id", "me/tiny", "--dry-run").output
+    assert f"Model family: {label}" in card and f"{ADAPTERS[family].label.lower()}, video-reasoning" in card
     out = tmp_path / "eval"
     run_cli("eval", "--bench", "synthetic", "--model", rl_model, "--data", synth_world["test"], "--root", root,
             "--out", out, "--set", "eval.max_new_tokens=8", "--set", "eval.temperature=0", "--set", "eval.limit=4",

@@ -368,6 +368,18 @@ def family_for_settings(family: str | None, model_path: str | None) -> Adapter:
     return ADAPTERS[DEFAULT_FAMILY]
 
 
+def family_label(*paths: Any) -> str | None:
+    """"Qwen3-VL (qwen3_vl)" for the first local model directory of a known family among `paths`; None if none."""
+    for p in paths:
+        if p and Path(str(p)).is_dir() and (Path(str(p)) / "config.json").is_file():
+            try:
+                a = adapter_for(str(p))
+            except FamilyError:
+                continue
+            return f"{a.label} ({a.family})"
+    return None
+
+
 def check_pair(model, processor, where: str = "") -> Adapter:
     """The model's adapter, after checking the processor does the same family's processing."""
     a = adapter_for(model)
