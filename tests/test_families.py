@@ -293,3 +293,36 @@ def test_rollout_shuffled_copies_keep_the_ordered_timestamps(family_models, synt
         b = encode_batch(proc, [s.prompt], [s.shuffled_media])
         assert torch.equal(a["input_ids"], b["input_ids"]) and "seconds>" in proc.tokenizer.decode(a["input_ids"][0])
         assert not torch.equal(a["pixel_values_videos"], b["pixel_values_videos"])
+
+
+@pytest.mark.parametrize("preset,family", [("video-r1-7b", "qwen2_5_vl"), ("qwen3-vl-8b", "qwen3_vl")])
+def test_training_presets_hold_the_family_budgets(preset, family):
+    """The paper's budgets (128 tokens per frame, qwen-vl-utils' sequence budget, images 4..256 tokens) in each
+    family's pixels; the Qwen3-VL preset trains Qwen3-VL-8B-Instruct with the paper's schedule."""
+    from pipelines.config import load_config
+
+    cfg = load_config(preset)
+    d = ADAPTERS[family].sampler_defaults()
+    got = {"video.min_pixels": cfg.video.min_pixels, "video.max_pixels": cfg.video.max_pixels,
+           "video.total_pixels": cfg.video.total_pixels, "image.min_pixels": cfg.image.min_pixels,
+           "image.max_pixels": cfg.image.max_pixels}
+    assert got == d
+    assert ADAPTERS[family].train_preset == preset
+    if family == "qwen3_vl":
+        ref = load_config("video-r1-7b")
+        assert cfg.model.name_or_path == "Qwen/Qwen3-VL-8B-Instruct"
+        assert cfg.rl.model_dump() == ref.rl.model_dump() and cfg.sft.model_dump() == ref.sft.model_dump()
+
+
+def test_eval_protocol_follows_the_model_family(family_models):
+    from pipelines.config import load_config
+    from videor1_cli.eval import _protocol_preset
+
+    bench = {"eval.bench": "vsi"}
+    assert _protocol_preset({**bench, "model.name_or_path": "Qwen/Qwen2.5-VL-7B-Instruct"}) == "video-r1-eval"
+    assert _protocol_preset({**bench, "model.name_or_path": "Qwen/Qwen3-VL-8B-Instruct"}) == "qwen3-vl-eval"
+    assert _protocol_preset({**bench, "model.name_or_path": str(family_models("qwen3_5"))}) == "qwen3-vl-eval"
+    q3, r1 = load_config("qwen3-vl-eval"), load_config("video-r1-eval")
+    assert (q3.video.min_pixels, q3.video.max_pixels) == (128 * 32 * 32, 256 * 32 * 32)
+    assert (r1.video.min_pixels, r1.video.max_pixels) == (128 * 28 * 28, 256 * 28 * 28)
+    assert q3.eval.model_dump() == r1.eval.model_dump()

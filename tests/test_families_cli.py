@@ -184,3 +184,22 @@ def test_visual_tensors_reach_policy_and_reference_forwards(family, models, synt
         assert int((ids == config.image_token_id).sum()) == int(kw["image_grid_thw"].prod(-1).sum()) // 4
         assert kw["pixel_values_videos"].shape[0] == int(kw["video_grid_thw"].prod(-1).sum())
         assert kw["mm_token_type_ids"].shape == ids.shape
+
+
+def test_quickstart_smoke_on_qwen3_vl(tmp_path):
+    """`videor1 quickstart --family qwen3_vl --smoke`: the whole chain on a tiny Qwen3-VL, 64x64 frames (the default
+    family's 4 tokens per frame pair in 32-pixel patches)."""
+    out = tmp_path / "qs"
+    res = run_cli("quickstart", "--smoke", "--json", "--out", out, "--seed", 3, "--family", "qwen3_vl")
+    table = json.loads(res.stdout)
+    for k in ("chance", "untrained", "sft", "rl"):
+        assert isinstance(table[k], (int, float)), k
+    runs = registry().list_runs()
+    assert all(r["status"] == "finished" for r in runs), [(r["kind"], r["status"]) for r in runs]
+    (tiny,) = [r for r in runs if r["kind"] == "model-tiny"]
+    assert tiny["summary"]["family"] == "qwen3_vl"
+    model = json.loads((out / "seed-3" / "tiny-model" / "config.json").read_text())
+    assert model["model_type"] == "qwen3_vl"
+    (rl,) = [r for r in runs if r["kind"] == "train-rl"]
+    cfg = registry().get_run(rl["id"])["config"]
+    assert cfg["video"]["min_pixels"] == cfg["video"]["max_pixels"] == 64 * 64

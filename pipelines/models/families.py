@@ -74,6 +74,8 @@ class Adapter:
     lora_target_modules: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                       "up_proj", "down_proj")
     hub_example: ClassVar[str] = ""
+    eval_preset: ClassVar[str] = "video-r1-eval"  # Video-R1's eval protocol in this family's pixel terms
+    train_preset: ClassVar[str] = "video-r1-7b"
 
     # -- sizes ---------------------------------------------------------------------------------------------------------
     @property
@@ -224,6 +226,8 @@ class Qwen3VLAdapter(Adapter):
     processor_class_name = "Qwen3VLProcessor"
     patch_size = 16
     timestamps = True
+    eval_preset = "qwen3-vl-eval"
+    train_preset = "qwen3-vl-8b"
     vllm_architecture = "Qwen3VLForConditionalGeneration"
     hub_example = "Qwen/Qwen3-VL-8B-Instruct"
     required_config = Adapter.required_config + ("vision_config.num_position_embeddings",)
@@ -365,6 +369,21 @@ def family_for_settings(family: str | None, model_path: str | None) -> Adapter:
         return ADAPTERS[family]
     if model_path and Path(model_path).is_dir():
         return adapter_for(model_path)
+    return ADAPTERS[DEFAULT_FAMILY]
+
+
+def family_hint(name_or_path: str | None) -> Adapter:
+    """The family of a local model, else guessed from a hub id's name (Qwen3-VL*, Qwen3.5*, Qwen2-VL*), else the
+    default; for choosing settings (presets) only, never for loading."""
+    import re
+
+    if name_or_path and Path(str(name_or_path)).is_dir():
+        return adapter_for(str(name_or_path))
+    name = str(name_or_path or "").lower()
+    for pattern, family in ((r"qwen3-vl-.*a\d+b", "qwen3_vl_moe"), (r"qwen3-vl", "qwen3_vl"),
+                            (r"qwen3\.5-.*a\d+b", "qwen3_5_moe"), (r"qwen3\.5", "qwen3_5"), (r"qwen2-vl", "qwen2_vl")):
+        if re.search(pattern, name):
+            return ADAPTERS[family]
     return ADAPTERS[DEFAULT_FAMILY]
 
 
