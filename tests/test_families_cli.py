@@ -203,3 +203,17 @@ def test_quickstart_smoke_on_qwen3_vl(tmp_path):
     (rl,) = [r for r in runs if r["kind"] == "train-rl"]
     cfg = registry().get_run(rl["id"])["config"]
     assert cfg["video"]["min_pixels"] == cfg["video"]["max_pixels"] == 64 * 64
+
+
+def test_bench_frames_quick_on_qwen3_vl(tmp_path):
+    """`bench frames --family qwen3_vl --preset qwen3-vl-8b`: our sampler at factor 32 agrees with qwen-vl-utils at
+    image_patch_size 16 (indices, sizes multiples of 32, pixels)."""
+    out = tmp_path / "bench.json"
+    run_cli("bench", "frames", "--quick", "--repeats", "1", "--no-pyav", "--clips-dir", tmp_path / "clips",
+            "--out", out, "--family", "qwen3_vl", "--preset", "qwen3-vl-8b", "--set", f"run.output_dir={tmp_path}")
+    data = json.loads(out.read_text())
+    assert data["ok"] and data["settings"]["factor"] == 32 and data["settings"]["min_pixels"] == 128 * 32 * 32
+    (clip,) = data["clips"]
+    assert clip["indices_match"] and clip["size_match"] and clip["mad"] < 1.0
+    h, w = (int(x) for x in clip["resized"].split("x"))
+    assert h % 32 == 0 and w % 32 == 0

@@ -149,7 +149,7 @@ def find_bigbuckbunny() -> Path | None:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The peer: qwen_vl_utils.fetch_video configured as Video-R1's vendored copy
-def _peer_module(cfg: VideoConfig):
+def _peer_module(cfg: VideoConfig, factor: int = 28):
     import qwen_vl_utils.vision_process as vp
 
     if vp.FORCE_QWENVL_VIDEO_READER != "decord":  # torchvision.io.read_video is gone; torchcodec not installed
@@ -157,16 +157,18 @@ def _peer_module(cfg: VideoConfig):
         vp.get_video_reader_backend.cache_clear()
     # Video-R1 edits these constants in its vendored source (FPS_MAX_FRAMES 16, VIDEO_MAX_PIXELS 128*28*28).
     vp.FPS, vp.FPS_MIN_FRAMES, vp.FPS_MAX_FRAMES = cfg.fps, cfg.min_frames, cfg.max_frames
-    vp.VIDEO_MAX_TOKEN_NUM = cfg.max_pixels / (28 * 28)
-    vp.VIDEO_MIN_TOKEN_NUM = cfg.min_pixels / (28 * 28)
+    vp.VIDEO_MAX_TOKEN_NUM = cfg.max_pixels / (factor * factor)
+    vp.VIDEO_MIN_TOKEN_NUM = cfg.min_pixels / (factor * factor)
     return vp
 
 
-def peer_fetch(path: str | os.PathLike, cfg: VideoConfig):
-    """(float tensor (T,C,H,W), indices, sample_fps) from qwen_vl_utils.fetch_video."""
-    vp = _peer_module(cfg)
+def peer_fetch(path: str | os.PathLike, cfg: VideoConfig, factor: int = 28):
+    """(float tensor (T,C,H,W), indices, sample_fps) from qwen_vl_utils.fetch_video with the model family's
+    image_patch_size (factor / spatial merge 2: 14 for Qwen2/2.5-VL, 16 for Qwen3-VL / Qwen3.5)."""
+    vp = _peer_module(cfg, factor)
     ele = {"video": str(path), "min_pixels": cfg.min_pixels, "total_pixels": cfg.total_pixels}
-    (video, meta), sample_fps = vp.fetch_video(ele, return_video_sample_fps=True, return_video_metadata=True)
+    (video, meta), sample_fps = vp.fetch_video(ele, image_patch_size=factor // vp.SPATIAL_MERGE_SIZE,
+                                               return_video_sample_fps=True, return_video_metadata=True)
     return video, [int(i) for i in meta["frames_indices"]], float(sample_fps)
 
 
@@ -224,12 +226,14 @@ def run_bench(
     pyav: bool = True,
     log: Callable[[str], None] = print,
     progress: Callable[[str], None] | None = None,
+    factor: int = 28,
 ) -> BenchResult:
+    """`factor`: the model family's frame sizing factor (`pipelines.models.families.Adapter.factor`)."""
     cold_cfg = cfg.model_copy(update={"cache_dir": None})
     pyav_cfg = cold_cfg.model_copy(update={"backend": "pyav"})
     settings = {k: getattr(cfg, k) for k in ("fps", "min_frames", "max_frames", "min_pixels", "max_pixels",
                                              "total_pixels", "backend")}
-    settings.update(repeats=repeats, questions_per_video=QUESTIONS_PER_VIDEO, quick=quick)
+    settings.update(repeats=repeats, questions_per_video=QUESTIONS_PER_VIDEO, quick=quick, factor=factor)
     res = BenchResult(settings=settings, machine=machine_info())
     clips = ensure_clips(clips_dir, QUICK_CLIPS if quick else DEFAULT_CLIPS, log)
     if real and not quick:
@@ -245,10 +249,10 @@ def run_bench(
         tick(f"check {name}")
         cr = ClipResult(name=name, path=str(path))
         V.clear_lru()
-        ours = V.sample_video(path, cold_cfg, use_cache=False)
-        pv, pidx, pfps = peer_fetch(path, cold_cfg)
+        ours = V.sample_video(path, cold_cfg, use_cache=False, factor=factor)
+        pv, pidx, pfps = peer_fetch(path, cold_cfg, factor)
         peer = pv.permute(0, 2, 3, 1).numpy()
-        info = V.probe(path, cold_cfg, V.ImageConfig())
+        info = V.probe(path, cold_cfg, V.ImageConfig(), factor=factor)
         cr.width, cr.height, cr.total_frames, cr.video_fps = info["width"], info["height"], ours.total_frames, \
             ours.video_fps
         cr.nframes = ours.nframes
@@ -259,7 +263,7 @@ def run_bench(
         if cr.size_match:
             cr.mad = float(np.abs(ours.frames.astype(np.float32) - peer).mean())
         if pyav:
-            alt = V.sample_video(path, pyav_cfg, use_cache=False)
+            alt = V.sample_video(path, pyav_cfg, use_cache=False, factor=factor)
             if alt.indices == pidx and tuple(alt.frames.shape) == tuple(peer.shape):
                 cr.mad_pyav = float(np.abs(alt.frames.astype(np.float32) - peer).mean())
             else:
@@ -274,10 +278,10 @@ def run_bench(
 
             def run_ours():
                 V.clear_lru()
-                V.sample_video(path, cold_cfg, use_cache=False)
+                V.sample_video(path, cold_cfg, use_cache=False, factor=factor)
 
             def run_peer():
-                peer_fetch(path, cold_cfg)
+                peer_fetch(path, cold_cfg, factor)
 
             if r % 2 == 0:
                 ours_t.append(_ms(run_ours, ours_c))
@@ -286,7 +290,7 @@ def run_bench(
                 peer_t.append(_ms(run_peer, peer_c))
                 ours_t.append(_ms(run_ours, ours_c))
             if pyav:
-                pyav_t.append(_ms(lambda: V.sample_video(path, pyav_cfg, use_cache=False)))
+                pyav_t.append(_ms(lambda: V.sample_video(path, pyav_cfg, use_cache=False, factor=factor)))
         cr.cold_ours_ms, cr.cold_peer_ms = _median(ours_t), _median(peer_t)
         cr.cold_pyav_ms = _median(pyav_t)
         cr.cold_ours_cpu_ms, cr.cold_peer_cpu_ms = _median(ours_c), _median(peer_c)
@@ -317,14 +321,14 @@ def run_bench(
 
                     def run_stream():
                         for p in records:
-                            fr = V.sample_video(p, scfg)
+                            fr = V.sample_video(p, scfg, factor=factor)
                             counts[fr.meta["cache"]] = counts.get(fr.meta["cache"], 0) + 1
 
                     times[mode].append(_ms(run_stream))
                     hits[mode] = counts
             V.LRU_SIZE = saved_lru
             tick(f"stream peer {r + 1}/{repeats}")
-            times["peer"].append(_ms(lambda: [peer_fetch(p, cold_cfg) for p in records]))
+            times["peer"].append(_ms(lambda: [peer_fetch(p, cold_cfg, factor) for p in records]))
     finally:
         V.LRU_SIZE = saved_lru
         V.clear_lru()

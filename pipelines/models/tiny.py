@@ -51,13 +51,14 @@ def _save(adapter, model, tokenizer, ids, out: Path, image_proc, video_proc, cha
 
 
 def build_qwen2(adapter, out_dir, seed: int = 0) -> Path:
-    """Tiny Qwen2-VL: the Qwen2.5-VL tiny's text sizes, Qwen2-VL's vision tower (no window attention)."""
+    """Tiny Qwen2-VL: the Qwen2.5-VL tiny's sizes but 2 heads of 32 (vLLM's CPU attention needs head_dim >= 32),
+    Qwen2-VL's vision tower (no window attention)."""
     import torch
     from transformers import Qwen2VLConfig, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
     from pipelines.models import CHAT_TEMPLATE, TinySpec, train_tiny_tokenizer
 
-    spec = TinySpec()
+    spec = TinySpec(num_attention_heads=2, num_key_value_heads=1, mrope_section=(4, 6, 6))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -111,7 +112,8 @@ def qwen3_text_config(family: str, vocab: int, ids: dict[str, int]) -> dict:
         if family == "qwen3_5_moe":
             text.update(shared_expert_intermediate_size=32)
         else:
-            text.update(decoder_sparse_step=1, mlp_only_layers=[])
+            # transformers always renormalises the top-k router weights; vLLM reads the flag from the config.
+            text.update(decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True)
     return text
 
 
@@ -140,8 +142,10 @@ def build_qwen3(adapter, out_dir, seed: int = 0) -> Path:
                         video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
                         vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=True)
     model = adapter.model_class()(config)
+    # Qwen3-VL / Qwen3.5 checkpoints normalise images and videos with mean = std = 0.5 (not Qwen2-VL's CLIP values;
+    # vLLM normalises both on device with one set, so a mismatch here makes HF and vLLM disagree on videos).
     image_proc = Qwen2VLImageProcessor(size={"shortest_edge": 32 * 32, "longest_edge": 16384 * 32 * 32},
-                                       patch_size=16, merge_size=2)
+                                       patch_size=16, merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
     video_proc = Qwen3VLVideoProcessor(size={"shortest_edge": 32 * 32, "longest_edge": 16384 * 32 * 32},
                                        patch_size=16, merge_size=2)
     _save(adapter, model, tokenizer, ids, out, image_proc, video_proc, QWEN3_CHAT_TEMPLATE)
