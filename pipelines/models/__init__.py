@@ -222,7 +222,8 @@ def load_processor(path: str | Path, revision: str | None = None):
 
     from pipelines.models.families import adapter_for
 
-    family = adapter_for(path, revision).family if Path(str(path)).is_dir() else None
+    # A LoRA checkpoint directory holds the processor but no config.json: the processor's class names the family.
+    family = adapter_for(path, revision).family if (Path(str(path)) / "config.json").is_file() else None
     proc = AutoProcessor.from_pretrained(str(path), revision=revision)
     proc.tokenizer.padding_side = "left"
     if family is not None:
@@ -254,7 +255,7 @@ def load_model(model_cfg, path: str | Path | None = None, device=None, for_train
         raise VideoR1Error(f"model directory not found: {name}", hint="build one with `videor1 model tiny --out DIR`")
     from pipelines.models.families import adapter_for
 
-    if Path(name).is_dir():  # the family (and what its config must hold) is checked before any weight is read
+    if (Path(name) / "config.json").is_file():  # family and required config fields checked before any weight
         adapter_for(name).check_config(json.loads((Path(name) / "config.json").read_text()),
                                        where=str(Path(name) / "config.json"))
     try:
