@@ -326,3 +326,17 @@ def test_eval_protocol_follows_the_model_family(family_models):
     assert (q3.video.min_pixels, q3.video.max_pixels) == (128 * 32 * 32, 256 * 32 * 32)
     assert (r1.video.min_pixels, r1.video.max_pixels) == (128 * 28 * 28, 256 * 28 * 28)
     assert q3.eval.model_dump() == r1.eval.model_dump()
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_prompt_length_counts_timestamps_and_visual_tokens(family, family_models):
+    """rl's prompt.max_prompt_length check counts exactly the tokens the processor produces (Qwen3-VL: timestamp
+    text and per-frame vision markers included)."""
+    from pipelines.models import encode_batch, load_processor
+    from pipelines.rl.rollout import prompt_tokens
+
+    proc = load_processor(family_models(family))
+    f = ADAPTERS[family].factor
+    text = "<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>Which way?<|im_end|>\n"
+    for media in (_video_media(n=8, size=2 * f), _video_media(n=6, size=3 * f, fps=0.5)):
+        assert prompt_tokens(proc, text, media) == encode_batch(proc, [text], [media])["input_ids"].shape[1]

@@ -90,6 +90,11 @@ class Adapter:
         return visual_tokens(height, width, nframes, temporal_patch=self.temporal_patch_size, patch=self.patch_size,
                              merge=self.merge_size)
 
+    def video_placeholder_tokens(self, processor, media) -> int:
+        """Tokens one video placeholder (<|video_pad|>) expands into in the prompt."""
+        t, h, w = media.video.shape[:3]
+        return self.visual_tokens(h, w, t)
+
     def sampler_defaults(self) -> dict[str, float]:
         """Video-R1's frame / pixel budgets in this family's terms (qwen-vl-utils' token counts x factor^2)."""
         f2 = self.factor * self.factor
@@ -239,6 +244,16 @@ class Qwen3VLAdapter(Adapter):
         # Timestamps come from this metadata; without it the processor assumes 24 fps (and warns).
         kw["video_metadata"] = [VideoMetadata(**video_metadata(m)) for m in media]
         return kw
+
+    def video_placeholder_tokens(self, processor, media) -> int:
+        # Per temporal patch: the "<t seconds>" text, <|vision_start|>, the patch's tokens, <|vision_end|>.
+        t, h, w = media.video.shape[:3]
+        md = video_metadata(media)
+        times = processor._calculate_timestamps(md["frames_indices"], md["fps"], self.temporal_patch_size)
+        per_patch = self.visual_tokens(h, w, 1)
+        tok = processor.tokenizer
+        return sum(len(tok(f"<{s:.1f} seconds>", add_special_tokens=False)["input_ids"]) + 2 + per_patch
+                   for s in times[: -(-t // self.temporal_patch_size)])
 
     def install_rope(self, model) -> bool:
         # Each frame is its own grid (t = 1) between timestamp texts, so transformers' "resume at start +

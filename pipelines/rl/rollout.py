@@ -84,8 +84,7 @@ def prompt_tokens(processor, prompt: str, media: Media) -> int:
     adapter = adapter_for(processor)
     n = len(processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]) - 1  # the placeholder itself
     if media.video is not None:
-        t, h, w = media.video.shape[:3]
-        n += adapter.visual_tokens(h, w, t)
+        n += adapter.video_placeholder_tokens(processor, media)
     elif media.image is not None:
         h, w = media.image.shape[:2]
         n += adapter.visual_tokens(h, w, 1)
