@@ -278,6 +278,7 @@ def annotate(
 
     from pipelines.generation import Sampling
     from pipelines.models import decode_media
+    from pipelines.models.families import adapter_for
     from pipelines.prompts import build_messages, load_template
     from pipelines.records import json_columns, load_records, record_dict
     from pipelines.validate import check_record
@@ -328,7 +329,7 @@ def annotate(
                 try:
                     check_record(rec, cfg.data.file, idx[j])
                     msgs = build_messages(rec, template, mode="eval")
-                    m = decode_media(rec, cfg, root)
+                    m = decode_media(rec, cfg, root, factor=adapter_for(processor).factor)
                     prompts.append(processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
                     media.append(m)
                     slots.append(j)

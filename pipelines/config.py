@@ -402,6 +402,12 @@ class QuickstartConfig(Section):
         "CoT targets about twice as fast as 5e-4 on the tiny model; 2e-3 collapses its vision tower.",
     )
     rl_steps: int = Field(100, ge=1, description="Steps (rollouts) of the RL phase. Shortcut: --rl-steps.")
+    family: Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"] = Field(
+        "qwen2_5_vl",
+        description="Model family of the tiny model (`videor1 model tiny --family`). Shortcut: --family. Pixel "
+        "budgets are converted to the family's patches (x (32/28)^2 for Qwen3-VL / Qwen3.5: the same tokens per "
+        "frame). The measured learning figures are Qwen2.5-VL's.",
+    )
     rl_freeze_vision: bool = Field(
         True,
         description="Freeze the vision tower in the RL stages only (sets model.freeze_vision there; SFT trains it). "

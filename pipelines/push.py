@@ -266,6 +266,13 @@ def eval_rows(e: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
     return headline, rows
 
 
+def _family_label(model_type: str | None) -> str | None:
+    """"Qwen2.5-VL" for qwen2_5_vl: the adapter's name for a family the project knows, else None."""
+    from pipelines.models.families import ADAPTERS
+
+    return ADAPTERS[model_type].label if model_type in ADAPTERS else None
+
+
 def build_card(reg: Registry, model_dir: Path, run: dict | None, repo_id: str, license: str) -> str:
     lin = collect_lineage(reg, run)
     chain = sorted(lin["ancestors"], key=lambda r: r["started_at"] or 0)
@@ -285,8 +292,9 @@ def build_card(reg: Registry, model_dir: Path, run: dict | None, repo_id: str, l
                                                                                                   Path(a.path).name)
     names[str(model_dir.resolve())] = names.get(str(model_dir.resolve()), model_dir.name)
 
+    label = _family_label(family)
     lines = ["---", f"license: {license}", "library_name: transformers", "pipeline_tag: video-text-to-text",
-             f"tags: [video-r1, videor1, t-grpo, {family or 'qwen2.5-vl'}, video-reasoning]"]
+             f"tags: [video-r1, videor1, t-grpo, {(label or 'qwen2.5-vl').lower()}, video-reasoning]"]
     if base["source"] == "hub" and base["name"]:
         lines.append(f"base_model: {base['name']}")
     lines += ["---", "", f"# {repo_id.split('/')[-1]}", ""]
@@ -294,11 +302,12 @@ def build_card(reg: Registry, model_dir: Path, run: dict | None, repo_id: str, l
         "Trained with [videor1](https://pypi.org/project/videor1/), a re-implementation of the Video-R1 recipe "
         "(arXiv 2503.21776): supervised cold start on chain-of-thought data, then T-GRPO reinforcement learning."
     )
-    lines += ["", f"- Model family: `{family or 'unknown'}` (`model_type` of config.json)"]
+    lines += ["", f"- Model family: {label or 'unknown'} (`{family or '?'}`, the `model_type` of config.json)"]
     if base["source"] == "hub":
         lines.append(f"- Base model: [`{base['name']}`](https://huggingface.co/{base['name']})")
     elif base["source"] == "tiny":
-        lines.append(f"- Base model: `{base['name']}`, the tiny random Qwen2.5-VL built by `videor1 model tiny`"
+        lines.append(f"- Base model: `{base['name']}`, the tiny random {label or 'Qwen2.5-VL'} built by "
+                     "`videor1 model tiny`"
                      + (f" (seed {base['seed']})" if base.get("seed") is not None else "")
                      + (f", `{base['hash'][:23]}`" if base.get("hash") else ""))
     else:

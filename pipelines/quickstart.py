@@ -105,8 +105,9 @@ def plan_seed(cfg, seed: int, out: Path, config_file: Path, tag: str) -> SeedPla
         ["data", "synth", *common, *named("data"), "--out", str(world), "--train", str(q.train), "--sft", str(q.sft),
          "--test", str(q.test), "--seed", str(seed), *([] if q.shuffle_options else ["--fixed-options"])], world)
     tiny = d / "tiny-model"
-    add("tiny", "model tiny", ["model", "tiny", *common, *named("model"), "--out", str(tiny), "--seed", str(seed)],
-        tiny)
+    add("tiny", "model tiny" + (f" --family {q.family}" if q.family != "qwen2_5_vl" else ""),
+        ["model", "tiny", *common, *named("model"), "--out", str(tiny), "--seed", str(seed),
+         *(["--family", q.family] if q.family != "qwen2_5_vl" else [])], tiny)
 
     def evaluate(label: str, model: Path) -> None:
         e = d / f"eval-{label}"
@@ -146,7 +147,22 @@ def stage_config(cfg, out: Path, registry: Path, tag: str, smoke: bool) -> dict[
         for key, value in SMOKE_OVERRIDES.items():
             sec, k = key.split(".")
             data[sec][k] = value
+    family_budgets(data, cfg.quickstart.family)
     return data
+
+
+def family_budgets(data: dict[str, Any], family: str) -> None:
+    """Pixel budgets in the family's terms: the same visual tokens per frame as the default family's settings
+    (56x56 frames = 4 tokens per patch pair of 28 become 64x64 with Qwen3's 32)."""
+    from pipelines.models.families import ADAPTERS, DEFAULT_FAMILY
+
+    ratio = (ADAPTERS[family].factor / ADAPTERS[DEFAULT_FAMILY].factor) ** 2
+    if ratio == 1:
+        return
+    for sec, keys in (("video", ("min_pixels", "max_pixels", "total_pixels")), ("image", ("min_pixels",
+                                                                                        "max_pixels"))):
+        for k in keys:
+            data[sec][k] = round(data[sec][k] * ratio)
 
 
 def apply_smoke(cfg) -> None:

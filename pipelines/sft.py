@@ -79,15 +79,16 @@ def encode_example(processor, messages: list[dict], media, eos_id: int | None = 
     mm_token_type_ids and the visual inputs of its image/video (see the module docstring for the span)."""
     from pipelines.models import encode_batch
 
-    import numpy as np
+    import dataclasses
 
-    from pipelines.models import Media
+    import numpy as np
 
     prompt, target = split_conversation(processor, messages)
     tok = processor.tokenizer
     # Frames may come read-only from the frame cache; torch warns on non-writable arrays.
-    media = Media(video=None if media.video is None else np.require(media.video, requirements="W"),
-                  image=None if media.image is None else np.require(media.image, requirements="W"), fps=media.fps)
+    media = dataclasses.replace(
+        media, video=None if media.video is None else np.require(media.video, requirements="W"),
+        image=None if media.image is None else np.require(media.image, requirements="W"))
     eos_id = tok.convert_tokens_to_ids(EOS_TOKEN) if eos_id is None else eos_id
     enc = encode_batch(processor, [prompt], [media], padding_side="right")
     n = int(enc["attention_mask"][0].sum())
@@ -152,6 +153,7 @@ class SftDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         from pipelines.models import decode_media
+        from pipelines.models.families import adapter_for
         from pipelines.prompts import build_messages
         from pipelines.validate import check_record
 
@@ -160,7 +162,7 @@ class SftDataset(torch.utils.data.Dataset):
         try:
             check_record(rec, self.file, self.file_index[int(i)])
             messages = build_messages(rec, self.template, mode="sft")
-            media = decode_media(rec, self.cfg, self.root)
+            media = decode_media(rec, self.cfg, self.root, factor=adapter_for(self.processor).factor)
             ex = encode_example(self.processor, messages, media, self.eos_id)
         except VideoR1Error as e:
             return skip_marker(rid, "media" if type(e).__name__ == "MediaError" else "data", str(e))

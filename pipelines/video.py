@@ -147,9 +147,9 @@ def frame_pixel_cap(nframes: int, cfg: VideoConfig) -> int:
     return int(max(min(cfg.max_pixels, cfg.total_pixels / nframes * FRAME_FACTOR), int(cfg.min_pixels * 1.05)))
 
 
-def video_size(height: int, width: int, nframes: int, cfg: VideoConfig) -> tuple[int, int]:
-    """Resized (height, width) of the sampled frames."""
-    return smart_resize(height, width, IMAGE_FACTOR, cfg.min_pixels, frame_pixel_cap(nframes, cfg))
+def video_size(height: int, width: int, nframes: int, cfg: VideoConfig, factor: int = IMAGE_FACTOR) -> tuple[int, int]:
+    """Resized (height, width) of the sampled frames; `factor` is the model family's patch x merge (28 or 32)."""
+    return smart_resize(height, width, factor, cfg.min_pixels, frame_pixel_cap(nframes, cfg))
 
 
 def visual_tokens(height: int, width: int, nframes: int = 1, temporal_patch: int = 2, patch: int = 14,
@@ -332,19 +332,19 @@ def clean_reason(e: BaseException, path: str = "") -> str:
     return text[:1].lower() + text[1:200]
 
 
-def _decode_watched(path: str, cfg: VideoConfig, backend: str) -> Frames:
+def _decode_watched(path: str, cfg: VideoConfig, backend: str, factor: int = IMAGE_FACTOR) -> Frames:
     """`_decode` on a daemon thread, given up after video.decode_timeout_s: a hung decoder (a corrupt stream that
     never returns, a stalled network file system) fails this video, naming it, and the run goes on. The abandoned
     thread keeps running until its decoder returns; it holds no lock of ours."""
     timeout = cfg.decode_timeout_s
     if not timeout:
-        return _decode(path, cfg, backend)
+        return _decode(path, cfg, backend, factor)
     box: dict[str, Any] = {}
     done = threading.Event()
 
     def work() -> None:
         try:
-            box["frames"] = _decode(path, cfg, backend)
+            box["frames"] = _decode(path, cfg, backend, factor)
         except BaseException as e:  # noqa: BLE001 - handed to the caller
             box["error"] = e
         finally:
@@ -360,7 +360,7 @@ def _decode_watched(path: str, cfg: VideoConfig, backend: str) -> Frames:
     return box["frames"]
 
 
-def _decode(path: str, cfg: VideoConfig, backend: str) -> Frames:
+def _decode(path: str, cfg: VideoConfig, backend: str, factor: int = IMAGE_FACTOR) -> Frames:
     reader = _open_reader(path, backend)
     try:
         total, fps = reader.total_frames, reader.video_fps
@@ -377,7 +377,7 @@ def _decode(path: str, cfg: VideoConfig, backend: str) -> Frames:
         for raw in reader.frames(idx):
             if size is None:
                 h, w = (raw.shape[0], raw.shape[1]) if isinstance(raw, np.ndarray) else (raw.height, raw.width)
-                size = video_size(h, w, n, cfg)
+                size = video_size(h, w, n, cfg, factor)
             futures.append(pool.submit(_convert_resize, raw, size, reader))
         out = np.stack([f.result() for f in futures])
     finally:
@@ -413,7 +413,7 @@ def clear_lru() -> None:
         _lru.clear()
 
 
-def cache_key(path: str | os.PathLike, cfg: VideoConfig) -> str:
+def cache_key(path: str | os.PathLike, cfg: VideoConfig, factor: int = IMAGE_FACTOR) -> str:
     """sha256 of the file's identity (absolute path, size, mtime_ns) and every setting that changes the frames."""
     p = os.path.abspath(os.fspath(path))
     st = os.stat(p)
@@ -429,6 +429,7 @@ def cache_key(path: str | os.PathLike, cfg: VideoConfig) -> str:
             "min_pixels": cfg.min_pixels,
             "max_pixels": cfg.max_pixels,
             "total_pixels": cfg.total_pixels,
+            **({"factor": factor} if factor != IMAGE_FACTOR else {}),  # 28: keys of existing caches unchanged
         },
         sort_keys=True,
     )
@@ -534,11 +535,13 @@ def _backends(cfg: VideoConfig) -> list[str]:
     return ["pyav"]
 
 
-def sample_video(path: str | os.PathLike, cfg: VideoConfig, use_cache: bool = True) -> Frames:
-    """Sample and resize the frames of one video with Video-R1's rules. Raises MediaError naming the path."""
+def sample_video(path: str | os.PathLike, cfg: VideoConfig, use_cache: bool = True,
+                 factor: int = IMAGE_FACTOR) -> Frames:
+    """Sample and resize the frames of one video with Video-R1's rules, sides multiples of `factor` (the model
+    family's patch x merge: `pipelines.models.families`). Raises MediaError naming the path."""
     path = os.fspath(path)
     _check_file(path)
-    key = cache_key(path, cfg) if use_cache else None
+    key = cache_key(path, cfg, factor) if use_cache else None
     if key is not None:
         hit = _lru_get(key)
         if hit is not None:
@@ -552,7 +555,7 @@ def sample_video(path: str | os.PathLike, cfg: VideoConfig, use_cache: bool = Tr
     result: Frames | None = None
     for backend in _backends(cfg):
         try:
-            result = _decode_watched(path, cfg, backend)
+            result = _decode_watched(path, cfg, backend, factor)
             break
         except MediaError:
             raise
@@ -587,13 +590,13 @@ def _open_image(path: str) -> Image.Image:
         raise MediaError(path, f"cannot decode image ({clean_reason(e, path)})") from None
 
 
-def load_image(path: str | os.PathLike, cfg: ImageConfig) -> np.ndarray:
+def load_image(path: str | os.PathLike, cfg: ImageConfig, factor: int = IMAGE_FACTOR) -> np.ndarray:
     """uint8 (H, W, 3): RGBA composited on white, resized (PIL bicubic) into [min_pixels, max_pixels] by
     smart_resize, as qwen-vl-utils' fetch_image."""
     path = os.fspath(path)
     img = _to_rgb(_open_image(path))
     try:
-        h, w = smart_resize(img.height, img.width, IMAGE_FACTOR, cfg.min_pixels, cfg.max_pixels)
+        h, w = smart_resize(img.height, img.width, factor, cfg.min_pixels, cfg.max_pixels)
     except ValueError as e:
         raise MediaError(path, str(e)) from None
     if (h, w) != (img.height, img.width):
@@ -605,18 +608,21 @@ def is_image(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def probe(path: str | os.PathLike, video_cfg: VideoConfig, image_cfg: ImageConfig) -> dict[str, Any]:
-    """What sampling would do to one media file, without decoding the sampled frames."""
+def probe(path: str | os.PathLike, video_cfg: VideoConfig, image_cfg: ImageConfig, factor: int = IMAGE_FACTOR,
+          tokens: Callable[..., int] | None = None) -> dict[str, Any]:
+    """What sampling would do to one media file, without decoding the sampled frames; `factor` and `tokens`
+    (visual tokens of (h, w, nframes)) are the model family's (`Adapter.factor`, `Adapter.visual_tokens`)."""
+    tokens = tokens or visual_tokens
     path = os.fspath(path)
     _check_file(path)
     if is_image(path):
         img = _open_image(path)
         try:
-            rh, rw = smart_resize(img.height, img.width, IMAGE_FACTOR, image_cfg.min_pixels, image_cfg.max_pixels)
+            rh, rw = smart_resize(img.height, img.width, factor, image_cfg.min_pixels, image_cfg.max_pixels)
         except ValueError as e:
             raise MediaError(path, str(e)) from None
         return {"path": path, "kind": "image", "height": img.height, "width": img.width, "resized_height": rh,
-                "resized_width": rw, "visual_tokens": visual_tokens(rh, rw, 1)}
+                "resized_width": rw, "visual_tokens": tokens(rh, rw, 1)}
     errors = []
     for backend in _backends(video_cfg):
         try:
@@ -635,7 +641,7 @@ def probe(path: str | os.PathLike, video_cfg: VideoConfig, image_cfg: ImageConfi
         n = smart_nframes(total, fps, video_cfg)
     except ValueError as e:
         raise MediaError(path, f"too short to sample ({total} frames at {fps:g} fps): {e}") from None
-    rh, rw = video_size(h, w, n, video_cfg)
+    rh, rw = video_size(h, w, n, video_cfg, factor)
     return {
         "path": path,
         "kind": "video",
@@ -651,5 +657,5 @@ def probe(path: str | os.PathLike, video_cfg: VideoConfig, image_cfg: ImageConfi
         "resized_width": rw,
         "frame_pixel_cap": frame_pixel_cap(n, video_cfg),
         "sample_fps": n / total * fps,
-        "visual_tokens": visual_tokens(rh, rw, n),
+        "visual_tokens": tokens(rh, rw, n),
     }

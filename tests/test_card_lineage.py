@@ -49,7 +49,7 @@ def test_card_base_model_is_the_first_model_no_training_run_produced(chain):
     base = [x for x in card.splitlines() if x.startswith("- Base model:")]
     assert len(base) == 1 and "`tiny-model`" in base[0] and "videor1 model tiny" in base[0] and "(seed 3)" in base[0]
     assert "my-sft" not in base[0]
-    assert "- Model family: `qwen2_5_vl`" in card
+    assert "- Model family: Qwen2.5-VL (`qwen2_5_vl`" in card
 
 
 def test_card_evaluation_table_is_filled_from_the_eval_run(chain):

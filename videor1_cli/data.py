@@ -341,9 +341,13 @@ def probe(
     cfg: Config,
     media: Path = typer.Argument(..., help="A video or image file."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    family: str = typer.Option(
+        None, "--family", help="Model family whose patch size sizes the frames (qwen2_5_vl, qwen3_vl, ...); "
+        "default: the family of model.name_or_path when it is a local model, else qwen2_5_vl."),
 ) -> None:
     """Show how a video or image would be sampled and sized (video.* / image.* settings): frame count, indices,
-    resized size, sampled fps and visual tokens. Decodes nothing but the stream headers."""
+    resized size, sampled fps and visual tokens (in the model family's patches). Decodes nothing but the stream
+    headers."""
     import json as _json
 
     from rich.table import Table
@@ -351,7 +355,11 @@ def probe(
     from pipelines.video import probe as probe_media
     from videor1_cli.common import console
 
-    info = probe_media(media, cfg.video, cfg.image)
+    from pipelines.models.families import family_for_settings
+
+    adapter = family_for_settings(family, cfg.model.name_or_path)
+    info = {"family": adapter.family,
+            **probe_media(media, cfg.video, cfg.image, factor=adapter.factor, tokens=adapter.visual_tokens)}
     if as_json:
         typer.echo(_json.dumps(info, indent=2))
         return

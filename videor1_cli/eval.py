@@ -40,7 +40,14 @@ def _protocol_preset(values: dict[str, Any]) -> Optional[str]:
     """Without --preset/--config, the six benchmarks get Video-R1's protocol (video-r1-eval); the synthetic world
     keeps the CPU default (cpu-tiny)."""
     benches = [b.strip().lower() for b in (values.get("eval.bench") or "").split(",") if b.strip()]
-    return "video-r1-eval" if any(b not in ("synthetic", "synth") for b in benches) else None
+    if not any(b not in ("synthetic", "synth") for b in benches):
+        return None
+    from pipelines.models.families import family_hint  # qwen3-vl-eval for Qwen3-VL / Qwen3.5: 32-pixel patches
+
+    try:
+        return family_hint(values.get("model.name_or_path")).eval_preset
+    except Exception:  # noqa: BLE001 - an unreadable model dir is reported by the eval itself
+        return "video-r1-eval"
 
 
 def register(app: typer.Typer) -> None:

@@ -35,8 +35,10 @@ RL_STEPS = Shortcut("quickstart.rl_steps", ["--rl-steps"], Optional[int], "RL st
 ALGO = Shortcut("rl.algo", ["--algo"], Optional[str], "RL algorithm: tgrpo (default) or grpo (rl.algo).")
 COMPARE = Shortcut("quickstart.compare_algos", ["--compare-algos"], Optional[bool],
                    "Also train GRPO from the same SFT model; report both (quickstart.compare_algos).")
+FAMILY = Shortcut("quickstart.family", ["--family"], Optional[str], "Model family of the tiny model: qwen2_5_vl "
+                  "(default), qwen2_vl, qwen3_vl, qwen3_vl_moe, qwen3_5, qwen3_5_moe (quickstart.family).")
 
-_SHORTCUTS = (OUT, TRAIN, SFT, TEST, SEED, SEEDS, SFT_STEPS, RL_STEPS, ALGO, COMPARE)
+_SHORTCUTS = (OUT, TRAIN, SFT, TEST, SEED, SEEDS, SFT_STEPS, RL_STEPS, ALGO, COMPARE, FAMILY)
 
 
 def register(app: typer.Typer) -> None:

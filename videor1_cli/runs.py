@@ -74,12 +74,16 @@ def show(cfg: Config, run_id: str = typer.Argument(..., help="Run id (or a uniqu
         "metrics": reg.metrics_summary(r["id"]), "parents": reg.parents(r["id"]), "children": reg.children(r["id"]),
         "config": r["config"],
     }
+    from pipelines.models.families import family_label
+
+    outputs = [a["path"] for a in info["outputs"] if a["kind"] == "model"]
+    info["family"] = family_label(*outputs, ((r["config"] or {}).get("model") or {}).get("name_or_path"))
     if as_json:
         typer.echo(json.dumps(info, indent=2, default=str))
         return
     head = Table(show_header=False, box=None)
-    for k in ("id", "name", "kind", "status", "command", "started", "ended", "config_hash", "git_commit", "host",
-              "run_dir", "error", "tags"):
+    for k in ("id", "name", "kind", "status", "command", "family", "started", "ended", "config_hash", "git_commit",
+              "host", "run_dir", "error", "tags"):
         if info.get(k) not in (None, "", []):
             head.add_row(f"[bold]{k}[/bold]", str(info[k]))
     console.print(head)

@@ -189,7 +189,7 @@ def peer_backend() -> tuple[str, str]:
     return default, note
 
 
-def _peer_module(cfg: VideoConfig, backend: str | None = None):
+def _peer_module(cfg: VideoConfig, backend: str | None = None, factor: int = 28):
     import qwen_vl_utils.vision_process as vp
 
     backend = backend or peer_backend()[0]
@@ -198,23 +198,25 @@ def _peer_module(cfg: VideoConfig, backend: str | None = None):
         vp.get_video_reader_backend.cache_clear()
     # Video-R1 edits these constants in its vendored source (FPS_MAX_FRAMES 16, VIDEO_MAX_PIXELS 128*28*28).
     vp.FPS, vp.FPS_MIN_FRAMES, vp.FPS_MAX_FRAMES = cfg.fps, cfg.min_frames, cfg.max_frames
-    vp.VIDEO_MAX_TOKEN_NUM = cfg.max_pixels / (28 * 28)
-    vp.VIDEO_MIN_TOKEN_NUM = cfg.min_pixels / (28 * 28)
+    vp.VIDEO_MAX_TOKEN_NUM = cfg.max_pixels / (factor * factor)
+    vp.VIDEO_MIN_TOKEN_NUM = cfg.min_pixels / (factor * factor)
     return vp
 
 
-def peer_fetch(path: str | os.PathLike, cfg: VideoConfig, backend: str | None = None):
-    """(float tensor (T,C,H,W), indices, sample_fps) from qwen_vl_utils.fetch_video."""
+def peer_fetch(path: str | os.PathLike, cfg: VideoConfig, backend: str | None = None, factor: int = 28):
+    """(float tensor (T,C,H,W), indices, sample_fps) from qwen_vl_utils.fetch_video with the model family's
+    image_patch_size (factor / spatial merge 2: 14 for Qwen2/2.5-VL, 16 for Qwen3-VL / Qwen3.5)."""
     import io
 
-    vp = _peer_module(cfg, backend)
+    vp = _peer_module(cfg, backend, factor)
     with contextlib.redirect_stderr(io.StringIO()):  # "qwen-vl-utils using X to read video." on every call
-        return _peer_fetch(vp, path, cfg)
+        return _peer_fetch(vp, path, cfg, factor)
 
 
-def _peer_fetch(vp, path: str | os.PathLike, cfg: VideoConfig):
+def _peer_fetch(vp, path: str | os.PathLike, cfg: VideoConfig, factor: int = 28):
     ele = {"video": str(path), "min_pixels": cfg.min_pixels, "total_pixels": cfg.total_pixels}
-    (video, meta), sample_fps = vp.fetch_video(ele, return_video_sample_fps=True, return_video_metadata=True)
+    (video, meta), sample_fps = vp.fetch_video(ele, image_patch_size=factor // vp.SPATIAL_MERGE_SIZE,
+                                               return_video_sample_fps=True, return_video_metadata=True)
     return video, [int(i) for i in meta["frames_indices"]], float(sample_fps)
 
 
@@ -274,7 +276,9 @@ def run_bench(
     pyav: bool = True,
     log: Callable[[str], None] = print,
     progress: Callable[[str], None] | None = None,
+    factor: int = 28,
 ) -> BenchResult:
+    """`factor`: the model family's frame sizing factor (`pipelines.models.families.Adapter.factor`)."""
     cold_cfg = cfg.model_copy(update={"cache_dir": None})
     ours_backend = V._backends(cold_cfg)[0]
     alt = "decord" if ours_backend == "pyav" else "pyav"
@@ -288,7 +292,7 @@ def run_bench(
     settings = {k: getattr(cfg, k) for k in ("fps", "min_frames", "max_frames", "min_pixels", "max_pixels",
                                              "total_pixels", "backend")}
     settings.update(repeats=repeats, questions_per_video=QUESTIONS_PER_VIDEO, quick=quick, ours_backend=ours_backend,
-                    alt_backend=alt if pyav else None, peer_backend=pb)
+                    alt_backend=alt if pyav else None, peer_backend=pb, factor=factor)
     res = BenchResult(settings=settings, machine=machine_info())
     if pnote:
         res.notes.append(pnote)
@@ -306,10 +310,10 @@ def run_bench(
         tick(f"check {name}")
         cr = ClipResult(name=name, path=str(path))
         V.clear_lru()
-        ours = V.sample_video(path, cold_cfg, use_cache=False)
-        pv, pidx, pfps = peer_fetch(path, cold_cfg, pb)
+        ours = V.sample_video(path, cold_cfg, use_cache=False, factor=factor)
+        pv, pidx, pfps = peer_fetch(path, cold_cfg, pb, factor)
         peer = pv.permute(0, 2, 3, 1).numpy()
-        info = V.probe(path, cold_cfg, V.ImageConfig())
+        info = V.probe(path, cold_cfg, V.ImageConfig(), factor=factor)
         cr.width, cr.height, cr.total_frames, cr.video_fps = info["width"], info["height"], ours.total_frames, \
             ours.video_fps
         cr.nframes = ours.nframes
@@ -320,7 +324,7 @@ def run_bench(
         if cr.size_match:
             cr.mad = float(np.abs(ours.frames.astype(np.float32) - peer).mean())
         if pyav:
-            other = V.sample_video(path, alt_cfg, use_cache=False)
+            other = V.sample_video(path, alt_cfg, use_cache=False, factor=factor)
             if other.indices == pidx and tuple(other.frames.shape) == tuple(peer.shape):
                 cr.mad_alt = float(np.abs(other.frames.astype(np.float32) - peer).mean())
             else:
@@ -335,10 +339,10 @@ def run_bench(
 
             def run_ours():
                 V.clear_lru()
-                V.sample_video(path, cold_cfg, use_cache=False)
+                V.sample_video(path, cold_cfg, use_cache=False, factor=factor)
 
             def run_peer():
-                peer_fetch(path, cold_cfg, pb)
+                peer_fetch(path, cold_cfg, pb, factor)
 
             if r % 2 == 0:
                 ours_t.append(_ms(run_ours, ours_c))
@@ -347,7 +351,7 @@ def run_bench(
                 peer_t.append(_ms(run_peer, peer_c))
                 ours_t.append(_ms(run_ours, ours_c))
             if pyav:
-                pyav_t.append(_ms(lambda: V.sample_video(path, alt_cfg, use_cache=False)))
+                pyav_t.append(_ms(lambda: V.sample_video(path, alt_cfg, use_cache=False, factor=factor)))
         cr.cold_ours_ms, cr.cold_peer_ms = _median(ours_t), _median(peer_t)
         cr.cold_alt_ms = _median(pyav_t)
         cr.cold_ours_cpu_ms, cr.cold_peer_cpu_ms = _median(ours_c), _median(peer_c)
@@ -378,14 +382,14 @@ def run_bench(
 
                     def run_stream():
                         for p in records:
-                            fr = V.sample_video(p, scfg)
+                            fr = V.sample_video(p, scfg, factor=factor)
                             counts[fr.meta["cache"]] = counts.get(fr.meta["cache"], 0) + 1
 
                     times[mode].append(_ms(run_stream))
                     hits[mode] = counts
             V.LRU_SIZE = saved_lru
             tick(f"stream peer {r + 1}/{repeats}")
-            times["peer"].append(_ms(lambda: [peer_fetch(p, cold_cfg, pb) for p in records]))
+            times["peer"].append(_ms(lambda: [peer_fetch(p, cold_cfg, pb, factor) for p in records]))
     finally:
         V.LRU_SIZE = saved_lru
         V.clear_lru()

@@ -66,9 +66,14 @@ def _world(work: Path, model_dir: str | None) -> tuple[str, dict[str, Path], Pat
 
 def _our_config(model_dir: str, data: Path, root: Path, work: Path, algo: str, frames: int):
     from pipelines.config import load_config
+    from pipelines.models.families import adapter_for
 
     c = COMMON
+    # 56x56 frames and images (4 visual tokens per frame pair) for 28-pixel patches; the same tokens, 64x64, for a
+    # family with 32-pixel patches (Qwen3-VL / Qwen3.5).
+    px = (2 * adapter_for(model_dir).factor) ** 2
     return load_config(overrides=[
+        f"video.min_pixels={px}", f"video.max_pixels={px}", f"image.min_pixels={px}", f"image.max_pixels={px}",
         f"model.name_or_path={model_dir}", f"data.file={data}", f"data.root={root}", "data.shuffle=false",
         f"run.output_dir={work / 'runs'}", f"rl.algo={algo}", f"rl.num_generations={c['G']}",
         f"rl.max_completion_length={c['max_completion_length']}", "rl.per_device_prompts=1", f"rl.beta={c['beta']}",

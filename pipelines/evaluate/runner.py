@@ -328,6 +328,7 @@ def generate_rows(
     Returns {"todo", "generated", "skipped", "errors"}.
     """
     from pipelines.models import decode_media
+    from pipelines.models.families import adapter_for
     from pipelines.prompts import load_template
     from pipelines.validate import check_record
 
@@ -356,7 +357,7 @@ def generate_rows(
                 try:
                     check_record(records[i], bench_input.file, i)
                     prompt = render_prompt(processor, records[i], template)
-                    m = decode_media(records[i], cfg, bench_input.root)
+                    m = decode_media(records[i], cfg, bench_input.root, factor=adapter_for(processor).factor)
                 except VideoR1Error as e:  # MediaError, DataError: count it, never substitute another sample
                     row.update(output="", error=str(e))
                 else:
@@ -779,6 +780,7 @@ def throughput(cfg, bench_input: BenchInput, batch_sizes: Iterable[int], repeats
     import statistics
 
     from pipelines.models import decode_media, load_model, load_processor
+    from pipelines.models.families import adapter_for
     from pipelines.prompts import load_template
 
     from pipelines.generation.hf import HFBackend
@@ -788,7 +790,7 @@ def throughput(cfg, bench_input: BenchInput, batch_sizes: Iterable[int], repeats
     records = load_eval_records(bench_input.file, cfg.eval.limit)
     template = load_template(cfg.prompt.template)
     prompts = [render_prompt(processor, r, template) for r in records]
-    media = [decode_media(r, cfg, bench_input.root) for r in records]
+    media = [decode_media(r, cfg, bench_input.root, factor=adapter_for(processor).factor) for r in records]
     sampling = sampling_for(cfg)
     out: dict[int, dict[str, Any]] = {}
     for bs in batch_sizes:

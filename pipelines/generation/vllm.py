@@ -167,20 +167,10 @@ PROMPT_TOO_LONG = ("longer than the maximum model length", "maximum context leng
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Request building (pure: no vLLM import)
-def video_metadata(num_frames: int, fps: float) -> dict[str, Any]:
-    """vLLM's per-video metadata for frames that are already sampled: every given frame is used, none resampled."""
-    return {
-        "fps": float(fps),
-        "duration": num_frames / float(fps),
-        "total_num_frames": int(num_frames),
-        "frames_indices": list(range(num_frames)),
-        "video_backend": "videor1",
-        "do_sample_frames": False,
-    }
-
-
-def build_request(prompt: str, media: Media, mm_processor_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One vLLM prompt dict for one chat-rendered prompt and its own decoded media."""
+def build_request(prompt: str, media: Media, mm_processor_kwargs: dict[str, Any] | None = None,
+                  adapter: Any = None) -> dict[str, Any]:
+    """One vLLM prompt dict for one chat-rendered prompt and its own decoded media, in the model family's form
+    (`pipelines.models.families.Adapter.vllm_video_metadata / vllm_mm_kwargs`; default Qwen2.5-VL's)."""
     n_video = prompt.count("<|video_pad|>")
     n_image = prompt.count("<|image_pad|>")
     kind = media.kind
@@ -195,11 +185,12 @@ def build_request(prompt: str, media: Media, mm_processor_kwargs: dict[str, Any]
         frames = media.video
         if frames.ndim != 4 or frames.shape[-1] != 3:
             raise ValueError(f"video frames must be (T,H,W,3) uint8, got shape {frames.shape}")
-        fps = float(media.fps or 2.0)
+        from pipelines.models.families import ADAPTERS, DEFAULT_FAMILY
+
+        adapter = adapter or ADAPTERS[DEFAULT_FAMILY]
         frames = np.ascontiguousarray(frames, dtype=np.uint8)
-        req["multi_modal_data"] = {"video": (frames, video_metadata(frames.shape[0], fps))}
-        req["mm_processor_kwargs"] = {"fps": fps, "do_resize": False, "do_sample_frames": False,
-                                      **(mm_processor_kwargs or {})}
+        req["multi_modal_data"] = {"video": (frames, adapter.vllm_video_metadata(media))}
+        req["mm_processor_kwargs"] = {**adapter.vllm_mm_kwargs(media), **(mm_processor_kwargs or {})}
     elif kind == "image":
         from PIL import Image
 
@@ -376,6 +367,15 @@ class VLLMBackend:
         self.sleep_level = int(sleep_level)
         self.colocate = bool(colocate)
         self.mm_processor_kwargs = dict(mm_processor_kwargs or {})
+        from pipelines.models.families import ADAPTERS, DEFAULT_FAMILY, adapter_for
+
+        if os.path.isdir(self.model_path):
+            self.adapter = adapter_for(self.model_path)  # an unsupported family: a named error before the engine
+        else:
+            try:
+                self.adapter = adapter_for(self.model_path)
+            except VideoR1Error:  # a hub id whose config cannot be read offline: the default family's form
+                self.adapter = ADAPTERS[DEFAULT_FAMILY]
         self._sampling_params_cls = sampling_params_cls  # tests inject a stand-in; default vllm.SamplingParams
         self._sleeping: set[str] = set()  # {"weights", "kv_cache"} while asleep
         self._weights_lost = False  # sleep(level=2) discarded the weights: sync_weights must run before generate
@@ -450,7 +450,7 @@ class VLLMBackend:
     def build_requests(self, prompts: Sequence[str], media: Sequence[Media]) -> list[dict[str, Any]]:
         if len(prompts) != len(media):
             raise ValueError(f"{len(prompts)} prompts but {len(media)} media")
-        return [build_request(p, m, self.mm_processor_kwargs) for p, m in zip(prompts, media)]
+        return [build_request(p, m, self.mm_processor_kwargs, self.adapter) for p, m in zip(prompts, media)]
 
     def sampling_params(self, sampling: Sampling):
         cls = self._sampling_params_cls or import_vllm().SamplingParams

@@ -1,6 +1,7 @@
-"""Models and processors: load Qwen2.5-VL (or a videor1 checkpoint), build the tiny offline one, encode batches.
+"""Models and processors: load a Qwen-VL model (or a videor1 checkpoint), build the tiny offline ones, encode batches.
 
-The one place that knows the model family's quirks under transformers 5:
+What differs between model families lives in `pipelines.models.families` (one adapter per family, found by
+``adapter_for(model | processor | path)``); this module holds what they share. Quirks under transformers 5:
 - frames are decoded and sized by `pipelines.video` and handed to the processor as arrays (``do_resize=False``),
   so the processor's own pixel bounds never silently re-size them;
 - the processor takes a single scalar ``fps``; a batch mixes videos of different sampled fps, so
@@ -279,11 +280,26 @@ def check_model_path(name: str | Path, revision: str | None = None) -> None:
 
 
 def load_processor(path: str | Path, revision: str | None = None):
+    """The processor saved with a model, tagged with the model's family (Qwen3.5 shares Qwen3-VL's class)."""
     from transformers import AutoProcessor
 
     check_model_path(path, revision)
+    from pipelines.models.families import adapter_for
+
+    # A LoRA checkpoint directory holds the processor but no config.json: the processor's class names the family.
+    family = adapter_for(path, revision).family if (Path(str(path)) / "config.json").is_file() else None
     proc = AutoProcessor.from_pretrained(str(path), revision=revision)
     proc.tokenizer.padding_side = "left"
+    if family is not None:
+        from pipelines.models.families import ADAPTERS, FamilyError
+
+        want = ADAPTERS[family].processor_class_name
+        if type(proc).__name__ != want:
+            raise FamilyError(f"{path}: processor {type(proc).__name__} does not match the {ADAPTERS[family].label} "
+                              f"model (config.json model_type {family})",
+                              hint=f"save the model's own processor ({want}) next to it")
+        proc._videor1_family = family
+    adapter_for(proc)  # a processor of an unsupported family: a named error now, not a wrong prompt later
     return proc
 
 
@@ -300,6 +316,11 @@ def load_model(model_cfg, path: str | Path | None = None, device=None, for_train
     dtype = resolve_dtype(model_cfg.dtype, device)
     name = str(path or model_cfg.name_or_path)
     check_model_path(name, model_cfg.revision)
+    from pipelines.models.families import adapter_for
+
+    if (Path(name) / "config.json").is_file():  # family and required config fields checked before any weight
+        adapter_for(name).check_config(json.loads((Path(name) / "config.json").read_text()),
+                                       where=str(Path(name) / "config.json"))
     try:
         model = AutoModelForImageTextToText.from_pretrained(
             name, revision=model_cfg.revision, dtype=dtype, attn_implementation=resolve_attn(
@@ -310,9 +331,8 @@ def load_model(model_cfg, path: str | Path | None = None, device=None, for_train
             f"cannot load model '{name}': {str(e).splitlines()[0]}",
             hint="pass --model DIR (a local Qwen2.5-VL or videor1 checkpoint); offline machines need a local path",
         ) from None
-    from pipelines.models.mrope import install_reference_rope
-
-    install_reference_rope(model)  # transformers 5 places text after a video elsewhere than Qwen/vLLM: see mrope.py
+    adapter = adapter_for(model)
+    adapter.install_rope(model)  # transformers 5 places text after a video elsewhere than Qwen/vLLM: see mrope.py
     model.to(device)
     if for_training:
         model.train()
@@ -320,7 +340,7 @@ def load_model(model_cfg, path: str | Path | None = None, device=None, for_train
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
         if model_cfg.freeze_vision:
-            for p in visual_module(model).parameters():
+            for p in adapter.vision_tower(model).parameters():
                 p.requires_grad_(False)
     else:
         model.eval()
@@ -328,21 +348,31 @@ def load_model(model_cfg, path: str | Path | None = None, device=None, for_train
 
 
 def visual_module(model):
-    base = getattr(model, "model", model)
-    return getattr(base, "visual", None) or getattr(model, "visual")
+    from pipelines.models.families import adapter_for
+
+    return adapter_for(model).vision_tower(model)
 
 
-# LoRA adapts the language model only: the vision tower's blocks reuse the names gate_proj/up_proj/down_proj, so
-# without the exclusion `target_modules` would also put adapters on the vision MLPs.
-LORA_EXCLUDE = r".*visual.*"
+def lora_targets(model, lora_cfg) -> list[str]:
+    """`model.lora.target_modules`; left at the schema default, the family's list (`Adapter.lora_target_modules`:
+    the same for Qwen2/2.5-VL; attention only for MoE experts, which are fused 3-D parameters, not nn.Linear)."""
+    from pipelines.config import LoraConfig as LoraSection
+    from pipelines.models.families import adapter_for
+
+    default = LoraSection().target_modules
+    if list(lora_cfg.target_modules) == list(default):
+        return list(adapter_for(model).lora_target_modules)
+    return list(lora_cfg.target_modules)
 
 
 def apply_lora(model, lora_cfg):
-    """peft LoRA on the language model's `model.lora.target_modules` (SFT and RL share this)."""
+    """peft LoRA on the language model's target modules (SFT and RL share this); the vision tower excluded."""
     from peft import LoraConfig, get_peft_model
 
+    from pipelines.models.families import adapter_for
+
     pc = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-                    target_modules=list(lora_cfg.target_modules), exclude_modules=LORA_EXCLUDE,
+                    target_modules=lora_targets(model, lora_cfg), exclude_modules=adapter_for(model).lora_exclude,
                     task_type="CAUSAL_LM")
     model = get_peft_model(model, pc)
     if getattr(model.config, "use_cache", None) is False or getattr(model, "is_gradient_checkpointing", False):
@@ -376,36 +406,45 @@ class Media:
     video: np.ndarray | None = None
     image: np.ndarray | None = None
     fps: float | None = None  # sampled fps of the video (Frames.sample_fps)
+    # Where the frames came from (Frames.indices, Frames.video_fps): the timestamps of timestamped families.
+    indices: list[int] | None = None
+    video_fps: float | None = None
 
     @property
     def kind(self) -> str:
         return "video" if self.video is not None else "image" if self.image is not None else "text"
 
 
-def decode_media(record: dict, cfg, root: str | Path | None) -> Media:
-    """Decode a record's video (frame sampler) or image; raises MediaError naming the path."""
+def decode_media(record: dict, cfg, root: str | Path | None, factor: int | None = None) -> Media:
+    """Decode a record's video (frame sampler) or image, sides multiples of `factor` (the model family's
+    `Adapter.factor`; default 28, Qwen2/2.5-VL); raises MediaError naming the path."""
     from pipelines import video as V
     from pipelines.records import resolve_media
 
+    factor = factor or V.IMAGE_FACTOR
     path = resolve_media(record, root)
     if record.get("data_type") == "video":
-        fr = V.sample_video(path, cfg.video)
-        return Media(video=fr.frames, fps=fr.sample_fps)
+        fr = V.sample_video(path, cfg.video, factor=factor)
+        return Media(video=fr.frames, fps=fr.sample_fps, indices=list(fr.indices), video_fps=fr.video_fps)
     if record.get("data_type") == "image":
-        img = V.load_image(path, cfg.image)
+        img = V.load_image(path, cfg.image, factor=factor)
         # torch.from_numpy in the image processor needs a writable array (cached arrays are read-only views).
         return Media(image=img if img.flags.writeable else img.copy())
     return Media()
 
 
 def shuffled(media: Media, generator) -> Media:
-    """The same video with its frames in one random permutation (T-GRPO's contrast)."""
+    """The same video with its frames in one random permutation (T-GRPO's contrast).
+
+    The source indices / fps stay those of the ORDERED clip: a timestamped family (Qwen3-VL, Qwen3.5) then writes the
+    same monotone ``<t seconds>`` texts before the permuted frames as before the ordered ones, so the timestamps
+    describe the presented order and never reveal the true one (docs/rl.md, "Timestamped families")."""
     import torch
 
     if media.video is None:
         return media
     perm = torch.randperm(media.video.shape[0], generator=generator).numpy()
-    return Media(video=media.video[perm], fps=media.fps)
+    return Media(video=media.video[perm], fps=media.fps, indices=media.indices, video_fps=media.video_fps)
 
 
 def encode_batch(processor, texts: Sequence[str], media: Sequence[Media], padding_side: str = "left"):
@@ -413,17 +452,15 @@ def encode_batch(processor, texts: Sequence[str], media: Sequence[Media], paddin
 
     `texts` are chat-rendered prompts holding one <|video_pad|> / <|image_pad|> placeholder per media item.
     """
-    import torch
+    from pipelines.models.families import adapter_for
 
+    adapter = adapter_for(processor)
     videos = [m.video for m in media if m.video is not None]
     images = [m.image for m in media if m.image is not None]
     kwargs: dict[str, Any] = {"text": list(texts), "return_tensors": "pt", "padding": True}
     if videos:
         kwargs["videos"] = [v for v in videos]
-        kwargs["videos_kwargs"] = {"do_resize": False, "do_sample_frames": False}
-        if hasattr(processor.video_processor, "cap_pixels_per_frame"):
-            # Frames were already sized by pipelines.video under video.total_pixels; no second cap.
-            kwargs["videos_kwargs"]["cap_pixels_per_frame"] = False
+        kwargs["videos_kwargs"] = adapter.video_kwargs(processor, [m for m in media if m.video is not None])
     if images:
         kwargs["images"] = images
         kwargs["images_kwargs"] = {"do_resize": False}
@@ -434,11 +471,7 @@ def encode_batch(processor, texts: Sequence[str], media: Sequence[Media], paddin
         batch = processor(**kwargs)
     finally:
         tok.padding_side = old_side
-    if videos:
-        tp = processor.video_processor.temporal_patch_size
-        fps = [m.fps or 2.0 for m in media if m.video is not None]
-        batch["second_per_grid_ts"] = torch.tensor([tp / f for f in fps], dtype=torch.float32)
-    return batch
+    return adapter.finish_batch(processor, batch, media)
 
 
 def extend_for_completion(batch: dict, completion_ids, completion_mask=None) -> dict:
@@ -450,8 +483,9 @@ def extend_for_completion(batch: dict, completion_ids, completion_mask=None) -> 
     cmask = completion_mask if completion_mask is not None else torch.ones_like(completion_ids)
     out["attention_mask"] = torch.cat([batch["attention_mask"], cmask.to(batch["attention_mask"].dtype)], dim=1)
     if "mm_token_type_ids" in batch:
-        tt = batch["mm_token_type_ids"]
-        out["mm_token_type_ids"] = torch.cat([tt, torch.zeros_like(completion_ids, dtype=tt.dtype)], dim=1)
+        from pipelines.models.families import Adapter
+
+        out["mm_token_type_ids"] = Adapter.completion_token_types(batch["mm_token_type_ids"], completion_ids)
     return out
 
 

@@ -80,15 +80,15 @@ def render_prompt(record: dict, template, processor) -> str:
 
 def prompt_tokens(processor, prompt: str, media: Media) -> int:
     """Tokens of the prompt the model sees: text tokens + the visual tokens its placeholder expands into."""
-    from pipelines.video import visual_tokens
+    from pipelines.models.families import adapter_for
 
+    adapter = adapter_for(processor)
     n = len(processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]) - 1  # the placeholder itself
     if media.video is not None:
-        t, h, w = media.video.shape[:3]
-        n += visual_tokens(h, w, t)
+        n += adapter.video_placeholder_tokens(processor, media)
     elif media.image is not None:
         h, w = media.image.shape[:2]
-        n += visual_tokens(h, w, 1)
+        n += adapter.visual_tokens(h, w, 1)
     return n
 
 
@@ -103,14 +103,16 @@ def prepare_samples(
 ) -> tuple[list[Sample], list[Skipped]]:
     """Decode (once), render and shuffle each record; broken ones are skipped and returned with their reason."""
     from pipelines.models import decode_media
+    from pipelines.models.families import adapter_for
     from pipelines.validate import check_record
 
+    factor = adapter_for(processor).factor
     samples, skipped = [], []
     for index, record in rows:
         rid = record_id(record, index)
         try:
             check_record(record, cfg.data.file, index)  # a bad MC answer is skipped like unreadable media
-            media = decode_media(record, cfg, root)
+            media = decode_media(record, cfg, root, factor=factor)
             prompt = render_prompt(record, template, processor)
         except (MediaError, DataError) as e:
             skipped.append(Skipped(index, rid, str(e)))
