@@ -43,6 +43,7 @@ from pipelines.generation import Sampling
 from pipelines.rl import advantages as A
 from pipelines.rl import losses as L
 from pipelines.rl import rollout as R
+from pipelines.zero3 import drop_tied_duplicates, zero3_lockstep
 
 log = logging.getLogger("videor1.rl")
 
@@ -220,6 +221,7 @@ class RLTrainer:
         optimizer = torch.optim.AdamW(params, lr=rl.learning_rate, betas=(rl.adam_beta1, rl.adam_beta2),
                                       weight_decay=rl.weight_decay)
         self.model, self.optimizer = acc.prepare(model, optimizer)
+        self._locks = {"policy": zero3_lockstep(self.model, self.unwrapped)}
         from transformers import get_scheduler
 
         self.scheduler = get_scheduler(rl.lr_scheduler, self.optimizer, num_warmup_steps=rl.warmup_steps,
@@ -232,6 +234,7 @@ class RLTrainer:
                 from trl.models.utils import prepare_deepspeed
 
                 ref = prepare_deepspeed(ref, acc)
+                self._locks["reference"] = zero3_lockstep(ref, ref)
             self.ref_model = ref
         self.backend = self._backend if self._backend is not None else self._make_backend()
         if self.resumed_from:
@@ -311,10 +314,16 @@ class RLTrainer:
     def _reference(self):
         """Forward of the frozen reference: a separate copy of the starting weights, or (LoRA) the adapters off."""
         if self.lora:
-            with self.unwrapped.disable_adapter():
+            with self.unwrapped.disable_adapter(), self._lockstep("policy"):
                 yield self.model
         else:
-            yield self.ref_model
+            with self._lockstep("reference"):
+                yield self.ref_model
+
+    def _lockstep(self, which: str):
+        """Under ZeRO-3, forwards inside this make the same vision-tower calls on every rank (pipelines.zero3)."""
+        lock = getattr(self, "_locks", {}).get(which)
+        return lock.active() if lock is not None else nullcontext()
 
     def train(self) -> dict[str, Any]:
         rl = self.cfg.rl
@@ -591,7 +600,7 @@ class RLTrainer:
             for j, c in enumerate(chunks):
                 last = j == len(chunks) - 1
                 ctx = acc.no_sync(self.model) if not last else nullcontext()
-                with ctx:
+                with ctx, self._lockstep("policy"):
                     logp = R.completion_logprobs(self.model, c["inputs"], c["ids"], rl.temperature)
                     if it == 0:
                         c["old"] = logp.detach() if rl.num_iterations > 1 else None
@@ -609,7 +618,9 @@ class RLTrainer:
                     stats.add("clip_ratio", float(out.clip_ratio) * ntok, ntok)
             self._check_finite(step_loss, "loss")
             gn = acc.clip_grad_norm_(self.model.parameters(), rl.max_grad_norm)
-            grad_norm = float(gn) if gn is not None else float("nan")  # DeepSpeed clips inside its step
+            if gn is None and self.deepspeed:  # DeepSpeed clips inside its step (in accelerate's backward)
+                gn = self.model.get_global_grad_norm()
+            grad_norm = float(gn) if gn is not None else float("nan")
             if gn is not None:
                 self._check_finite(grad_norm, "gradient norm")
             self.optimizer.step()
@@ -628,7 +639,9 @@ class RLTrainer:
 
     def _dummy_backward(self) -> None:
         """This rank has no valid sample this step: join the collective backward with a zero loss."""
-        self.accelerator.backward(self._dummy_forward(self.model).logits.sum() * 0.0)
+        with self._lockstep("policy"):
+            out = self._dummy_forward(self.model)
+        self.accelerator.backward(out.logits.sum() * 0.0)
 
     def _check_finite(self, value: float, what: str) -> None:
         """All ranks agree: a NaN/inf anywhere stops the run everywhere (the last checkpoint is kept)."""
@@ -649,6 +662,8 @@ class RLTrainer:
 
     def _save_model(self, out: Path, merge_lora: bool = False) -> None:
         state = self._model_state_dict()  # collective under ZeRO-3: every rank calls it
+        if state is not None and not self.lora:
+            state = drop_tied_duplicates(self.unwrapped, state)
         if self.is_main:
             out.mkdir(parents=True, exist_ok=True)
             model = self.unwrapped
