@@ -226,11 +226,9 @@ class SkipStats:
         return sum(self.counts.values())
 
 
-def zero3_lockstep(model):
-    """A `pipelines.zero3.VisionLockstep` on `model` when the Trainer runs DeepSpeed ZeRO-3, else None."""
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    if not is_deepspeed_zero3_enabled():
+def deepspeed_lockstep(model, args):
+    """A `pipelines.zero3.VisionLockstep` on `model` when the Trainer runs DeepSpeed (any ZeRO stage), else None."""
+    if not getattr(args, "deepspeed", None):
         return None
     from pipelines.zero3 import VisionLockstep
 
@@ -254,7 +252,7 @@ def _trainer_cls():
             self.tokens_seen = 0  # non-pad tokens (text + visual placeholders) of this process's training batches
             self.samples_seen = 0
             self._on_skip = on_skip
-            self._lockstep = zero3_lockstep(self.model)
+            self._lockstep = deepspeed_lockstep(self.model, self.args)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             skipped = inputs.pop(SKIP_KEY, None) or []
@@ -269,7 +267,7 @@ def _trainer_cls():
                                 self.max_skip_fraction, dataset_size=len(self.train_dataset),
                                 file=self.records_file, example=st.example)
             if inputs["input_ids"].numel() == 0 and self._lockstep is not None:
-                # All skipped under ZeRO-3: join the other ranks' forward (and vision-tower calls) with a zero loss.
+                # All skipped under DeepSpeed: join the other ranks' forward (and vision-tower calls) with a zero loss.
                 with self._lockstep.active():
                     out = text_dummy_forward(model, self.processing_class.tokenizer.pad_token_id,
                                              inputs["input_ids"].device)

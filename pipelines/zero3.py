@@ -18,6 +18,10 @@ module sequence in forward and (the dummy joins the graph) in backward. The dumm
 the input embeddings keep their values bit for bit (x + 0.0 == x) and its gradient is 0 * (upstream), added to the
 real samples' gradients; the loss and gradient are those of the real samples.
 
+ZeRO-1/2 gather nothing in forward, but reduce gradients in buckets that must hold the same parameters on every
+rank: a rank with nothing to train whose text-only dummy forward skipped the vision tower made gloo abort too, so
+the trainers use the lockstep under every DeepSpeed stage (`deepspeed_lockstep`).
+
 Only forwards inside `active()` take part (training / reference log-prob forwards). Generation is left alone: ranks
 generate different numbers of tokens, and under ZeRO-3 generation runs with all parameters gathered anyway.
 The hooks expect a model with a ``visual`` tower and a ``language_model`` called with ``inputs_embeds`` (Qwen2-VL,
@@ -32,15 +36,6 @@ from typing import Any, Callable, Iterator
 import torch
 
 MODALITIES = (("image", "pixel_values"), ("video", "pixel_values_videos"))
-
-
-def zero3_stage_of(model_or_engine) -> int:
-    """ZeRO stage of a DeepSpeed engine (0 for anything else)."""
-    fn = getattr(model_or_engine, "zero_optimization_stage", None)
-    try:
-        return int(fn()) if callable(fn) else 0
-    except Exception:  # noqa: BLE001 - an engine without ZeRO config
-        return 0
 
 
 def find_vl_core(model) -> Any | None:
@@ -168,9 +163,11 @@ def text_dummy_forward(model, pad_token_id: int, device) -> Any:
     return model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
 
 
-def zero3_lockstep(engine, module=None) -> VisionLockstep | None:
-    """A `VisionLockstep` on `module` (default: `engine`) when `engine` is a DeepSpeed ZeRO-3 engine, else None."""
-    if zero3_stage_of(engine) != 3:
+def deepspeed_lockstep(engine, module=None) -> VisionLockstep | None:
+    """A `VisionLockstep` on `module` (default: `engine`) when `engine` is a DeepSpeed engine (any ZeRO stage), else
+    None. ZeRO-1/2 need it too, for the text-only dummy forward: their gradient reduction expects the same parameters
+    to hold gradients on every rank, and a rank whose step left the vision tower out made gloo abort."""
+    if not hasattr(engine, "zero_optimization_stage"):
         return None
     lock = VisionLockstep(module if module is not None else engine)
     return lock if lock.installed else None

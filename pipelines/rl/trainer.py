@@ -43,7 +43,7 @@ from pipelines.generation import Sampling
 from pipelines.rl import advantages as A
 from pipelines.rl import losses as L
 from pipelines.rl import rollout as R
-from pipelines.zero3 import drop_tied_duplicates, zero3_lockstep
+from pipelines.zero3 import deepspeed_lockstep, drop_tied_duplicates
 
 log = logging.getLogger("videor1.rl")
 
@@ -173,6 +173,9 @@ class RLTrainer:
         self.G, self.G_shuf = rl.num_generations, (rl.shuffled_count if rl.algo == "tgrpo" else 0)
         self.prompts_per_step = rl.per_device_prompts * rl.gradient_accumulation_steps
         self.deepspeed = bool(cfg.distributed.deepspeed)
+        from pipelines.launch import deepspeed_zero_stage
+
+        self.zero3 = deepspeed_zero_stage(cfg) == 3
 
         seed = cfg.run.seed + self.rank
         random.seed(seed)
@@ -221,7 +224,7 @@ class RLTrainer:
         optimizer = torch.optim.AdamW(params, lr=rl.learning_rate, betas=(rl.adam_beta1, rl.adam_beta2),
                                       weight_decay=rl.weight_decay)
         self.model, self.optimizer = acc.prepare(model, optimizer)
-        self._locks = {"policy": zero3_lockstep(self.model, self.unwrapped)}
+        self._locks = {"policy": deepspeed_lockstep(self.model, self.unwrapped)}
         from transformers import get_scheduler
 
         self.scheduler = get_scheduler(rl.lr_scheduler, self.optimizer, num_warmup_steps=rl.warmup_steps,
@@ -234,7 +237,7 @@ class RLTrainer:
                 from trl.models.utils import prepare_deepspeed
 
                 ref = prepare_deepspeed(ref, acc)
-                self._locks["reference"] = zero3_lockstep(ref, ref)
+                self._locks["reference"] = deepspeed_lockstep(ref, ref)
             self.ref_model = ref
         self.backend = self._backend if self._backend is not None else self._make_backend()
         if self.resumed_from:
@@ -301,6 +304,8 @@ class RLTrainer:
 
                 with unwrap_model_for_generation(self.model, self.accelerator) as m:
                     self.backend.model = m
+                    if self.zero3 and self.world > 1 and hasattr(self.backend, "synced_gpus"):
+                        self.backend.synced_gpus = True
                     yield
             else:
                 if hasattr(self.backend, "model"):
@@ -321,7 +326,7 @@ class RLTrainer:
                 yield self.ref_model
 
     def _lockstep(self, which: str):
-        """Under ZeRO-3, forwards inside this make the same vision-tower calls on every rank (pipelines.zero3)."""
+        """Under DeepSpeed, forwards inside this make the same vision-tower calls on every rank (pipelines.zero3)."""
         lock = getattr(self, "_locks", {}).get(which)
         return lock.active() if lock is not None else nullcontext()
 
@@ -516,6 +521,8 @@ class RLTrainer:
         t_gen = time.perf_counter()
         with self._generation():
             groups = R.generate_groups(self.backend, samples, sampling, self.G, self.G_shuf, expand=expand)
+            if not samples and self.zero3 and self.world > 1 and expand:
+                self._dummy_generate(sampling)
         gen_time = time.perf_counter() - t_gen
         gen_tokens = sum(len(c.token_ids) for g in groups for c in g.ordered + g.shuffled)
         N = len(groups)
@@ -631,6 +638,20 @@ class RLTrainer:
         stats.ensure("clip_ratio")
         counts = {"local": [float(total_seqs), float(total_tokens)], "normalisers": norm}
         return float(np.mean(losses)), grad_norm, counts
+
+    def _dummy_generate(self, sampling) -> None:
+        """ZeRO-3: a rank with no valid prompt still joins the others' generate loop (synced_gpus), whose every
+        forward runs a collective in DeepSpeed's start-of-forward hook."""
+        from pipelines.models import Media
+
+        one = Sampling(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+                       top_p=sampling.top_p, n=1)
+        rng = torch.get_rng_state()  # the sampling must not shift this rank's RNG stream (DDP draws nothing here)
+        try:
+            self.backend.generate(["<|im_start|>user\n<|im_end|>\n<|im_start|>assistant\n"],
+                                  [Media(video=None, image=None, fps=None)], one)
+        finally:
+            torch.set_rng_state(rng)
 
     def _dummy_forward(self, model):
         """A one-token text forward: how a rank with no valid sample joins the others' collective forward/backward."""
