@@ -181,3 +181,36 @@ def test_drop_tied_duplicates_keeps_everything_else(tiny_model_dir):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     kept = drop_tied_duplicates(model, state)
     assert set(state) - set(kept) == {"lm_head.weight"}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 2: DeepSpeed's distributed layer is up before ZeRO-3's zero.Init builds the model
+def test_sft_inits_deepspeed_distributed_before_building_the_model(tiny_model_dir, tmp_path, monkeypatch):
+    """zero.Init (inside from_pretrained once TrainingArguments hold a ZeRO-3 config) partitions over DeepSpeed's
+    world, which was 1 (`train_batch_size 4 != 2 * 1 * 1`) unless deepspeed.init_distributed ran first."""
+    import pipelines.launch as L
+    import pipelines.sft as S
+
+    order = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_init(cfg):
+        order.append("init_deepspeed_distributed")
+        return True
+
+    def fake_args(*a, **k):
+        order.append("training_arguments")
+        raise Stop
+
+    monkeypatch.setattr(L, "init_deepspeed_distributed", fake_init)
+    monkeypatch.setattr(S, "training_arguments", fake_args)
+    cot = tmp_path / "cot.json"
+    cot.write_text(json.dumps([{"problem_id": 1, "problem": "q", "process": "p", "solution": "<answer>A</answer>",
+                                "data_type": "image", "path": "x.png", "problem_type": "free-form"}]))
+    cfg = load_config(overrides=[f"model.name_or_path={tiny_model_dir}", f"data.file={cot}",
+                                 "distributed.deepspeed=zero3"])
+    with pytest.raises(Stop):
+        S.run_sft(cfg, None, output_dir=tmp_path / "out")
+    assert order == ["init_deepspeed_distributed", "training_arguments"]
