@@ -46,6 +46,21 @@ def _env(home: Path) -> dict:
     return env
 
 
+def _run_group(cmd: list[str], env: dict, timeout: float, cwd=None) -> subprocess.CompletedProcess:
+    """Run a launcher in its own process group; on timeout kill the whole group (torchrun and its hung workers)."""
+    import signal
+
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"timed out after {timeout:.0f} s (a collective out of step hangs):\n{out[-3000:]}\n{err[-5000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def _ordered(records: list[dict], pattern: str) -> list[dict]:
     """Records following `pattern` (i = image, v = video, x = a broken record whose media does not exist)."""
     pools = {"i": [r for r in records if r["data_type"] == "image"],
@@ -88,7 +103,7 @@ class Runs:
                self.world["root"], "--nproc", "2", "--master-port", str(_free_port()),
                "--set", f"run.output_dir={out}", "--set", "data.shuffle=false",
                "--set", "data.max_skip_fraction=1", "--set", f"run.name={name}"]
-        p = subprocess.run(cmd, env=_env(self.home), capture_output=True, text=True, timeout=420)
+        p = _run_group(cmd, _env(self.home), timeout=420)
         assert p.returncode == 0, f"{name}:\n{p.stdout[-4000:]}\n{p.stderr[-6000:]}"
         reg = Registry(self.home / "registry.db")
         run = next(reg.get_run(r["id"]) for r in reg.list_runs() if r.get("name") == name)
@@ -196,7 +211,7 @@ def test_iter_vllm_weights_under_zero3_full_and_lora(tiny_model_dir, tmp_path):
     env.update(PROBE_MODEL=str(tiny_model_dir), PROBE_OUT=str(tmp_path), DS_ACCELERATOR="cpu")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(_free_port()), "-m", "tests._ds_probe"]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    p = _run_group(cmd, env, timeout=420, cwd=REPO)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     for mode in ("full", "lora"):
         d = torch.load(tmp_path / f"vllm-weights-{mode}.pt")
