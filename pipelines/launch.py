@@ -16,8 +16,10 @@ like::
 
 Traps handled here (measured, /work/shared/reference/environment.md): `accelerate launch --cpu --num_processes 2`
 silently starts ONE process, so CPU runs use `--multi_gpu` with `Accelerator(cpu=True)` (what `make_accelerator`
-builds) or torchrun; Qwen2.5-VL's config has no top-level `hidden_size`, so accelerate cannot fill ZeRO-3's
-hidden-size "auto" keys itself (`resolve_deepspeed_config` does).
+builds) or torchrun; `Accelerator(cpu=True)` silently drops a DeepSpeed plugin, so DeepSpeed runs get cpu=False and
+a named backend (gloo on the CPU, `make_accelerator`); ZeRO-3's `zero.Init` needs DeepSpeed's distributed layer up
+before the model is built (`init_deepspeed_distributed`); Qwen2.5-VL's config has no top-level `hidden_size`, so
+accelerate cannot fill ZeRO-3's hidden-size "auto" keys itself (`resolve_deepspeed_config` does).
 """
 
 from __future__ import annotations
@@ -77,35 +79,36 @@ def is_main_process() -> bool:
 
 
 def needs_launch(cfg) -> bool:
-    """True in the user's process when the config asks for more than one process (workers never relaunch)."""
+    """True in the user's process when the config asks for more than one process, or for DeepSpeed (its engine needs
+    a process group, so one process runs under torchrun too); workers never relaunch."""
     d = cfg.distributed
-    return (d.nproc > 1 or d.nnodes > 1) and not is_distributed_worker()
+    return (d.nproc > 1 or d.nnodes > 1 or bool(d.deepspeed)) and not is_distributed_worker()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # DeepSpeed configs
-def check_deepspeed_device(cfg) -> None:
-    """DeepSpeed runs on CUDA GPUs only here: accelerate drops a DeepSpeed plugin when it runs on the CPU (its state
-    turns DeepSpeed on only `if not cpu`), so the run would silently train with plain DDP instead, or fail later in
-    DeepSpeed-only code. Say so before anything starts."""
+def check_deepspeed(cfg) -> None:
+    """Refuse, before any worker starts, only what cannot run: DeepSpeed not importable or no such config.
+
+    DeepSpeed runs on CUDA GPUs (NCCL) and on the CPU (its CPU accelerator, gloo) through the same code path."""
     if not cfg.distributed.deepspeed:
         return
-    import torch
+    deepspeed_config_path(cfg.distributed.deepspeed)
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError as e:
+        raise VideoR1Error(
+            f"distributed.deepspeed={cfg.distributed.deepspeed} but DeepSpeed is not importable ({e})",
+            hint="pip install 'videor1[deepspeed]' (CPU: pip install --no-build-isolation deepspeed ninja), "
+            "or unset it (--set distributed.deepspeed=null) to train with DDP",
+        ) from None
 
-    from pipelines.models import resolve_device
 
-    if not torch.cuda.is_available():
-        why = "no GPU is visible here"
-    elif resolve_device(cfg.model.device).type != "cuda":
-        why = f"model.device is {cfg.model.device}"
-    else:
-        return
-    raise VideoR1Error(
-        f"distributed.deepspeed={cfg.distributed.deepspeed} needs CUDA GPUs: {why}, and accelerate does not run "
-        "DeepSpeed on the CPU",
-        hint="unset distributed.deepspeed (--set distributed.deepspeed=null) to train with DDP (gloo) on the CPU, "
-        "or set model.device=auto|cuda on a GPU machine",
-    )
+def deepspeed_zero_stage(cfg) -> int:
+    """ZeRO stage of the configured DeepSpeed config (0 without DeepSpeed)."""
+    if not cfg.distributed.deepspeed:
+        return 0
+    return int((load_deepspeed_config(cfg.distributed.deepspeed).get("zero_optimization") or {}).get("stage", 0))
 
 
 def deepspeed_config_path(name_or_path: str | os.PathLike) -> Path:
@@ -265,6 +268,8 @@ def launch(cfg, argv: Sequence[str], run=None, run_dir: str | os.PathLike | None
             run_dir = None
     cmd = build_launch_command(cfg, argv, python=python, module=module)
     env = launch_env(run_id, run_dir)
+    if cfg.distributed.deepspeed and not _model_on_cuda(cfg):
+        env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator (gloo), also on a machine with GPUs
     if os.environ.get("VIDEOR1_QUIET") != "1":
         print(f"launching {cfg.distributed.nproc * cfg.distributed.nnodes} processes "
               f"({cfg.distributed.launcher}): {' '.join(cmd)}", file=sys.stderr, flush=True)
@@ -324,12 +329,39 @@ def launch(cfg, argv: Sequence[str], run=None, run_dir: str | os.PathLike | None
 # ---------------------------------------------------------------------------------------------------------------------
 # Inside the workers
 def resolve_backend(cfg) -> str:
+    """distributed.backend, with auto = nccl when the model runs on CUDA, gloo otherwise."""
     backend = cfg.distributed.backend
     if backend == "auto":
-        import torch
-
-        return "nccl" if torch.cuda.is_available() else "gloo"
+        return "nccl" if _model_on_cuda(cfg) else "gloo"
     return backend
+
+
+def _model_on_cuda(cfg) -> bool:
+    import torch
+
+    from pipelines.models import resolve_device
+
+    return torch.cuda.is_available() and resolve_device(cfg.model.device).type == "cuda"
+
+
+def init_deepspeed_distributed(cfg) -> bool:
+    """Init DeepSpeed's communication layer (and torch's default process group under it) in a worker.
+
+    Needed before a ZeRO-3 model is built: `deepspeed.zero.Init` (inside `from_pretrained` once TrainingArguments
+    hold a ZeRO-3 config) partitions over the ranks of DeepSpeed's world, which is 1 until this ran. Idempotent."""
+    if not (cfg.distributed.deepspeed and is_distributed_worker()):
+        return False
+    import torch
+    import deepspeed
+    from deepspeed import comm as ds_comm
+
+    if not ds_comm.is_initialized():
+        backend = resolve_backend(cfg)
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank())
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                                   timeout=datetime.timedelta(minutes=cfg.distributed.timeout_minutes))
+    return True
 
 
 def init_distributed(cfg) -> bool:
@@ -370,32 +402,29 @@ def make_accelerator(
     hidden_size: int | None = None,
     **accelerator_kwargs: Any,
 ):
-    """An `accelerate.Accelerator` for this process: cpu=True without CUDA (gloo), DeepSpeed when configured.
+    """An `accelerate.Accelerator` for this process: DDP (cpu=True and gloo without CUDA), or DeepSpeed ZeRO-2/3 when
+    configured, on GPUs (NCCL) and on the CPU (gloo) alike.
 
-    With DeepSpeed, pass `micro_batch_size` when you do not `prepare()` a DataLoader, and `hidden_size`
-    (`model_hidden_size(model)`) for ZeRO-3's bucket sizes.
+    DeepSpeed needs `cpu=False`: accelerate enables a DeepSpeed plugin only `if not cpu` (with cpu=True it silently
+    runs DDP and TRL's `prepare_deepspeed` fails later). Without CUDA, cpu=False alone would leave each process rank 0
+    of 1, so the process-group backend is named (gloo). With DeepSpeed, pass `micro_batch_size` when you do not
+    `prepare()` a DataLoader, and `hidden_size` (`model_hidden_size(model)`) for ZeRO-3's bucket sizes.
     """
-    import torch
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
-    cpu = not torch.cuda.is_available()
-    if cpu and mixed_precision == "fp16":
+    use_deepspeed = bool(cfg.distributed.deepspeed)
+    on_cuda = _model_on_cuda(cfg)
+    if not on_cuda and mixed_precision == "fp16":
         mixed_precision = "no"  # no fp16 autocast on CPU
     handlers = list(accelerator_kwargs.pop("kwargs_handlers", []) or [])
-    handlers.append(InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=cfg.distributed.timeout_minutes)))
+    timeout = datetime.timedelta(minutes=cfg.distributed.timeout_minutes)
     plugin = None
-    if cfg.distributed.deepspeed:
-        check_deepspeed_device(cfg)
-        try:
-            import deepspeed  # noqa: F401
-        except ImportError:
-            raise VideoR1Error(
-                "distributed.deepspeed is set but DeepSpeed is not installed",
-                hint="pip install 'videor1[deepspeed]' (CPU: pip install --no-build-isolation deepspeed ninja)",
-            ) from None
+    if use_deepspeed:
+        check_deepspeed(cfg)
         from accelerate.utils import DeepSpeedPlugin
 
+        handlers.append(InitProcessGroupKwargs(backend=resolve_backend(cfg), timeout=timeout))
         ds = resolve_deepspeed_config(
             cfg.distributed.deepspeed,
             micro_batch_size=micro_batch_size,
@@ -406,8 +435,10 @@ def make_accelerator(
             hidden_size=hidden_size,
         )
         plugin = DeepSpeedPlugin(hf_ds_config=ds, gradient_accumulation_steps=gradient_accumulation_steps)
+    else:
+        handlers.append(InitProcessGroupKwargs(timeout=timeout))
     return Accelerator(
-        cpu=cpu,
+        cpu=not on_cuda and not use_deepspeed,
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=gradient_accumulation_steps,
         deepspeed_plugin=plugin,

@@ -37,6 +37,7 @@ import logging
 import math
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -233,8 +234,20 @@ class SkipStats:
         return sum(self.counts.values())
 
 
+def deepspeed_lockstep(model, args):
+    """A `pipelines.zero3.VisionLockstep` on `model` when the Trainer runs DeepSpeed (any ZeRO stage), else None."""
+    if not getattr(args, "deepspeed", None):
+        return None
+    from pipelines.zero3 import VisionLockstep
+
+    lock = VisionLockstep(model)
+    return lock if lock.installed else None
+
+
 def _trainer_cls():
     from transformers import Trainer
+
+    from pipelines.zero3 import drop_tied_duplicates, text_dummy_forward
 
     class SftTrainer(Trainer):
         """transformers.Trainer that counts skipped samples and tokens; forward gets every visual input."""
@@ -247,6 +260,7 @@ def _trainer_cls():
             self.tokens_seen = 0  # non-pad tokens (text + visual placeholders) of this process's training batches
             self.samples_seen = 0
             self._on_skip = on_skip
+            self._lockstep = deepspeed_lockstep(self.model, self.args)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             skipped = inputs.pop(SKIP_KEY, None) or []
@@ -260,6 +274,13 @@ def _trainer_cls():
                 check_skip_rate(st.total, st.total + self.samples_seen + int(inputs["input_ids"].shape[0]),
                                 self.max_skip_fraction, dataset_size=len(self.train_dataset),
                                 file=self.records_file, example=st.example)
+            if inputs["input_ids"].numel() == 0 and self._lockstep is not None:
+                # All skipped under DeepSpeed: join the other ranks' forward (and vision-tower calls) with a zero loss.
+                with self._lockstep.active():
+                    out = text_dummy_forward(model, self.processing_class.tokenizer.pad_token_id,
+                                             inputs["input_ids"].device)
+                loss = out.logits.float().sum() * 0.0
+                return (loss, None) if return_outputs else loss
             if inputs["input_ids"].numel() == 0:
                 # Every sample of this micro-batch was skipped: a zero loss that still touches every trainable
                 # parameter, so DDP/DeepSpeed ranks stay in step.
@@ -269,13 +290,25 @@ def _trainer_cls():
             if model.training:
                 self.tokens_seen += int(inputs["attention_mask"].sum())
                 self.samples_seen += int(inputs["input_ids"].shape[0])
-            return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
+            with self._lockstep.active() if self._lockstep is not None else nullcontext():
+                return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                            num_items_in_batch=num_items_in_batch)
+
+        def _save(self, output_dir=None, state_dict=None):
+            # DeepSpeed ZeRO-1/2 hand over a cloned state dict, where a tied lm_head no longer shares storage with
+            # embed_tokens and would be written a second time.
+            if state_dict is not None:
+                state_dict = drop_tied_duplicates(self.model, state_dict)
+            return super()._save(output_dir, state_dict=state_dict)
 
         def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
             if inputs.get("input_ids") is not None and inputs["input_ids"].numel() == 0:
                 for rid, reason, _detail in inputs.get(SKIP_KEY) or []:
                     self.skips["eval"].add(rid, reason)
+                if self._lockstep is not None:  # ZeRO-3: the other ranks' eval forward gathers parameters
+                    with torch.no_grad(), self._lockstep.active():
+                        text_dummy_forward(model, self.processing_class.tokenizer.pad_token_id,
+                                           inputs["input_ids"].device)
                 return None, None, None
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
@@ -530,6 +563,9 @@ def run_sft(cfg, run=None, *, output_dir: str | os.PathLike, resume_from: str | 
     eval_ds = None
     if cfg.sft.eval_file:
         eval_ds = SftDataset(cfg.sft.eval_file, cfg, processor, None, max_length=cfg.sft.max_length)
+    from pipelines.launch import init_deepspeed_distributed
+
+    init_deepspeed_distributed(cfg)  # ZeRO-3's zero.Init (in from_pretrained) partitions over DeepSpeed's world
     args = training_arguments(cfg, out, has_eval=eval_ds is not None)  # before the model: ZeRO-3 init needs it
     device = resolve_device(cfg.model.device)
     if device.type == "cuda" and os.environ.get("LOCAL_RANK") is not None:

@@ -200,40 +200,30 @@ def test_make_accelerator_deepspeed_missing_is_user_error(monkeypatch, no_worker
         return real_import(name, *a, **k)
 
     monkeypatch.setattr(builtins, "__import__", fake_import)
-    import torch
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # get past the GPU check to the import
     with pytest.raises(VideoR1Error) as e:
-        L.make_accelerator(load_config(overrides=["distributed.deepspeed=zero2", "model.device=auto"]))
-    assert "not installed" in str(e.value) and "pip install" in e.value.hint
+        L.make_accelerator(load_config(overrides=["distributed.deepspeed=zero2"]))
+    assert "not importable" in str(e.value) and "pip install" in e.value.hint
+    assert "\n" not in str(e.value)
 
 
-def test_deepspeed_without_a_gpu_is_refused_before_anything_starts(monkeypatch, no_worker_env, tmp_path):
-    """accelerate silently drops a DeepSpeed plugin on the CPU (plain DDP would run instead): refuse it, in the
-    library and in the CLI, before a run is registered or workers are launched."""
+def test_deepspeed_is_allowed_without_a_gpu(monkeypatch, no_worker_env, tmp_path):
+    """DeepSpeed runs on the CPU (gloo): neither the library nor the CLI refuses it; only an unknown config is."""
     import torch
 
     from tests.conftest import run_cli
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(VideoR1Error) as e:
-        L.check_deepspeed_device(cfg_with(deepspeed="zero3"))
-    assert "distributed.deepspeed=zero3" in str(e.value) and "CUDA" in str(e.value)
-    assert "distributed.deepspeed=null" in e.value.hint
-    with pytest.raises(VideoR1Error):
-        L.make_accelerator(cfg_with(deepspeed="zero2"))
-    L.check_deepspeed_device(cfg_with())  # no DeepSpeed: nothing to check
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine, but the model asked for the CPU
-    cpu_model = load_config(overrides=["distributed.deepspeed=zero2", "model.device=cpu"])
-    with pytest.raises(VideoR1Error, match="model.device is cpu"):
-        L.check_deepspeed_device(cpu_model)
-    L.check_deepspeed_device(load_config(overrides=["distributed.deepspeed=zero2", "model.device=auto"]))
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    for stage in ("sft", "rl"):
-        r = run_cli("train", stage, "--model", tmp_path / "no-model", "--data", tmp_path / "no.json", "--nproc", "2",
-                    "--set", "distributed.deepspeed=zero2", "--set", f"run.output_dir={tmp_path / 'runs'}",
-                    check=False)
-        assert r.exit_code == 1 and "needs CUDA GPUs" in r.output, r.output
+    L.check_deepspeed(cfg_with(deepspeed="zero3"))
+    L.check_deepspeed(cfg_with())
+    with pytest.raises(VideoR1Error, match="zero9"):
+        L.check_deepspeed(cfg_with(deepspeed="zero9"))
+    assert L.deepspeed_zero_stage(cfg_with(deepspeed="zero3_offload")) == 3
+    assert L.deepspeed_zero_stage(cfg_with()) == 0
+    assert L.needs_launch(cfg_with(deepspeed="zero2"))  # DeepSpeed needs a process group: torchrun, 1 process too
+    # The CLI gets past the DeepSpeed check and launches; the worker then fails on the missing model.
+    r = run_cli("train", "rl", "--model", tmp_path / "no-model", "--data", tmp_path / "no.json",
+                "--set", "distributed.deepspeed=zero2", "--set", f"run.output_dir={tmp_path / 'runs'}", check=False)
+    assert r.exit_code != 0 and "CUDA" not in r.output and "workers exited" in r.output, r.output
 
 
 def test_init_distributed_outside_worker_is_noop(no_worker_env):

@@ -91,10 +91,14 @@ def main() -> None:
 def _fail(e: BaseException, code: int, hint: str | None) -> None:
     if _debug():
         traceback.print_exc()
+    from rich.text import Text
+
     msg = str(e) if isinstance(e, (ConfigError, VideoR1Error)) else f"{type(e).__name__}: {e}"
-    err_console.print(f"[bold red]error:[/bold red] {msg}", soft_wrap=True)
+    # Plain Text, never markup: messages quote paths and library errors (gloo's "[/__w/...pair.cc:464]" made rich
+    # raise MarkupError and hid the real error).
+    err_console.print(Text.assemble(("error:", "bold red"), " ", msg), soft_wrap=True)
     if hint:
-        err_console.print(f"[dim]hint: {hint}[/dim]", soft_wrap=True)
+        err_console.print(Text(f"hint: {hint}", style="dim"), soft_wrap=True)
     sys.exit(code)
 
 

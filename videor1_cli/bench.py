@@ -324,3 +324,54 @@ def _rl_vllm(cfg, steps: int, warmup: int, out, work_dir, model) -> None:
     console.print(t)
     console.print(f"generation vLLM vs HF: [bold]{res['gen_speedup']:.2f}x[/bold]; rollout/trainer log-prob mismatch "
                   f"{res['vllm']['logp_diff_mean']:.1e}  (results: {path})")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# distributed (pipelines.bench.distributed)
+@app.command("distributed")
+@config_command()
+def distributed_bench(
+    cfg: Config,
+    steps: int = typer.Option(4, "--steps", min=1, help="Timed steps per run (the median is reported)."),
+    warmup: int = typer.Option(2, "--warmup", min=0, help="Untimed steps first."),
+    modes: str = typer.Option("ddp,zero2,zero3,zero3_offload", "--modes", help="DDP and/or DeepSpeed configs."),
+    stages: str = typer.Option("sft,rl", "--stages", help="sft and/or rl (T-GRPO)."),
+    work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Tiny model, synthetic world and scratch runs "
+                                            "(default: <run dir>/work)."),
+    model: Optional[str] = typer.Option(None, "--model", help="A tiny model dir to use (default: built fresh)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the JSON results here."),
+) -> None:
+    """2-rank step time and peak memory per rank: DDP vs DeepSpeed ZeRO-2 / ZeRO-3 / ZeRO-3 offload, SFT and T-GRPO.
+    Each is a real `train --nproc 2` run (gloo on the CPU); run it alone."""
+    import json as _json
+
+    from rich.table import Table
+
+    from pipelines.bench.distributed import run_bench
+    from videor1_cli.common import console, err_console, registered_run
+
+    with registered_run(cfg, "bench-distributed") as (run, run_dir):
+        with err_console.status("bench distributed") as status:
+            res = run_bench(work_dir or run_dir / "work", model_dir=model, steps=steps, warmup=warmup,
+                            modes=tuple(m.strip() for m in modes.split(",") if m.strip()),
+                            stages=tuple(s.strip() for s in stages.split(",") if s.strip()),
+                            progress=lambda s: status.update(f"bench distributed: {s}"))
+        t = Table("stage", "mode", "step (s, median)", "peak RSS rank 0 (MiB)", "peak RSS rank 1 (MiB)", "run (s)",
+                  title="bench distributed (2 ranks)")
+        metrics = {}
+        for r in res["rows"]:
+            mem = r["peak_rss_mib"]
+            t.add_row(r["stage"], r["mode"], f"{r['step_s_median']:.3f}" if r["step_s_median"] else "-",
+                      str(mem.get(0, "-")), str(mem.get(1, "-")), str(r["wall_s"]))
+            key = f"{r['stage']}_{r['mode']}"
+            if r["step_s_median"]:
+                metrics[f"{key}_step_s"] = r["step_s_median"]
+            for rank, mib in mem.items():
+                metrics[f"{key}_rss_rank{rank}_mib"] = mib
+        console.print(t)
+        run.log_metrics(0, metrics)
+        run.set_summary(metrics)
+        path = out or run_dir / "bench-distributed.json"
+        Path(path).write_text(_json.dumps(res, indent=2))
+        run.log_artifact("bench", path, hash_content=True)
+        err_console.print(f"[dim]results: {path}[/dim]")

@@ -42,12 +42,12 @@ def sft(
     from rich.table import Table
 
     from pipelines.errors import TrainingError
-    from pipelines.launch import check_deepspeed_device, is_distributed_worker, is_main_process, launch, needs_launch
+    from pipelines.launch import check_deepspeed, is_distributed_worker, is_main_process, launch, needs_launch
     from pipelines.registry import Registry
     from pipelines.sft import find_resume_checkpoint, run_sft
     from videor1_cli.common import console, err_console, registered_run
 
-    check_deepspeed_device(cfg)
+    check_deepspeed(cfg)
     worker = is_distributed_worker()
     ckpt = find_resume_checkpoint(resume, cfg, Registry(cfg.registry_path()))
     if resume == "auto" and ckpt is None and not worker:
@@ -72,8 +72,10 @@ def sft(
         else:
             def on_skip(rid: str, reason: str, detail: str, train: bool) -> None:
                 if is_main_process():
-                    err_console.print(f"[yellow]skipped {'train' if train else 'eval'} record {rid} ({reason}): "
-                                      f"{detail}[/yellow]", soft_wrap=True)
+                    from rich.text import Text
+
+                    err_console.print(Text(f"skipped {'train' if train else 'eval'} record {rid} ({reason}): "
+                                           f"{detail}", style="yellow"), soft_wrap=True)
 
             res = run_sft(cfg, run, output_dir=out, resume_from=ckpt, on_skip=on_skip)
             if not is_main_process():
@@ -122,10 +124,10 @@ def rl(
     import sys
 
     from pipelines.errors import TrainingError
-    from pipelines.launch import check_deepspeed_device, is_distributed_worker, launch, needs_launch, rank
+    from pipelines.launch import check_deepspeed, is_distributed_worker, launch, needs_launch, rank
     from videor1_cli.common import console, err_console, registered_run
 
-    check_deepspeed_device(cfg)
+    check_deepspeed(cfg)
     with registered_run(cfg, "train-rl") as (run, run_dir):
         if needs_launch(cfg):
             code = launch(cfg, sys.argv[1:], run, run_dir)

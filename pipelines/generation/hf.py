@@ -19,6 +19,9 @@ class HFBackend:
         self.eos_id = tok.convert_tokens_to_ids("<|im_end|>")
         self.pad_id = tok.pad_token_id
         self.suppress = suppressed_token_ids(tok)
+        # DeepSpeed ZeRO-3 (set by the RL trainer): every forward of the engine's module runs a collective, so ranks
+        # keep stepping until all are done (transformers' synced_gpus), whatever their completions' lengths.
+        self.synced_gpus: bool | None = None
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], media: Sequence[Media], sampling: Sampling) -> list[list[Completion]]:
@@ -46,6 +49,8 @@ class HFBackend:
             gen_kwargs.update(do_sample=False, top_p=None, top_k=None, temperature=None)
         else:
             gen_kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+        if self.synced_gpus is not None:
+            gen_kwargs["synced_gpus"] = self.synced_gpus
         was_training = model.training
         model.eval()
         try:

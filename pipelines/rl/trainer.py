@@ -43,6 +43,7 @@ from pipelines.generation import Sampling
 from pipelines.rl import advantages as A
 from pipelines.rl import losses as L
 from pipelines.rl import rollout as R
+from pipelines.zero3 import deepspeed_lockstep, drop_tied_duplicates
 
 log = logging.getLogger("videor1.rl")
 
@@ -173,6 +174,9 @@ class RLTrainer:
         self.G, self.G_shuf = rl.num_generations, (rl.shuffled_count if rl.algo == "tgrpo" else 0)
         self.prompts_per_step = rl.per_device_prompts * rl.gradient_accumulation_steps
         self.deepspeed = bool(cfg.distributed.deepspeed)
+        from pipelines.launch import deepspeed_zero_stage
+
+        self.zero3 = deepspeed_zero_stage(cfg) == 3
 
         seed = cfg.run.seed + self.rank
         random.seed(seed)
@@ -221,6 +225,7 @@ class RLTrainer:
         optimizer = torch.optim.AdamW(params, lr=rl.learning_rate, betas=(rl.adam_beta1, rl.adam_beta2),
                                       weight_decay=rl.weight_decay)
         self.model, self.optimizer = acc.prepare(model, optimizer)
+        self._locks = {"policy": deepspeed_lockstep(self.model, self.unwrapped)}
         from transformers import get_scheduler
 
         self.scheduler = get_scheduler(rl.lr_scheduler, self.optimizer, num_warmup_steps=rl.warmup_steps,
@@ -233,6 +238,7 @@ class RLTrainer:
                 from trl.models.utils import prepare_deepspeed
 
                 ref = prepare_deepspeed(ref, acc)
+                self._locks["reference"] = deepspeed_lockstep(ref, ref)
             self.ref_model = ref
         self.backend = self._backend if self._backend is not None else self._make_backend()
         if self.resumed_from:
@@ -303,6 +309,8 @@ class RLTrainer:
 
                 with unwrap_model_for_generation(self.model, self.accelerator) as m:
                     self.backend.model = m
+                    if self.zero3 and self.world > 1 and hasattr(self.backend, "synced_gpus"):
+                        self.backend.synced_gpus = True
                     yield
             else:
                 if hasattr(self.backend, "model"):
@@ -316,10 +324,16 @@ class RLTrainer:
     def _reference(self):
         """Forward of the frozen reference: a separate copy of the starting weights, or (LoRA) the adapters off."""
         if self.lora:
-            with self.unwrapped.disable_adapter():
+            with self.unwrapped.disable_adapter(), self._lockstep("policy"):
                 yield self.model
         else:
-            yield self.ref_model
+            with self._lockstep("reference"):
+                yield self.ref_model
+
+    def _lockstep(self, which: str):
+        """Under DeepSpeed, forwards inside this make the same vision-tower calls on every rank (pipelines.zero3)."""
+        lock = getattr(self, "_locks", {}).get(which)
+        return lock.active() if lock is not None else nullcontext()
 
     def train(self) -> dict[str, Any]:
         rl = self.cfg.rl
@@ -532,6 +546,8 @@ class RLTrainer:
         t_gen = time.perf_counter()
         with self._generation():
             groups = R.generate_groups(self.backend, samples, sampling, self.G, self.G_shuf, expand=expand)
+            if not samples and self.zero3 and self.world > 1 and expand:
+                self._dummy_generate(sampling)
         gen_time = time.perf_counter() - t_gen
         gen_tokens = sum(len(c.token_ids) for g in groups for c in g.ordered + g.shuffled)
         N = len(groups)
@@ -618,7 +634,7 @@ class RLTrainer:
             for j, c in enumerate(chunks):
                 last = j == len(chunks) - 1
                 ctx = acc.no_sync(self.model) if not last else nullcontext()
-                with ctx:
+                with ctx, self._lockstep("policy"):
                     logp = R.completion_logprobs(self.model, c["inputs"], c["ids"], rl.temperature)
                     if it == 0:
                         c["old"] = logp.detach() if rl.num_iterations > 1 else None
@@ -640,7 +656,9 @@ class RLTrainer:
                 stats.add("time/policy_fwd_bwd", time.perf_counter() - t_fb, 1)
             self._check_finite(step_loss, "loss")
             gn = acc.clip_grad_norm_(self.model.parameters(), rl.max_grad_norm)
-            grad_norm = float(gn) if gn is not None else float("nan")  # DeepSpeed clips inside its step
+            if gn is None and self.deepspeed:  # DeepSpeed clips inside its step (in accelerate's backward)
+                gn = self.model.get_global_grad_norm()
+            grad_norm = float(gn) if gn is not None else float("nan")
             if gn is not None:
                 self._check_finite(grad_norm, "gradient norm")
             self.optimizer.step()
@@ -655,6 +673,20 @@ class RLTrainer:
         counts = {"local": [float(total_seqs), float(total_tokens)], "normalisers": norm}
         return float(np.mean(losses)), grad_norm, counts
 
+    def _dummy_generate(self, sampling) -> None:
+        """ZeRO-3: a rank with no valid prompt still joins the others' generate loop (synced_gpus), whose every
+        forward runs a collective in DeepSpeed's start-of-forward hook."""
+        from pipelines.models import Media
+
+        one = Sampling(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+                       top_p=sampling.top_p, n=1)
+        rng = torch.get_rng_state()  # the sampling must not shift this rank's RNG stream (DDP draws nothing here)
+        try:
+            self.backend.generate(["<|im_start|>user\n<|im_end|>\n<|im_start|>assistant\n"],
+                                  [Media(video=None, image=None, fps=None)], one)
+        finally:
+            torch.set_rng_state(rng)
+
     def _dummy_forward(self, model):
         """A one-token text forward: how a rank with no valid sample joins the others' collective forward/backward."""
         ids = torch.tensor([[self.processor.tokenizer.pad_token_id]], device=self.device)
@@ -662,7 +694,9 @@ class RLTrainer:
 
     def _dummy_backward(self) -> None:
         """This rank has no valid sample this step: join the collective backward with a zero loss."""
-        self.accelerator.backward(self._dummy_forward(self.model).logits.sum() * 0.0)
+        with self._lockstep("policy"):
+            out = self._dummy_forward(self.model)
+        self.accelerator.backward(out.logits.sum() * 0.0)
 
     def _check_finite(self, value: float, what: str) -> None:
         """All ranks agree: a NaN/inf anywhere stops the run everywhere (the last checkpoint is kept)."""
@@ -683,6 +717,8 @@ class RLTrainer:
 
     def _save_model(self, out: Path, merge_lora: bool = False) -> None:
         state = self._model_state_dict()  # collective under ZeRO-3: every rank calls it
+        if state is not None and not self.lora:
+            state = drop_tied_duplicates(self.unwrapped, state)
         if self.is_main:
             out.mkdir(parents=True, exist_ok=True)
             model = self.unwrapped

@@ -1,0 +1,187 @@
+"""ZeRO-3 lockstep for vision-language forwards: every rank calls the vision tower the same number of times.
+
+Under DeepSpeed ZeRO-3 each sub-module's parameters are all-gathered (a collective) when the module runs, in forward
+and in backward. Qwen-VL models call their vision tower once per modality present in the batch (images, then videos),
+so a rank whose micro-batch holds an image AND a video calls it twice while a rank holding one video calls it once:
+the all-gathers fall out of step. gloo aborts ("collective mismatch"); NCCL on GPUs hangs. The same happens when a
+rank has nothing to train (all samples skipped, an empty RL step) and runs a text-only dummy forward.
+
+`VisionLockstep(model)` hooks the model so that, inside `with lockstep.active():`, each forward
+
+1. all-reduces (MAX) which modalities are present over the ranks -- one tiny collective per forward, and
+2. where this rank lacks a modality another rank has, runs the vision tower on a minimal dummy input (one merged
+   token of zeros) right before the language model, and adds ``0 * dummy.sum()`` to the language model's input
+   embeddings.
+
+So every rank runs: embeddings, vision tower x (number of modalities present anywhere), language model -- the same
+module sequence in forward and (the dummy joins the graph) in backward. The dummy's contribution is an exact zero:
+the input embeddings keep their values bit for bit (x + 0.0 == x) and its gradient is 0 * (upstream), added to the
+real samples' gradients; the loss and gradient are those of the real samples.
+
+ZeRO-1/2 gather nothing in forward, but reduce gradients in buckets that must hold the same parameters on every
+rank: a rank with nothing to train whose text-only dummy forward skipped the vision tower made gloo abort too, so
+the trainers use the lockstep under every DeepSpeed stage (`deepspeed_lockstep`).
+
+Only forwards inside `active()` take part (training / reference log-prob forwards). Generation is left alone: ranks
+generate different numbers of tokens, and under ZeRO-3 generation runs with all parameters gathered anyway.
+The hooks expect a model with a ``visual`` tower and a ``language_model`` called with ``inputs_embeds`` (Qwen2-VL,
+Qwen2.5-VL, Qwen3-VL in transformers 5); a model without them is left as is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator
+
+import torch
+
+MODALITIES = (("image", "pixel_values"), ("video", "pixel_values_videos"))
+
+
+def find_vl_core(model) -> Any | None:
+    """The module that owns ``visual`` and ``language_model`` (Qwen*VLModel), through PEFT/DeepSpeed wrappers."""
+    for m in model.modules():
+        if hasattr(m, "visual") and hasattr(m, "language_model") and isinstance(m.language_model, torch.nn.Module):
+            return m
+    return None
+
+
+def dummy_vision_input(visual) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pixel patches, grid_thw) of the smallest input the vision tower accepts: 1 x m x m patches -> 1 merged token.
+
+    Patch width = channels * temporal_patch_size * patch_size**2, as the Qwen-VL image processors flatten them."""
+    c = visual.config
+    m = int(getattr(c, "spatial_merge_size", 2))
+    channels = int(getattr(c, "in_channels", getattr(c, "in_chans", 3)))
+    width = channels * int(getattr(c, "temporal_patch_size", 2)) * int(c.patch_size) ** 2
+    try:
+        dtype = next(visual.parameters()).dtype
+    except StopIteration:
+        dtype = torch.float32
+    return torch.zeros(m * m, width, dtype=dtype), torch.tensor([[1, m, m]], dtype=torch.long)
+
+
+def _all_reduce_max(flags: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return flags
+
+
+def _first_tensor(out) -> torch.Tensor:
+    """The merged vision features (what the language model consumes), whatever the tower returns."""
+    if torch.is_tensor(out):
+        return out
+    pooled = getattr(out, "pooler_output", None)
+    if torch.is_tensor(pooled):
+        return pooled
+    if isinstance(out, (tuple, list)):
+        return next(t for t in out if torch.is_tensor(t))
+    return out.last_hidden_state
+
+
+class VisionLockstep:
+    """Hooks that keep the vision tower's call count identical on every rank (see the module docstring)."""
+
+    def __init__(self, model, reduce_max: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.core = find_vl_core(model)
+        self.reduce_max = reduce_max or _all_reduce_max
+        self._active = 0
+        self._pending: list[str] = []
+        self.dummy_calls = 0  # how many dummy vision-tower calls ran (tests, logs)
+        self._handles = []
+        if self.core is not None:
+            self._handles.append(self.core.register_forward_pre_hook(self._agree, with_kwargs=True))
+            # prepend: run before DeepSpeed's own pre-hook on the language model, so the dummy tower call comes before
+            # the language model's parameter fetch on every rank, exactly where the real second call would be.
+            self._handles.append(self.core.language_model.register_forward_pre_hook(
+                self._inject, with_kwargs=True, prepend=True))
+
+    @property
+    def installed(self) -> bool:
+        return self.core is not None
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator["VisionLockstep"]:
+        self._active += 1
+        try:
+            yield self
+        finally:
+            self._active -= 1
+            self._pending = []
+
+    # ----------------------------------------------------------------------------------------------------- hooks
+    def _agree(self, module, args, kwargs):
+        if not self._active:
+            return None
+        ref = kwargs.get("input_ids")
+        if ref is None:
+            ref = kwargs.get("inputs_embeds")
+        if ref is None and args:
+            ref = args[0]
+        local = [kwargs.get(key) is not None or (kwargs.get("mm_encoder_outputs") or {}).get(name) is not None
+                 for name, key in MODALITIES]
+        flags = torch.tensor([1.0 if x else 0.0 for x in local], dtype=torch.float32,
+                             device=ref.device if torch.is_tensor(ref) else None)
+        present = self.reduce_max(flags).tolist()
+        self._pending = [name for (name, _), here, anywhere in zip(MODALITIES, local, present)
+                         if anywhere > 0 and not here]
+        return None
+
+    def _inject(self, module, args, kwargs):
+        if not (self._active and self._pending):
+            return None
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            raise RuntimeError("VisionLockstep: the language model was not called with inputs_embeds")
+        visual = self.core.visual
+        pixels, grid = dummy_vision_input(visual)
+        zero = None
+        for _ in self._pending:
+            out = _first_tensor(visual(pixels.to(embeds.device), grid_thw=grid.to(embeds.device)))
+            term = out.float().sum() * 0.0
+            zero = term if zero is None else zero + term
+            self.dummy_calls += 1
+        self._pending = []
+        kwargs = dict(kwargs)
+        kwargs["inputs_embeds"] = embeds + zero.to(embeds.dtype)
+        return args, kwargs
+
+
+def text_dummy_forward(model, pad_token_id: int, device) -> Any:
+    """A one-token text forward: how a rank with nothing to train joins the others' collective forward/backward.
+
+    Run it inside `VisionLockstep.active()` under ZeRO-3, so it also makes the vision-tower calls the other ranks
+    make."""
+    ids = torch.tensor([[int(pad_token_id)]], device=device)
+    return model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+
+
+def deepspeed_lockstep(engine, module=None) -> VisionLockstep | None:
+    """A `VisionLockstep` on `module` (default: `engine`) when `engine` is a DeepSpeed engine (any ZeRO stage), else
+    None. ZeRO-1/2 need it too, for the text-only dummy forward: their gradient reduction expects the same parameters
+    to hold gradients on every rank, and a rank whose step left the vision tower out made gloo abort."""
+    if not hasattr(engine, "zero_optimization_stage"):
+        return None
+    lock = VisionLockstep(module if module is not None else engine)
+    return lock if lock.installed else None
+
+
+def drop_tied_duplicates(model, state: dict[str, Any]) -> dict[str, Any]:
+    """`state` without the second name of tied parameters (lm_head.weight when it IS embed_tokens.weight).
+
+    DeepSpeed's consolidated state dicts hold a separate tensor per name, so `save_pretrained` cannot see the tie by
+    storage and would write lm_head.weight a second time; the model (tie_word_embeddings) re-ties it on load."""
+    seen: set[int] = set()
+    tied: set[str] = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            tied.add(name)
+        seen.add(id(p))
+    return {k: v for k, v in state.items() if k not in tied}
