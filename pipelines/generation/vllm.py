@@ -410,7 +410,7 @@ class VLLMBackend:
             if self.colocate:
                 # One engine per trainer rank, inside the torchrun process (TRL's colocate mode). Ranks of one
                 # tensor-parallel group must sample identically, so they share a seed.
-                from pipelines.launch import rank, world_size
+                from pipelines.launch import local_rank, rank, world_size
 
                 if world_size() % self.tensor_parallel_size:
                     raise VideoR1Error(
@@ -419,8 +419,6 @@ class VLLMBackend:
                 kwargs["distributed_executor_backend"] = "external_launcher"
                 kwargs["seed"] = int(seed) + rank() // self.tensor_parallel_size
                 kwargs.setdefault("max_num_batched_tokens", 4096)
-                from pipelines.launch import local_rank
-
                 os.environ.update(engine_environment(rank(), local_rank(), world_size()))
                 self._setup_tp_group()
             kwargs.update(llm_kwargs or {})
