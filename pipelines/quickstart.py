@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,8 @@ class Stage:
     title: str        # what the progress line says
     argv: list[str]   # the videor1 command line (without "videor1")
     output: Path      # the directory/file it produces
+    ranks: int = 1    # > 1: torchrun data-parallel ranks (a free master port is added when it starts)
+    background: bool = False  # runs in its own process beside the next stages (nothing later reads its output)
 
 
 @dataclass
@@ -98,8 +101,11 @@ def plan_seed(cfg, seed: int, out: Path, config_file: Path, tag: str) -> SeedPla
     def named(stage: str) -> list[str]:
         return ["--set", f"run.name={tag}-s{seed}-{stage}"]
 
-    def add(key: str, title: str, argv: list[str], output: Path) -> None:
-        sp.stages.append(Stage(key, title, argv, output))
+    def add(key: str, title: str, argv: list[str], output: Path, ranks: int = 1, background: bool = False) -> None:
+        sp.stages.append(Stage(key, title, argv, output, ranks, background))
+
+    ranks = max(1, q.nproc)
+    dist = ["--set", f"distributed.nproc={ranks}"] if ranks > 1 else []
 
     add("synth", f"data synth ({q.train} RL + {q.sft} SFT + {q.test} test records)",
         ["data", "synth", *common, *named("data"), "--out", str(world), "--train", str(q.train), "--sft", str(q.sft),
@@ -108,27 +114,40 @@ def plan_seed(cfg, seed: int, out: Path, config_file: Path, tag: str) -> SeedPla
     add("tiny", "model tiny", ["model", "tiny", *common, *named("model"), "--out", str(tiny), "--seed", str(seed)],
         tiny)
 
-    def evaluate(label: str, model: Path) -> None:
+    def evaluate(label: str, model: Path, background: bool = False) -> None:
         e = d / f"eval-{label}"
         sp.evals[label] = e
-        add(f"eval-{label}", f"eval {label} model on {q.test} held-out questions",
+        add(f"eval-{label}", f"eval {label} model on {q.test} held-out questions"
+            + (" (in the background)" if background else ""),
             ["eval", *common, *named(f"eval-{label}"), "--model", str(model), "--data", str(world / "test.json"),
-             "--bench", "synthetic", "--out", str(e)], e)
+             "--bench", "synthetic", "--out", str(e)], e, background=background)
 
-    evaluate("untrained", tiny)
+    # With overlap_evals, an eval followed by a training stage runs beside it in its own process; the last one runs
+    # in the foreground (nothing is left to overlap it with).
+    evaluate("untrained", tiny, background=q.overlap_evals)
     sft = d / "sft-model"
-    add("sft", f"train sft ({q.sft_steps} steps on {q.sft} CoT records)",
+    on = f" on {ranks} ranks" if ranks > 1 else ""
+    add("sft", f"train sft ({q.sft_steps} steps on {q.sft} CoT records{on})",
         ["train", "sft", *common, *named("sft"), "--model", str(tiny), "--data", str(world / "sft.json"),
-         "--max-steps", str(q.sft_steps), "--out", str(sft)], sft)
-    evaluate("sft", sft)
-    for algo in algos(cfg):
+         "--max-steps", str(q.sft_steps), "--out", str(sft), *dist], sft, ranks)
+    evaluate("sft", sft, background=q.overlap_evals)
+    rl_algos = algos(cfg)
+    for k, algo in enumerate(rl_algos):
         m = d / f"rl-{algo}-model"
-        add(f"rl-{algo}", f"train rl --algo {algo} ({q.rl_steps} steps on {q.train} records without CoT)",
+        add(f"rl-{algo}", f"train rl --algo {algo} ({q.rl_steps} steps on {q.train} records without CoT{on})",
             ["train", "rl", *common, *named(f"rl-{algo}"), "--model", str(sft), "--data", str(world / "rl.json"),
              "--algo", algo, "--max-steps", str(q.rl_steps), "--set", f"rl.output_dir={m}",
-             *(["--set", "model.freeze_vision=true"] if q.rl_freeze_vision else [])], m)
-        evaluate(f"rl-{algo}", m)
+             *(["--set", "model.freeze_vision=true"] if q.rl_freeze_vision else []), *dist], m, ranks)
+        evaluate(f"rl-{algo}", m, background=q.overlap_evals and k + 1 < len(rl_algos))
     return sp
+
+
+def per_rank(total: int, ranks: int, key: str) -> int:
+    """A global batch split over data-parallel ranks (each rank gets an equal share)."""
+    if total % ranks:
+        raise QuickstartError(f"{key}={total} cannot be split over quickstart.nproc={ranks} data-parallel ranks",
+                              hint=f"set quickstart.nproc to a divisor of {total}, or {key} to a multiple of {ranks}")
+    return total // ranks
 
 
 def stage_config(cfg, out: Path, registry: Path, tag: str, smoke: bool) -> dict[str, Any]:
@@ -140,12 +159,19 @@ def stage_config(cfg, out: Path, registry: Path, tag: str, smoke: bool) -> dict[
     data["run"]["name"] = None
     data["prompt"]["template"] = cfg.quickstart.template
     data["data"]["num_workers"] = cfg.quickstart.data_workers
+    data["run"]["torch_threads"] = cfg.quickstart.torch_threads
     if cfg.quickstart.sft_learning_rate:
         data["sft"]["learning_rate"] = cfg.quickstart.sft_learning_rate
     if smoke:
         for key, value in SMOKE_OVERRIDES.items():
             sec, k = key.split(".")
             data[sec][k] = value
+    # The global batch is the configured one whatever the ranks: each rank takes its share (the SFT batches are the
+    # same samples; RL's step draws the same prompts, each rank sampling with seed + rank).
+    ranks = max(1, cfg.quickstart.nproc)
+    data["sft"]["per_device_batch_size"] = per_rank(data["sft"]["per_device_batch_size"], ranks,
+                                                    "sft.per_device_batch_size")
+    data["rl"]["per_device_prompts"] = per_rank(data["rl"]["per_device_prompts"], ranks, "rl.per_device_prompts")
     return data
 
 
@@ -270,17 +296,72 @@ class QuickstartResult:
     eval_results: list[Path]              # every results.json (the quickstart run's inputs)
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now: each data-parallel stage gets its own, so seeds run side by side (and other
+    torchrun jobs on the machine) do not collide on distributed.master_port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stage_argv(st: Stage) -> list[str]:
+    """The command line a stage runs with: data-parallel ones get a free master port at the moment they start."""
+    return [*st.argv, "--set", f"distributed.master_port={free_port()}"] if st.ranks > 1 else list(st.argv)
+
+
+class _Background:
+    """Stages running in their own processes (spawn(argv, log) -> a Popen); waited for before the table is read."""
+
+    def __init__(self, spawn: Callable[[list[str], Path], Any]):
+        self.spawn = spawn
+        self.running: list[tuple[Stage, Any, float, Path]] = []
+
+    def start(self, st: Stage, log_file: Path) -> None:
+        self.running.append((st, self.spawn(stage_argv(st), log_file), time.perf_counter(), log_file))
+
+    def stop(self) -> None:
+        """The chain failed: end the background stages too (their runs are then marked interrupted)."""
+        for _st, proc, _t0, _log in self.running:
+            if proc.poll() is None:
+                proc.terminate()
+        for _st, proc, _t0, _log in self.running:
+            try:
+                proc.wait(timeout=30)
+            except Exception:  # noqa: BLE001 - a stage that ignores SIGTERM is killed
+                proc.kill()
+        self.running = []
+
+    def wait_all(self, on_done: Callable[[Stage, float], None]) -> None:
+        failed = None
+        for st, proc, t0, log_file in self.running:
+            code = proc.wait()
+            if code != 0 and failed is None:
+                failed = (st, code, log_file)
+            elif code == 0:
+                on_done(st, time.perf_counter() - t0)
+        self.running = []
+        if failed:
+            st, code, log_file = failed
+            tail = "\n".join(log_file.read_text(errors="replace").splitlines()[-15:]) if log_file.exists() else ""
+            raise QuickstartError(f"stage `videor1 {' '.join(st.argv[:1])}` ({st.key}, in the background) failed "
+                                  f"(exit {code}); the end of its log {log_file}:\n{tail}",
+                                  hint="the stage's run is marked failed in the registry: videor1 runs ls")
+
+
 def run_quickstart(
     cfg,
     invoke: Callable[[list[str]], None],
     *,
+    spawn: Callable[[list[str], Path], Any] | None = None,
     registry: Path,
     smoke: bool = False,
     tag: str = "quickstart",
     log: Callable[[str], None] = lambda s: None,
     on_stage: Callable[[int, int, int, Stage, float | None], None] | None = None,
 ) -> QuickstartResult:
-    """Run the chain for every seed; `invoke(argv)` runs one videor1 command (raising on failure)."""
+    """Run the chain for every seed; `invoke(argv)` runs one videor1 command in this process (raising on failure);
+    `spawn(argv, log_file)` starts one in its own process (returning a Popen) for the background stages (without it,
+    every stage runs through invoke)."""
     if smoke:
         apply_smoke(cfg)
     out = Path(cfg.quickstart.out_dir).resolve()
@@ -297,17 +378,34 @@ def run_quickstart(
         sp = plan_seed(cfg, seed, out, config_file, tag)
         prepare_dir(sp.dir)
         seed_dirs[seed] = sp.dir
-        for i, st in enumerate(sp.stages):
-            if on_stage:
-                on_stage(si, i, len(sp.stages), st, None)
-            ts = time.perf_counter()
-            invoke(st.argv)
-            dt = time.perf_counter() - ts
+        background = _Background(spawn) if spawn else None
+
+        def done(st: Stage, dt: float, i: int) -> None:
             stage_seconds[f"seed-{seed}/{st.key}"] = round(dt, 1)
             if not st.output.exists():
                 raise QuickstartError(f"stage `videor1 {' '.join(st.argv[:2])}` finished but wrote no {st.output}")
             if on_stage:
                 on_stage(si, i, len(sp.stages), st, dt)
+
+        t_seed = time.perf_counter()
+        try:
+            for i, st in enumerate(sp.stages):
+                if on_stage:
+                    on_stage(si, i, len(sp.stages), st, None)
+                if st.background and background is not None:
+                    background.start(st, sp.dir / f"{st.key}.log")
+                    continue
+                ts = time.perf_counter()
+                invoke(stage_argv(st))
+                done(st, time.perf_counter() - ts, i)
+            if background is not None:
+                index = {st.key: i for i, st in enumerate(sp.stages)}
+                background.wait_all(lambda st, dt: done(st, dt, index[st.key]))
+        except BaseException:
+            if background is not None:
+                background.stop()
+            raise
+        seed_seconds = time.perf_counter() - t_seed
         world = json.loads((sp.world / "world.json").read_text())
         scores = {}
         for label, e in sp.evals.items():
@@ -324,7 +422,7 @@ def run_quickstart(
             for src in world["counts"]["test"]["by_data_source"]
         }
         t["stage_seconds"] = {k.split("/", 1)[1]: v for k, v in stage_seconds.items() if k.startswith(f"seed-{seed}/")}
-        t["seconds"] = round(sum(t["stage_seconds"].values()), 1)
+        t["seconds"] = round(seed_seconds, 1)  # wall time (background stages overlap the others)
         (sp.dir / "quickstart.json").write_text(json.dumps(t, indent=1) + "\n")
         tables.append(t)
         log(f"seed {seed}: chance {t['chance']}, untrained {t['untrained']}, SFT {t['sft']}, RL {t['rl']} "

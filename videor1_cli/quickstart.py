@@ -97,7 +97,7 @@ def _run(cfg: Config, out: Path, registry: Path, smoke: bool):
                 err_console.print(f"[green]✓[/green] {st.title} [dim]{seconds:.1f}s "
                                   f"(total {time.perf_counter() - t0:.0f}s)[/dim]")
 
-        res = run_quickstart(cfg, _invoke, registry=registry, smoke=smoke, tag=tag, on_stage=on_stage,
+        res = run_quickstart(cfg, _invoke, spawn=_spawn, registry=registry, smoke=smoke, tag=tag, on_stage=on_stage,
                              log=lambda s: err_console.print(f"[dim]{s}[/dim]"))
         for f in res.eval_results:
             run.use_path("eval-results", f)
@@ -136,6 +136,16 @@ def _invoke(argv: list[str]) -> None:
         sys.argv = saved
     if isinstance(rv, int) and rv != 0:
         raise QuickstartError(f"stage `{cmd}` exited {rv}")
+
+
+def _spawn(argv: list[str], log_file: Path):
+    """Start one `videor1 ...` command line in its own process (a background stage), output to log_file."""
+    import subprocess
+
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "wb") as log:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen([sys.executable, "-m", "videor1_cli.app", *argv], stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
 
 def _flat_metrics(table: dict[str, Any]) -> dict[str, float]:
