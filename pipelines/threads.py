@@ -56,26 +56,29 @@ def apply_torch_threads(cfg) -> int:
     return n
 
 
+def _procs(n: int, threads: int, workers: int = 0) -> str:
+    s = f"{n} process{'es' if n > 1 else ''} x {threads} torch thread{'s' if threads > 1 else ''}"
+    return s + (f" + {workers} DataLoader worker{'s' if workers > 1 else ''} each" if workers else "")
+
+
 def stage_plan(cfg) -> dict[str, Any]:
-    """What `doctor` prints: cores, and per stage its processes x torch threads (+ DataLoader workers)."""
-    workers = cfg.data.num_workers
+    """What `doctor` prints: the cores, and per stage its processes x torch threads (+ DataLoader workers)."""
+    cores = cores_available()
     nproc = max(1, int(cfg.distributed.nproc))
-    per_rank = torch_threads(cfg, processes=nproc)
-    train = f"{nproc} process(es) x {per_rank} torch thread(s)" + (
-        f" + {workers} DataLoader worker(s) each" if workers else "")
-    out: dict[str, Any] = {
-        "cpu cores available": cores_available(),
-        "torch threads (run.torch_threads)": cfg.run.torch_threads or "auto (cores / processes on the node)",
-        "train sft": train,
-        "train rl": f"{nproc} process(es) x {per_rank} torch thread(s)",
-        "eval": f"{nproc} process(es) x {per_rank} torch thread(s)",
-    }
+    per_rank = resolve_torch_threads(cfg.run.torch_threads, cores, nproc)
     q = cfg.quickstart
     qn = max(1, int(q.nproc))
-    qt = resolve_torch_threads(q.torch_threads, cores_available(), qn)
-    out["quickstart"] = (f"train sft / train rl: {qn} data-parallel rank(s) x {qt} torch thread(s)"
-                         + (f" + {q.data_workers} DataLoader worker(s) each" if q.data_workers else "")
-                         + f"; evals: 1 process x {resolve_torch_threads(q.torch_threads, cores_available(), 1)} "
-                         f"thread(s)" + (", the untrained and SFT evals in the background beside the next training "
-                                         "stage" if q.overlap_evals else ""))
-    return out
+    q_train = resolve_torch_threads(q.torch_threads, cores, qn)
+    q_eval = resolve_torch_threads(q.torch_threads, cores, 1)
+    return {
+        "cpu cores available": cores,
+        "threads setting": (f"run.torch_threads = {cfg.run.torch_threads}" if cfg.run.torch_threads
+                            else "auto (run.torch_threads: null): cores available / processes on the node"),
+        "threads: train sft": _procs(nproc, per_rank, cfg.data.num_workers),
+        "threads: train rl": _procs(nproc, per_rank),
+        "threads: eval": _procs(nproc, per_rank),
+        "threads: quickstart": (f"train sft: {_procs(qn, q_train, q.data_workers)}; train rl: {_procs(qn, q_train)} "
+                                f"(data-parallel ranks, quickstart.nproc); evals: {_procs(1, q_eval)}"
+                                + ("; the untrained and SFT evals run in the background beside the next training "
+                                   "stage" if q.overlap_evals else "")),
+    }
