@@ -24,6 +24,7 @@ import json
 import math
 import shutil
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -310,42 +311,52 @@ def stage_argv(st: Stage) -> list[str]:
 
 
 class _Background:
-    """Stages running in their own processes (spawn(argv, log) -> a Popen); waited for before the table is read."""
+    """Stages running in their own processes (spawn(argv, log) -> a Popen). A watcher thread per stage notes when it
+    ends (its seconds are its own, not when the chain looks); the chain reports (or fails on) the ended ones after
+    each foreground stage, and waits for all before the table is read."""
 
     def __init__(self, spawn: Callable[[list[str], Path], Any]):
         self.spawn = spawn
-        self.running: list[tuple[Stage, Any, float, Path]] = []
+        self.running: list[dict[str, Any]] = []
 
     def start(self, st: Stage, log_file: Path) -> None:
-        self.running.append((st, self.spawn(stage_argv(st), log_file), time.perf_counter(), log_file))
+        job = {"stage": st, "proc": self.spawn(stage_argv(st), log_file), "t0": time.perf_counter(), "log": log_file,
+               "seconds": None, "code": None}
+
+        def watch() -> None:
+            job["code"] = job["proc"].wait()
+            job["seconds"] = time.perf_counter() - job["t0"]
+
+        job["thread"] = threading.Thread(target=watch, daemon=True)
+        job["thread"].start()
+        self.running.append(job)
 
     def stop(self) -> None:
         """The chain failed: end the background stages too (their runs are then marked interrupted)."""
-        for _st, proc, _t0, _log in self.running:
-            if proc.poll() is None:
-                proc.terminate()
-        for _st, proc, _t0, _log in self.running:
-            try:
-                proc.wait(timeout=30)
-            except Exception:  # noqa: BLE001 - a stage that ignores SIGTERM is killed
-                proc.kill()
+        for job in self.running:
+            if job["proc"].poll() is None:
+                job["proc"].terminate()
+        for job in self.running:
+            job["thread"].join(timeout=30)
+            if job["proc"].poll() is None:  # a stage that ignores SIGTERM is killed
+                job["proc"].kill()
         self.running = []
 
-    def wait_all(self, on_done: Callable[[Stage, float], None]) -> None:
-        failed = None
-        for st, proc, t0, log_file in self.running:
-            code = proc.wait()
-            if code != 0 and failed is None:
-                failed = (st, code, log_file)
-            elif code == 0:
-                on_done(st, time.perf_counter() - t0)
-        self.running = []
-        if failed:
-            st, code, log_file = failed
-            tail = "\n".join(log_file.read_text(errors="replace").splitlines()[-15:]) if log_file.exists() else ""
-            raise QuickstartError(f"stage `videor1 {' '.join(st.argv[:1])}` ({st.key}, in the background) failed "
-                                  f"(exit {code}); the end of its log {log_file}:\n{tail}",
-                                  hint="the stage's run is marked failed in the registry: videor1 runs ls")
+    def reap(self, on_done: Callable[[Stage, float], None], wait: bool = False) -> None:
+        """Report the stages that ended (all of them, waiting, with wait=True); raise on the first that failed."""
+        for job in list(self.running):
+            if wait:
+                job["thread"].join()
+            if job["seconds"] is None:
+                continue
+            self.running.remove(job)
+            st, code, log_file = job["stage"], job["code"], job["log"]
+            if code != 0:
+                tail = "\n".join(log_file.read_text(errors="replace").splitlines()[-15:]) if log_file.exists() else ""
+                raise QuickstartError(f"stage `videor1 {' '.join(st.argv[:1])}` ({st.key}, in the background) failed "
+                                      f"(exit {code}); the end of its log {log_file}:\n{tail}",
+                                      hint="the stage's run is marked failed in the registry: videor1 runs ls")
+            on_done(st, job["seconds"])
 
 
 def run_quickstart(
@@ -388,6 +399,7 @@ def run_quickstart(
                 on_stage(si, i, len(sp.stages), st, dt)
 
         t_seed = time.perf_counter()
+        index = {st.key: i for i, st in enumerate(sp.stages)}
         try:
             for i, st in enumerate(sp.stages):
                 if on_stage:
@@ -398,9 +410,10 @@ def run_quickstart(
                 ts = time.perf_counter()
                 invoke(stage_argv(st))
                 done(st, time.perf_counter() - ts, i)
+                if background is not None:
+                    background.reap(lambda b, dt: done(b, dt, index[b.key]))
             if background is not None:
-                index = {st.key: i for i, st in enumerate(sp.stages)}
-                background.wait_all(lambda st, dt: done(st, dt, index[st.key]))
+                background.reap(lambda b, dt: done(b, dt, index[b.key]), wait=True)
         except BaseException:
             if background is not None:
                 background.stop()

@@ -146,21 +146,27 @@ def test_each_data_parallel_stage_gets_a_free_master_port(tmp_path):
 
 
 class _Proc:
+    """A stand-in Popen: ends at once with `code`, or (running=True) only when terminated."""
+
     def __init__(self, code=0, running=False):
-        self.code, self.running, self.terminated = code, running, False
+        import threading
+
+        self.code, self.terminated, self.ended = code, False, threading.Event()
+        if not running:
+            self.ended.set()
 
     def poll(self):
-        return None if self.running else self.code
+        return self.code if self.ended.is_set() else None
 
     def wait(self, timeout=None):
-        self.running = False
-        return self.code
+        self.ended.wait(timeout)
+        return self.poll()
 
     def terminate(self):
-        self.terminated = True
+        self.terminated, self.code = True, -15
+        self.ended.set()
 
-    def kill(self):
-        self.terminated = True
+    kill = terminate
 
 
 def _cfg(tmp_path):
