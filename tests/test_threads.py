@@ -203,3 +203,19 @@ def test_a_failed_foreground_stage_stops_the_background_ones(tmp_path):
     with pytest.raises(Q.QuickstartError, match="train sft"):
         Q.run_quickstart(_cfg(tmp_path), invoke, spawn=spawn, registry=tmp_path / "r.db")
     assert len(procs) == 1 and procs[0].terminated  # the untrained model's eval, started beside SFT
+
+
+def test_quickstart_stage_output_of_child_processes_stays_off_stdout():
+    """torchrun ranks inherit file descriptor 1: with --json, their prints must go to stderr, not into the table."""
+    import subprocess
+    import sys
+
+    code = ("import subprocess, sys\n"
+            "from videor1_cli.quickstart import _stdout_to_stderr\n"
+            "with _stdout_to_stderr():\n"
+            "    print('stage', flush=True)\n"
+            "    subprocess.run([sys.executable, '-c', 'print(\"rank\")'], check=True)\n"
+            "print('{\"table\": 1}')\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout == '{"table": 1}\n'
+    assert "stage" in res.stderr and "rank" in res.stderr

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -111,6 +112,27 @@ def _run(cfg: Config, out: Path, registry: Path, smoke: bool):
     return res, run
 
 
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """Send a stage's stdout to stderr: Python's sys.stdout AND file descriptor 1, which the processes it starts
+    (torchrun and its ranks) inherit, so that `--json` leaves only the table on stdout."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no descriptor 1 (a detached process): Python's stdout is all there is to redirect
+        saved = None
+    try:
+        if saved is not None:
+            os.dup2(2, 1)
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stderr.flush()
+        if saved is not None:
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
 def _invoke(argv: list[str]) -> None:
     """Run one `videor1 ...` command line in this process; its stdout goes to stderr (ours is the table/JSON)."""
     import click
@@ -122,7 +144,7 @@ def _invoke(argv: list[str]) -> None:
     saved = sys.argv
     sys.argv = ["videor1", *argv]  # what the stage's run records as its command
     try:
-        with contextlib.redirect_stdout(sys.stderr):
+        with _stdout_to_stderr():
             rv = app(argv, prog_name="videor1", standalone_mode=False)
     except SystemExit as e:
         if e.code not in (0, None):
