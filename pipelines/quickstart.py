@@ -13,6 +13,10 @@ produced it):
     eval        -> eval-rl-tgrpo/results.json
     [train rl --algo grpo, eval]                      (--compare-algos: plain GRPO from the same SFT model)
 
+Both cores (issue 18; BENCHMARKS.md "Quickstart on both cores"): train sft and train rl run on quickstart.nproc (2)
+data-parallel ranks with the same global batch, one torch thread per process; the untrained and SFT evals run in a
+background process beside the next training stage (quickstart.overlap_evals).
+
 This module never imports the CLI: the caller passes ``invoke(argv)``, which runs one ``videor1`` command line
 (in-process). Everything here is planning (the argv of each stage), reading results back, and the table: chance,
 untrained, SFT and RL accuracy overall, per problem type and on the order-dependent questions, per seed and mean.
