@@ -46,6 +46,12 @@ class RunConfig(Section):
         "else <run.output_dir>/registry.db.",
     )
     tags: list[str] = Field(default_factory=list, description="Free-form tags stored with the run.")
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch intra-op threads per process of train sft / train rl / eval (null: auto = the cores this "
+        "process may use / the job's processes on this node, at least 1; `videor1 doctor` prints what each stage gets).",
+    )
     report_to: list[Literal["wandb", "tensorboard", "mlflow", "trackio"]] = Field(
         default_factory=list, description="Extra trackers metrics are also sent to (the registry and <run dir>/"
         "metrics.jsonl always get them); trackio is TRL's local-first tracker (pip install trackio).",
@@ -401,7 +407,12 @@ class QuickstartConfig(Section):
         description="Peak SFT learning rate of the quickstart (sets sft.learning_rate; null keeps it). 1e-3 learns the "
         "CoT targets about twice as fast as 5e-4 on the tiny model; 2e-3 collapses its vision tower.",
     )
-    rl_steps: int = Field(100, ge=1, description="Steps (rollouts) of the RL phase. Shortcut: --rl-steps.")
+    rl_steps: int = Field(
+        150,
+        ge=1,
+        description="Steps (rollouts) of the RL phase. Shortcut: --rl-steps. With the reference M-RoPE positions and "
+        "2 ranks, over 3 seeds (BENCHMARKS.md): 100 steps add +2.6 to SFT (goal +3), 150 steps +3.1.",
+    )
     family: Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"] = Field(
         "qwen2_5_vl",
         description="Model family of the tiny model (`videor1 model tiny --family`). Shortcut: --family. Pixel "
@@ -427,8 +438,22 @@ class QuickstartConfig(Section):
     torch_threads: int | None = Field(
         1,
         ge=1,
-        description="torch intra-op threads of the stages (null: torch's default). 1 is fastest for the tiny model "
-        "on a small CPU: its ops are too small to split, and the data worker gets the other core.",
+        description="torch intra-op threads per process of every stage (sets run.torch_threads; null: auto). 1 is "
+        "fastest for the 0.2 M-parameter model: its ops are too small to split (2 threads cost ~4x the CPU seconds "
+        "for the same steps, BENCHMARKS.md); the other cores go to data-parallel ranks (nproc) instead.",
+    )
+    nproc: int = Field(
+        2,
+        ge=1,
+        description="Data-parallel ranks (torchrun, gloo) of train sft and train rl: the global batch stays "
+        "sft.per_device_batch_size and rl.per_device_prompts (each rank gets 1/nproc of it, which must divide). "
+        "2 uses both cores of a 2-core machine; the table's numerics depend on it (RL samples with seed + rank), so it "
+        "is fixed rather than taken from the machine.",
+    )
+    overlap_evals: bool = Field(
+        True,
+        description="Evaluate the untrained and SFT models in a background process while the next training stage "
+        "runs (false: every stage one after the other).",
     )
     data_workers: int = Field(
         1, ge=0, description="DataLoader workers of the stages (sets data.num_workers): decode + encode overlap training."

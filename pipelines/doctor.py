@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import Config
+from pipelines.threads import stage_plan
 
 PACKAGES = [
     "torch", "torchvision", "transformers", "trl", "accelerate", "peft", "datasets", "huggingface_hub",
@@ -61,4 +62,5 @@ def collect(cfg: Config) -> dict[str, Any]:
     usage = shutil.disk_usage(probe)
     info["free disk"] = f"{usage.free / 2**30:.1f} GiB free at {probe.resolve()}"
     info["model"] = cfg.model.name_or_path
+    info.update(stage_plan(cfg))  # how many processes x torch threads each stage will use
     return info

@@ -13,6 +13,10 @@ produced it):
     eval        -> eval-rl-tgrpo/results.json
     [train rl --algo grpo, eval]                      (--compare-algos: plain GRPO from the same SFT model)
 
+Both cores (issue 18; BENCHMARKS.md "Quickstart on both cores"): train sft and train rl run on quickstart.nproc (2)
+data-parallel ranks with the same global batch, one torch thread per process; the untrained and SFT evals run in a
+background process beside the next training stage (quickstart.overlap_evals).
+
 This module never imports the CLI: the caller passes ``invoke(argv)``, which runs one ``videor1`` command line
 (in-process). Everything here is planning (the argv of each stage), reading results back, and the table: chance,
 untrained, SFT and RL accuracy overall, per problem type and on the order-dependent questions, per seed and mean.
@@ -23,6 +27,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +68,8 @@ class Stage:
     title: str        # what the progress line says
     argv: list[str]   # the videor1 command line (without "videor1")
     output: Path      # the directory/file it produces
+    ranks: int = 1    # > 1: torchrun data-parallel ranks (a free master port is added when it starts)
+    background: bool = False  # runs in its own process beside the next stages (nothing later reads its output)
 
 
 @dataclass
@@ -98,8 +106,11 @@ def plan_seed(cfg, seed: int, out: Path, config_file: Path, tag: str) -> SeedPla
     def named(stage: str) -> list[str]:
         return ["--set", f"run.name={tag}-s{seed}-{stage}"]
 
-    def add(key: str, title: str, argv: list[str], output: Path) -> None:
-        sp.stages.append(Stage(key, title, argv, output))
+    def add(key: str, title: str, argv: list[str], output: Path, ranks: int = 1, background: bool = False) -> None:
+        sp.stages.append(Stage(key, title, argv, output, ranks, background))
+
+    ranks = max(1, q.nproc)
+    dist = ["--set", f"distributed.nproc={ranks}"] if ranks > 1 else []
 
     add("synth", f"data synth ({q.train} RL + {q.sft} SFT + {q.test} test records)",
         ["data", "synth", *common, *named("data"), "--out", str(world), "--train", str(q.train), "--sft", str(q.sft),
@@ -109,27 +120,41 @@ def plan_seed(cfg, seed: int, out: Path, config_file: Path, tag: str) -> SeedPla
         ["model", "tiny", *common, *named("model"), "--out", str(tiny), "--seed", str(seed),
          *(["--family", q.family] if q.family != "qwen2_5_vl" else [])], tiny)
 
-    def evaluate(label: str, model: Path) -> None:
+    def evaluate(label: str, model: Path, background: bool = False) -> None:
         e = d / f"eval-{label}"
         sp.evals[label] = e
-        add(f"eval-{label}", f"eval {label} model on {q.test} held-out questions",
+        add(f"eval-{label}", f"eval {label} model on {q.test} held-out questions"
+            + (" (in the background)" if background else ""),
             ["eval", *common, *named(f"eval-{label}"), "--model", str(model), "--data", str(world / "test.json"),
-             "--bench", "synthetic", "--out", str(e), "--set", f"eval.scoring={SCORING}"], e)  # one headline
+             "--bench", "synthetic", "--out", str(e), "--set", f"eval.scoring={SCORING}"], e,  # one headline
+            background=background)
 
-    evaluate("untrained", tiny)
+    # With overlap_evals, an eval followed by a training stage runs beside it in its own process; the last one runs
+    # in the foreground (nothing is left to overlap it with).
+    evaluate("untrained", tiny, background=q.overlap_evals)
     sft = d / "sft-model"
-    add("sft", f"train sft ({q.sft_steps} steps on {q.sft} CoT records)",
+    on = f" on {ranks} ranks" if ranks > 1 else ""
+    add("sft", f"train sft ({q.sft_steps} steps on {q.sft} CoT records{on})",
         ["train", "sft", *common, *named("sft"), "--model", str(tiny), "--data", str(world / "sft.json"),
-         "--max-steps", str(q.sft_steps), "--out", str(sft)], sft)
-    evaluate("sft", sft)
-    for algo in algos(cfg):
+         "--max-steps", str(q.sft_steps), "--out", str(sft), *dist], sft, ranks)
+    evaluate("sft", sft, background=q.overlap_evals)
+    rl_algos = algos(cfg)
+    for k, algo in enumerate(rl_algos):
         m = d / f"rl-{algo}-model"
-        add(f"rl-{algo}", f"train rl --algo {algo} ({q.rl_steps} steps on {q.train} records without CoT)",
+        add(f"rl-{algo}", f"train rl --algo {algo} ({q.rl_steps} steps on {q.train} records without CoT{on})",
             ["train", "rl", *common, *named(f"rl-{algo}"), "--model", str(sft), "--data", str(world / "rl.json"),
              "--algo", algo, "--max-steps", str(q.rl_steps), "--set", f"rl.output_dir={m}",
-             *(["--set", "model.freeze_vision=true"] if q.rl_freeze_vision else [])], m)
-        evaluate(f"rl-{algo}", m)
+             *(["--set", "model.freeze_vision=true"] if q.rl_freeze_vision else []), *dist], m, ranks)
+        evaluate(f"rl-{algo}", m, background=q.overlap_evals and k + 1 < len(rl_algos))
     return sp
+
+
+def per_rank(total: int, ranks: int, key: str) -> int:
+    """A global batch split over data-parallel ranks (each rank gets an equal share)."""
+    if total % ranks:
+        raise QuickstartError(f"{key}={total} cannot be split over quickstart.nproc={ranks} data-parallel ranks",
+                              hint=f"set quickstart.nproc to a divisor of {total}, or {key} to a multiple of {ranks}")
+    return total // ranks
 
 
 def stage_config(cfg, out: Path, registry: Path, tag: str, smoke: bool) -> dict[str, Any]:
@@ -141,6 +166,7 @@ def stage_config(cfg, out: Path, registry: Path, tag: str, smoke: bool) -> dict[
     data["run"]["name"] = None
     data["prompt"]["template"] = cfg.quickstart.template
     data["data"]["num_workers"] = cfg.quickstart.data_workers
+    data["run"]["torch_threads"] = cfg.quickstart.torch_threads
     if cfg.quickstart.sft_learning_rate:
         data["sft"]["learning_rate"] = cfg.quickstart.sft_learning_rate
     if smoke:
@@ -148,6 +174,12 @@ def stage_config(cfg, out: Path, registry: Path, tag: str, smoke: bool) -> dict[
             sec, k = key.split(".")
             data[sec][k] = value
     family_budgets(data, cfg.quickstart.family)
+    # The global batch is the configured one whatever the ranks: each rank takes its share (the SFT batches are the
+    # same samples; RL's step draws the same prompts, each rank sampling with seed + rank).
+    ranks = max(1, cfg.quickstart.nproc)
+    data["sft"]["per_device_batch_size"] = per_rank(data["sft"]["per_device_batch_size"], ranks,
+                                                    "sft.per_device_batch_size")
+    data["rl"]["per_device_prompts"] = per_rank(data["rl"]["per_device_prompts"], ranks, "rl.per_device_prompts")
     return data
 
 
@@ -286,17 +318,82 @@ class QuickstartResult:
     eval_results: list[Path]              # every results.json (the quickstart run's inputs)
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now: each data-parallel stage gets its own, so seeds run side by side (and other
+    torchrun jobs on the machine) do not collide on distributed.master_port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stage_argv(st: Stage) -> list[str]:
+    """The command line a stage runs with: data-parallel ones get a free master port at the moment they start."""
+    return [*st.argv, "--set", f"distributed.master_port={free_port()}"] if st.ranks > 1 else list(st.argv)
+
+
+class _Background:
+    """Stages running in their own processes (spawn(argv, log) -> a Popen). A watcher thread per stage notes when it
+    ends (its seconds are its own, not when the chain looks); the chain reports (or fails on) the ended ones after
+    each foreground stage, and waits for all before the table is read."""
+
+    def __init__(self, spawn: Callable[[list[str], Path], Any]):
+        self.spawn = spawn
+        self.running: list[dict[str, Any]] = []
+
+    def start(self, st: Stage, log_file: Path) -> None:
+        job = {"stage": st, "proc": self.spawn(stage_argv(st), log_file), "t0": time.perf_counter(), "log": log_file,
+               "seconds": None, "code": None}
+
+        def watch() -> None:
+            job["code"] = job["proc"].wait()
+            job["seconds"] = time.perf_counter() - job["t0"]
+
+        job["thread"] = threading.Thread(target=watch, daemon=True)
+        job["thread"].start()
+        self.running.append(job)
+
+    def stop(self) -> None:
+        """The chain failed: end the background stages too (their runs are then marked interrupted)."""
+        for job in self.running:
+            if job["proc"].poll() is None:
+                job["proc"].terminate()
+        for job in self.running:
+            job["thread"].join(timeout=30)
+            if job["proc"].poll() is None:  # a stage that ignores SIGTERM is killed
+                job["proc"].kill()
+        self.running = []
+
+    def reap(self, on_done: Callable[[Stage, float], None], wait: bool = False) -> None:
+        """Report the stages that ended (all of them, waiting, with wait=True); raise on the first that failed."""
+        for job in list(self.running):
+            if wait:
+                job["thread"].join()
+            if job["seconds"] is None:
+                continue
+            self.running.remove(job)
+            st, code, log_file = job["stage"], job["code"], job["log"]
+            if code != 0:
+                tail = "\n".join(log_file.read_text(errors="replace").splitlines()[-15:]) if log_file.exists() else ""
+                raise QuickstartError(f"stage `videor1 {' '.join(st.argv[:1])}` ({st.key}, in the background) failed "
+                                      f"(exit {code}); the end of its log {log_file}:\n{tail}",
+                                      hint="the stage's run is marked failed in the registry: videor1 runs ls")
+            on_done(st, job["seconds"])
+
+
 def run_quickstart(
     cfg,
     invoke: Callable[[list[str]], None],
     *,
+    spawn: Callable[[list[str], Path], Any] | None = None,
     registry: Path,
     smoke: bool = False,
     tag: str = "quickstart",
     log: Callable[[str], None] = lambda s: None,
     on_stage: Callable[[int, int, int, Stage, float | None], None] | None = None,
 ) -> QuickstartResult:
-    """Run the chain for every seed; `invoke(argv)` runs one videor1 command (raising on failure)."""
+    """Run the chain for every seed; `invoke(argv)` runs one videor1 command in this process (raising on failure);
+    `spawn(argv, log_file)` starts one in its own process (returning a Popen) for the background stages (without it,
+    every stage runs through invoke)."""
     if smoke:
         apply_smoke(cfg)
     out = Path(cfg.quickstart.out_dir).resolve()
@@ -313,17 +410,36 @@ def run_quickstart(
         sp = plan_seed(cfg, seed, out, config_file, tag)
         prepare_dir(sp.dir)
         seed_dirs[seed] = sp.dir
-        for i, st in enumerate(sp.stages):
-            if on_stage:
-                on_stage(si, i, len(sp.stages), st, None)
-            ts = time.perf_counter()
-            invoke(st.argv)
-            dt = time.perf_counter() - ts
+        background = _Background(spawn) if spawn else None
+
+        def done(st: Stage, dt: float, i: int) -> None:
             stage_seconds[f"seed-{seed}/{st.key}"] = round(dt, 1)
             if not st.output.exists():
                 raise QuickstartError(f"stage `videor1 {' '.join(st.argv[:2])}` finished but wrote no {st.output}")
             if on_stage:
                 on_stage(si, i, len(sp.stages), st, dt)
+
+        t_seed = time.perf_counter()
+        index = {st.key: i for i, st in enumerate(sp.stages)}
+        try:
+            for i, st in enumerate(sp.stages):
+                if on_stage:
+                    on_stage(si, i, len(sp.stages), st, None)
+                if st.background and background is not None:
+                    background.start(st, sp.dir / f"{st.key}.log")
+                    continue
+                ts = time.perf_counter()
+                invoke(stage_argv(st))
+                done(st, time.perf_counter() - ts, i)
+                if background is not None:
+                    background.reap(lambda b, dt: done(b, dt, index[b.key]))
+            if background is not None:
+                background.reap(lambda b, dt: done(b, dt, index[b.key]), wait=True)
+        except BaseException:
+            if background is not None:
+                background.stop()
+            raise
+        seed_seconds = time.perf_counter() - t_seed
         world = json.loads((sp.world / "world.json").read_text())
         scores = {}
         for label, e in sp.evals.items():
@@ -340,7 +456,7 @@ def run_quickstart(
             for src in world["counts"]["test"]["by_data_source"]
         }
         t["stage_seconds"] = {k.split("/", 1)[1]: v for k, v in stage_seconds.items() if k.startswith(f"seed-{seed}/")}
-        t["seconds"] = round(sum(t["stage_seconds"].values()), 1)
+        t["seconds"] = round(seed_seconds, 1)  # wall time (background stages overlap the others)
         (sp.dir / "quickstart.json").write_text(json.dumps(t, indent=1) + "\n")
         tables.append(t)
         log(f"seed {seed}: chance {t['chance']}, untrained {t['untrained']}, SFT {t['sft']}, RL {t['rl']} "

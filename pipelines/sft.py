@@ -553,6 +553,9 @@ def run_sft(cfg, run=None, *, output_dir: str | os.PathLike, resume_from: str | 
     if not cfg.data.file:
         raise DataError("no SFT records given", hint="pass --data FILE (Video-R1-COT format)")
     hf_logging.set_verbosity_error()
+    from pipelines.threads import apply_torch_threads
+
+    apply_torch_threads(cfg)  # run.torch_threads, or this process's share of the cores
     t0 = time.perf_counter()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -99,7 +100,7 @@ def _run(cfg: Config, out: Path, registry: Path, smoke: bool):
                 err_console.print(f"[green]✓[/green] {st.title} [dim]{seconds:.1f}s "
                                   f"(total {time.perf_counter() - t0:.0f}s)[/dim]")
 
-        res = run_quickstart(cfg, _invoke, registry=registry, smoke=smoke, tag=tag, on_stage=on_stage,
+        res = run_quickstart(cfg, _invoke, spawn=_spawn, registry=registry, smoke=smoke, tag=tag, on_stage=on_stage,
                              log=lambda s: err_console.print(f"[dim]{s}[/dim]"))
         for f in res.eval_results:
             run.use_path("eval-results", f)
@@ -113,6 +114,27 @@ def _run(cfg: Config, out: Path, registry: Path, smoke: bool):
     return res, run
 
 
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """Send a stage's stdout to stderr: Python's sys.stdout AND file descriptor 1, which the processes it starts
+    (torchrun and its ranks) inherit, so that `--json` leaves only the table on stdout."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no descriptor 1 (a detached process): Python's stdout is all there is to redirect
+        saved = None
+    try:
+        if saved is not None:
+            os.dup2(2, 1)
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stderr.flush()
+        if saved is not None:
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
 def _invoke(argv: list[str]) -> None:
     """Run one `videor1 ...` command line in this process; its stdout goes to stderr (ours is the table/JSON)."""
     import click
@@ -124,7 +146,7 @@ def _invoke(argv: list[str]) -> None:
     saved = sys.argv
     sys.argv = ["videor1", *argv]  # what the stage's run records as its command
     try:
-        with contextlib.redirect_stdout(sys.stderr):
+        with _stdout_to_stderr():
             rv = app(argv, prog_name="videor1", standalone_mode=False)
     except SystemExit as e:
         if e.code not in (0, None):
@@ -138,6 +160,16 @@ def _invoke(argv: list[str]) -> None:
         sys.argv = saved
     if isinstance(rv, int) and rv != 0:
         raise QuickstartError(f"stage `{cmd}` exited {rv}")
+
+
+def _spawn(argv: list[str], log_file: Path):
+    """Start one `videor1 ...` command line in its own process (a background stage), output to log_file."""
+    import subprocess
+
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "wb") as log:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen([sys.executable, "-m", "videor1_cli.app", *argv], stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
 
 def _flat_metrics(table: dict[str, Any]) -> dict[str, float]:

@@ -563,6 +563,9 @@ def evaluate(
 ) -> dict[str, Any] | None:
     """Generate (this rank's shard), then on rank 0 merge, score and write results.json; returns the results
     (None on other ranks)."""
+    from pipelines.threads import apply_torch_threads
+
+    apply_torch_threads(cfg)  # run.torch_threads, or this process's share of the cores
     rank, world = _rank_world()
     inputs = resolve_inputs(cfg.eval.bench, cfg.data.file, cfg.data.root)
     proto = protocol(cfg)

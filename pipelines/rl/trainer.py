@@ -162,8 +162,10 @@ class RLTrainer:
         from pipelines.models import apply_lora, load_lora_adapters, load_model, load_processor
         from pipelines.prompts import load_template
         from pipelines.records import json_columns, load_records
+        from pipelines.threads import apply_torch_threads
 
         cfg, rl = self.cfg, self.cfg.rl
+        apply_torch_threads(cfg)  # run.torch_threads, or this process's share of the cores
         if not cfg.data.file:
             raise VideoR1Error("no RL records given", hint="pass --data FILE (a Video-R1 JSON/JSONL file)")
         self.accelerator = acc = self._accelerator()
