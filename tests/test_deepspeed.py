@@ -187,7 +187,10 @@ def test_tgrpo_deepspeed_equals_ddp(runs, stage):
     m = ds["metrics"]
     assert all(v > 0 for _, v in m["grad_norm"])  # the length reward gives real gradients to compare
     assert sum(v for _, v in m["skipped"]) == 2  # rank 1's first step: both records broken
-    _assert_same_training(ddp, ds, keys=("loss", "grad_norm", "reward", "kl"))
+    # ZeRO-3 reduce-scatters partitioned gradients (another summation order than DDP's all-reduce); Adam divides by
+    # sqrt(v), so on entries whose gradient is ~0 a float-level difference moves the weight by up to ~lr * 1e-2 after
+    # two steps (seen: 7e-6 on weights of magnitude 0.08). Metrics still agree to 1e-5 relative.
+    _assert_same_training(ddp, ds, keys=("loss", "grad_norm", "reward", "kl"), atol=1e-6 if stage == "zero2" else 2e-5)
     assert not any(k.startswith("lm_head") for k in _weights(ds["model_dir"]))
     assert _deepspeed_ran(ds["run_dir"] / "checkpoints"), "no DeepSpeed checkpoint: DeepSpeed did not run"
 
