@@ -28,6 +28,7 @@ so its timestamps are the presented order's monotone ones and cannot reveal the 
 
 from __future__ import annotations
 
+import abc
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +50,7 @@ class FamilyError(VideoR1Error):
 
 # ---------------------------------------------------------------------------------------------------------------------
 @dataclass
-class Adapter:
+class Adapter(abc.ABC):
     """Family knowledge; subclasses override class attributes and the few methods that differ."""
 
     family: ClassVar[str] = ""
@@ -179,8 +180,9 @@ class Adapter:
         return {"fps": float(media.fps or 2.0), "do_resize": False, "do_sample_frames": False}
 
     # -- tiny models ---------------------------------------------------------------------------------------------------
+    @abc.abstractmethod
     def build_tiny(self, out_dir: str | Path, seed: int = 0) -> Path:
-        raise NotImplementedError
+        """Write a tiny random model of this family (real classes, offline tokenizer and processor) to out_dir."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
