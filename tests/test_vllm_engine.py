@@ -238,7 +238,8 @@ def test_positions_equal_vllm_long_sparse_video(engine, hf):
 
 
 def test_positions_equal_vllm_several_videos_and_images_in_one_prompt(engine, hf):
-    from pipelines.generation.vllm import video_metadata
+    from pipelines.models import Media
+    from pipelines.models.families import ADAPTERS
 
     rng = np.random.default_rng(4)
     v1, v2 = (rng.integers(0, 256, (t, 56, 56, 3), dtype=np.uint8) for t in (16, 6))
@@ -250,7 +251,8 @@ def test_positions_equal_vllm_several_videos_and_images_in_one_prompt(engine, hf
     from PIL import Image
 
     request = {"prompt": text,
-               "multi_modal_data": {"video": [(v, video_metadata(v.shape[0], fps)) for v in (v1, v2)],
+               "multi_modal_data": {"video": [(v, ADAPTERS["qwen2_5_vl"].vllm_video_metadata(Media(video=v, fps=fps)))
+                                              for v in (v1, v2)],
                                     "image": [Image.fromarray(i) for i in (i1, i2)]},
                "mm_processor_kwargs": {"fps": fps, "do_resize": False, "do_sample_frames": False}}
     calls = _served(engine, [request])
