@@ -58,6 +58,9 @@ def main() -> int:
             _randomise_lora(plain, seed=1)
             plain = plain.merge_and_unload()
         expected[mode] = {vllm_param_name(n): p.detach().clone() for n, p in plain.named_parameters()}
+        # Tied embeddings: vLLM's reload also wants lm_head.weight, the embedding matrix under that name.
+        if plain.config.tie_word_embeddings:
+            expected[mode].setdefault("lm_head.weight", plain.get_input_embeddings().weight.detach().clone())
     L.init_deepspeed_distributed(cfg)
     acc = L.make_accelerator(cfg, micro_batch_size=1, max_grad_norm=1.0, hidden_size=64)
     for mode in ("full", "lora"):

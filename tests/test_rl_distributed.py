@@ -125,7 +125,8 @@ def test_two_ranks_normalise_the_loss_over_the_whole_step(tiny_model_dir, synth_
     data.write_text(json.dumps(records))
     cmd = _cmd(tiny_model_dir, data, tmp_path / "runs", "--nproc", "2", "--master-port", str(_free_port()),
                "--max-steps", "3", "--set", "rl.save_steps=100", "--set", "rl.loss_type=dapo",
-               "--set", "rl.advantage=batch_std")
+               "--set", "rl.advantage=batch_std",
+               "--set", "data.max_skip_fraction=0.5")  # a third broken on purpose: past the end-of-stage check
     p = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     reg = Registry(tmp_path / "home" / "registry.db")

@@ -299,7 +299,7 @@ def iter_vllm_weights(model) -> Iterator[tuple[str, Any]]:
                         continue
                     names.add(vllm_param_name(name))
                     yield vllm_param_name(name), p.data
-                yield from _tied_lm_head(model, names)
+                yield from _tied_lm_head(model, names, gather=False)  # already gathered above
             finally:
                 model.unmerge_adapter()
         return
@@ -311,7 +311,7 @@ def iter_vllm_weights(model) -> Iterator[tuple[str, Any]]:
     yield from _tied_lm_head(model, names)
 
 
-def _tied_lm_head(model, names: set[str]) -> Iterator[tuple[str, Any]]:
+def _tied_lm_head(model, names: set[str], gather: bool = True) -> Iterator[tuple[str, Any]]:
     """``lm_head.weight`` for tied embeddings: named_parameters() lists the shared tensor once (as the embedding), but
     vLLM's reload expects the checkpoint's full set of names (measured on the CPU build: without it the head keeps
     its old values)."""
@@ -322,6 +322,9 @@ def _tied_lm_head(model, names: set[str]) -> Iterator[tuple[str, Any]]:
         return
     emb = model.get_input_embeddings()
     if emb is None:
+        return
+    if not gather:  # inside an outer GatheredParameters: DeepSpeed refuses a nested gather of the same parameter
+        yield "lm_head.weight", emb.weight.data
         return
     with gathered([emb.weight]):
         yield "lm_head.weight", emb.weight.data
