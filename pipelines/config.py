@@ -408,10 +408,12 @@ class QuickstartConfig(Section):
         "CoT targets about twice as fast as 5e-4 on the tiny model; 2e-3 collapses its vision tower.",
     )
     rl_steps: int = Field(
-        150,
+        125,
         ge=1,
-        description="Steps (rollouts) of the RL phase. Shortcut: --rl-steps. With the reference M-RoPE positions and "
-        "2 ranks, over 3 seeds (BENCHMARKS.md): 100 steps add +2.6 to SFT (goal +3), 150 steps +3.1.",
+        description="Steps (rollouts) of the RL phase. Shortcut: --rl-steps. 125 is one epoch of the 4,000-prompt pool "
+        "at 32 prompts per step (RL stops at rl.num_epochs, so more steps need more epochs or a larger pool). With "
+        "the reference M-RoPE positions and 2 ranks, over 3 seeds (BENCHMARKS.md): 100 steps add +2.6 to SFT "
+        "(goal +3), 125 steps +3.07.",
     )
     family: Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"] = Field(
         "qwen2_5_vl",
