@@ -102,7 +102,7 @@ def test_doctor_says_what_each_stage_uses():
     assert info["threads: train rl"] == "2 processes x 3 torch threads"
     assert info["threads: eval"] == "2 processes x 3 torch threads"
     assert info["threads: quickstart"].startswith("train sft: 2 processes x 1 torch thread")
-    auto = T.stage_plan(load_config(overrides=["data.num_workers=1"]))
+    auto = T.stage_plan(load_config(overrides=["data.num_workers=1", "run.torch_threads=null"]))  # cpu-tiny sets 1
     n = T.cores_available()
     assert auto["threads: train sft"] == (f"1 process x {n} torch thread{'s' if n > 1 else ''} + 1 DataLoader worker "
                                           "each")
