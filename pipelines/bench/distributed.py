@@ -74,13 +74,11 @@ class RankMemory:
 
 
 def _world(work: Path, model_dir: str | None) -> tuple[str, dict[str, str]]:
-    from pipelines.models import build_tiny_model
+    from pipelines.bench import cached_tiny_model
     from pipelines.synth import synthesize
 
     if model_dir is None:
-        model_dir = str(work / "tiny-model")
-        if not (Path(model_dir) / "config.json").exists():
-            build_tiny_model(model_dir, seed=0)
+        model_dir = cached_tiny_model(work / "tiny-model")
     wdir = work / "world"
     if not (wdir / "rl.json").exists():
         synthesize(wdir, train=48, test=1, seed=0, sft=48, frames=16, image_fraction=0.5)

@@ -43,13 +43,11 @@ class _NullRun:
 
 
 def _world(work: Path, model_dir: str | None) -> tuple[str, dict[str, Path], Path]:
-    from pipelines.models import build_tiny_model
+    from pipelines.bench import cached_tiny_model
     from pipelines.synth import synthesize
 
     if model_dir is None:
-        model_dir = str(work / "tiny-model")
-        if not (Path(model_dir) / "config.json").exists():
-            build_tiny_model(model_dir, seed=0)
+        model_dir = cached_tiny_model(work / "tiny-model")
     wdir = work / "world"
     if not (wdir / "rl.json").exists():
         synthesize(wdir, train=32, test=1, seed=0, frames=64, fps=8.0, image_fraction=0.5)

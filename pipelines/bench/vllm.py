@@ -25,12 +25,10 @@ from typing import Any, Callable
 
 
 def tiny_vllm_model(work: Path) -> str:
-    from pipelines.models import TINY_VLLM_SPEC, build_tiny_model
+    from pipelines.bench import cached_tiny_model
+    from pipelines.models import TINY_VLLM_SPEC
 
-    d = work / "tiny-model-vllm"
-    if not (d / "config.json").exists():
-        build_tiny_model(d, seed=0, spec=TINY_VLLM_SPEC)
-    return str(d)
+    return cached_tiny_model(work / "tiny-model-vllm", spec=TINY_VLLM_SPEC)
 
 
 def eval_compare(cfg, bench_input, batch_size: int, repeats: int,
