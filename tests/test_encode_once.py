@@ -103,7 +103,8 @@ def test_shared_vision_equals_the_repeated_path(family, family_models):
     proc = load_processor(path)
     torch.manual_seed(0)
     model = load_model(load_config(overrides=[f"model.name_or_path={path}"]).model, for_training=True)
-    ref = copy.deepcopy(model).eval()  # a reference that differs (KL > 0); deepcopy keeps the binding on the copy
+    ref = copy.deepcopy(model).eval()  # a reference that differs (KL > 0)
+    assert ref.model.get_video_features.__self__ is ref.model  # the binding follows the copy, not the original
     with torch.no_grad():
         for p in ref.parameters():
             p.add_(torch.randn_like(p) * 0.02)

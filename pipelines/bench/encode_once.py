@@ -150,6 +150,13 @@ def proportioned_spec(prompt_text_tokens: int, target: float | None = None):
 
 
 # ------------------------------------------------------------------------------------------------------- timing
+def length_reward(completions, **_):
+    """Bench-only reward (`rl.rewards=[accuracy,format,pipelines.bench.encode_once:length_reward]`): it varies inside
+    a group on a random tiny model, so advantages, loss and KL are non-zero and the two paths' per-step metrics are a
+    real comparison (accuracy and format alone are all zero there)."""
+    return [min(1.0, len(c) / 80.0) for c in completions]
+
+
 class _NullRun:
     id = "bench"
 
@@ -172,7 +179,8 @@ def _config(model_dir: str, data: Path, root: Path, work: Path, frames: int, enc
         f"model.name_or_path={model_dir}", f"data.file={data}", f"data.root={root}", "data.shuffle=false",
         f"run.output_dir={work / 'runs'}", "rl.algo=tgrpo", f"rl.num_generations={G}", "rl.num_shuffled=4",
         f"rl.max_completion_length={COMPLETION}", "rl.per_device_prompts=1", "rl.beta=0.04", "rl.num_iterations=1",
-        "rl.loss_type=grpo", "rl.length_bonus=false", "rl.learning_rate=1e-5", "rl.lr_scheduler=constant",
+        "rl.loss_type=grpo", "rl.length_bonus=false", f"rl.rewards=[accuracy,format,{__name__}:length_reward]",
+        "rl.learning_rate=1e-5", "rl.lr_scheduler=constant",
         "rl.warmup_steps=0", "rl.max_grad_norm=1.0", "rl.top_p=1.0", "rl.temperature=1.0", "rl.save_steps=100000",
         "rl.max_steps=100000", "rl.backend=hf", f"rl.encode_once={str(encode_once).lower()}",
         f"video.min_pixels={px}", f"video.max_pixels={px}", "video.fps=8.0", f"video.min_frames={frames}",

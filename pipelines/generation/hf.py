@@ -47,12 +47,15 @@ class HFBackend:
         if self.encode_once:
             from pipelines.models import select_rows
 
-            keys: dict[tuple[int, str], int] = {}
-            rows = [keys.setdefault((id(m), p), len(keys)) for p, m in zip(prompts, media)]
-            first = {k: i for i, k in reversed(list(enumerate((id(m), p) for p, m in zip(prompts, media))))}
-            order = sorted(keys, key=keys.get)
-            d_media = [media[first[k]] for k in order]
-            batch = encode_batch(self.processor, [k[1] for k in order], d_media)
+            keys: dict[tuple[int, str], int] = {}  # (the Media object, the prompt) -> distinct row
+            d_prompts, d_media, rows = [], [], []
+            for p, m in zip(prompts, media):
+                if (id(m), p) not in keys:
+                    keys[(id(m), p)] = len(d_prompts)
+                    d_prompts.append(p)
+                    d_media.append(m)
+                rows.append(keys[(id(m), p)])
+            batch = encode_batch(self.processor, d_prompts, d_media)
             batch, plan = select_rows(dict(batch), rows, d_media, share_vision=True)
             batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
         else:
