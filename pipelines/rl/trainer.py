@@ -864,9 +864,6 @@ def _info(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-# Rollout/trainer mismatch (verl's rollout-vs-actor probability difference): |log p_vLLM - log p_policy| over the
-# completion tokens of a step, measured before the update. Near 0 when the engine samples from the policy's own
-# distribution; stale weights (no encoder-cache reset), other positions (M-RoPE) or numerics show up here first.
 # Vision tower work per step (issue 22, docs/rl.md "Encode once"): patch rows that went through the vision tower(s)
 # during the step (generation with the HF backend, reference, every policy pass; counted by a forward pre-hook on
 # each tower, ZeRO dummy calls included), and patch rows of the step's distinct media items (each generated prompt's
@@ -887,6 +884,9 @@ def _distinct_patch_rows(processor, groups) -> int:
     return total
 
 
+# Rollout/trainer mismatch (verl's rollout-vs-actor probability difference): |log p_vLLM - log p_policy| over the
+# completion tokens of a step, measured before the update. Near 0 when the engine samples from the policy's own
+# distribution; stale weights (no encoder-cache reset), other positions (M-RoPE) or numerics show up here first.
 MISMATCH_MEAN = "rollout/logp_diff_mean"
 MISMATCH_MAX = "rollout/logp_diff_max"
 
