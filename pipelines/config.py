@@ -256,6 +256,15 @@ class RlConfig(Section):
     epsilon_high: float = Field(0.2, ge=0, description="PPO clip: ratio <= 1 + epsilon_high (DAPO uses 0.28).")
     num_iterations: int = Field(1, ge=1, description="Optimizer passes over each rollout (>1 uses old log-probs).")
     beta: float = Field(0.04, ge=0, description="KL coefficient (k3 estimator). 0 loads no reference model.")
+    encode_once: bool = Field(
+        True,
+        description="Vision tower once per distinct media item per forward: the G rows of a prompt (and in HF "
+        "generation its G ordered and, as a separate item, G~ shuffled rollouts) share one encoder call, placed into "
+        "every row (exact: same log-probs, loss and gradients; the rows' gradients meet in one tower backward). With a "
+        "frozen tower (model.freeze_vision, LoRA) and no DeepSpeed the features are also reused across the reference "
+        "and the num_iterations passes. false: every row encodes its own copy (the repeated path). Logged per step: "
+        "vision/patches_encoded, vision/patches_distinct (docs/rl.md).",
+    )
     dynamic_sampling: bool = Field(
         False,
         description="DAPO's dynamic sampling: drop groups whose rewards are all equal (zero advantage: they only add "

@@ -182,7 +182,9 @@ def test_visual_tensors_reach_policy_and_reference_forwards(family, models, synt
         assert kw["video_grid_thw"].shape[0] == 2 * 2 and kw["image_grid_thw"].shape[0] == 1 * 2
         assert int((ids == config.video_token_id).sum()) == int(kw["video_grid_thw"].prod(-1).sum()) // 4
         assert int((ids == config.image_token_id).sum()) == int(kw["image_grid_thw"].prod(-1).sum()) // 4
-        assert kw["pixel_values_videos"].shape[0] == int(kw["video_grid_thw"].prod(-1).sum())
+        # rl.encode_once (default): each video's pixels once, shared by its G = 2 rows (grids stay per row)
+        assert kw["pixel_values_videos"].shape[0] * 2 == int(kw["video_grid_thw"].prod(-1).sum())
+        assert kw["pixel_values"].shape[0] * 2 == int(kw["image_grid_thw"].prod(-1).sum())
         assert kw["mm_token_type_ids"].shape == ids.shape
 
 

@@ -113,8 +113,11 @@ def _mixed_records(synth_world, tmp_path, n_video=2, n_image=1, extra=()):
     return out
 
 
-def test_visual_tensors_reach_policy_and_reference_forwards(tiny_model_dir, synth_world, tmp_path):
-    """TRL's GRPOTrainer drops pixel_values_videos / video_grid_thw from the log-prob forward; we must not."""
+@pytest.mark.parametrize("encode_once", [True, False])
+def test_visual_tensors_reach_policy_and_reference_forwards(tiny_model_dir, synth_world, tmp_path, encode_once):
+    """TRL's GRPOTrainer drops pixel_values_videos / video_grid_thw from the log-prob forward; we must not. With
+    rl.encode_once the pixels of each media item reach the vision tower once per loss forward (its features go to
+    the G rows); without, every row's copy does."""
     from pipelines.config import load_config
     from pipelines.rl.trainer import RLTrainer
 
@@ -122,8 +125,10 @@ def test_visual_tensors_reach_policy_and_reference_forwards(tiny_model_dir, synt
     cfg = load_config(overrides=[f"model.name_or_path={tiny_model_dir}", f"data.file={data}",
                                  f"data.root={synth_world['root']}", "rl.num_generations=2",
                                  "rl.max_completion_length=6", "rl.per_device_prompts=3", "rl.max_steps=1",
-                                 "data.shuffle=false", f"run.output_dir={tmp_path}"])
+                                 "data.shuffle=false", f"run.output_dir={tmp_path}",
+                                 f"rl.encode_once={str(encode_once).lower()}"])
     calls: dict[str, list[dict]] = {"policy": [], "ref": []}
+    tower_rows: dict[str, list[int]] = {"policy": [], "ref": []}
 
     def hook(name):
         def fn(module, args, kwargs):
@@ -132,29 +137,43 @@ def test_visual_tensors_reach_policy_and_reference_forwards(tiny_model_dir, synt
             calls[name].append(dict(kwargs))
         return fn
 
+    def tower_hook(name):
+        def fn(module, args, kwargs):
+            if name == "policy" and not torch.is_grad_enabled():
+                return
+            tower_rows[name].append(int(args[0].shape[0]))
+        return fn
+
     with registry().run("train-rl", cfg) as run:
         tr = RLTrainer(cfg, run, tmp_path / "run")
         tr.setup()
         h1 = tr.unwrapped.register_forward_pre_hook(hook("policy"), with_kwargs=True)
         h2 = tr.ref_model.register_forward_pre_hook(hook("ref"), with_kwargs=True)
+        h3 = tr.unwrapped.model.visual.register_forward_pre_hook(tower_hook("policy"), with_kwargs=True)
+        h4 = tr.ref_model.model.visual.register_forward_pre_hook(tower_hook("ref"), with_kwargs=True)
         tr.train_step()
-        h1.remove()
-        h2.remove()
+        for h in (h1, h2, h3, h4):
+            h.remove()
     video_id = tr.unwrapped.config.video_token_id
     image_id = tr.unwrapped.config.image_token_id
+    G = 2
     for name in ("policy", "ref"):
         assert len(calls[name]) == 1, name
         kw = calls[name][0]
         ids = kw["input_ids"]
-        assert ids.shape[0] == 3 * 2  # 3 prompts x G, one batched forward
+        assert ids.shape[0] == 3 * G  # 3 prompts x G, one batched forward
         for key in ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts", "pixel_values", "image_grid_thw",
                     "mm_token_type_ids"):
             assert key in kw and kw[key] is not None and kw[key].numel() > 0, (name, key)
-        assert kw["video_grid_thw"].shape[0] == 2 * 2 and kw["image_grid_thw"].shape[0] == 1 * 2
+        assert kw["video_grid_thw"].shape[0] == 2 * G and kw["image_grid_thw"].shape[0] == 1 * G
         merge = 4  # spatial_merge_size ** 2
         assert int((ids == video_id).sum()) == int(kw["video_grid_thw"].prod(-1).sum()) // merge
         assert int((ids == image_id).sum()) == int(kw["image_grid_thw"].prod(-1).sum()) // merge
-        assert kw["pixel_values_videos"].shape[0] == int(kw["video_grid_thw"].prod(-1).sum())
+        rows_per_row = int(kw["video_grid_thw"].prod(-1).sum()) + int(kw["image_grid_thw"].prod(-1).sum())
+        copies = 1 if encode_once else G  # pixel rows reaching the forward: each item once, or every row's copy
+        assert kw["pixel_values_videos"].shape[0] * G == int(kw["video_grid_thw"].prod(-1).sum()) * copies
+        # the tower encodes the images and the videos (two calls), every item's pixels in this loss forward
+        assert len(tower_rows[name]) == 2 and sum(tower_rows[name]) * G == rows_per_row * copies, name
         assert kw["mm_token_type_ids"].shape == ids.shape  # extended over the completion tokens
         assert kw["attention_mask"].shape == ids.shape
 
@@ -339,10 +358,12 @@ def test_loss_forward_logprobs_equal_the_sampling_logprobs(tiny_model_dir, synth
         mask.append(torch.ones_like(comp))
     ids, mask, sampled = torch.cat(ids), torch.cat(mask), torch.cat(sampled)
     model.train()
-    with torch.no_grad():
-        scored = R.completion_logprobs(model, R.policy_inputs(tr.processor, samples, G, ids, mask), ids, 1.0)
-    assert scored.shape == sampled.shape == (4 * G, L)
-    assert torch.allclose(scored, sampled, atol=1e-4), (scored - sampled).abs().max()
+    for share in (True, False):  # rl.encode_once and the repeated path
+        with torch.no_grad():
+            scored = R.completion_logprobs(model, R.policy_inputs(tr.processor, samples, G, ids, mask,
+                                                                  share_vision=share), ids, 1.0)
+        assert scored.shape == sampled.shape == (4 * G, L)
+        assert torch.allclose(scored, sampled, atol=1e-4), (share, (scored - sampled).abs().max())
 
 
 LORA = ["--set", "model.lora.enabled=true", "--set", "model.lora.r=4", "--set", "model.lora.alpha=8",

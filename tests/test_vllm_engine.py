@@ -342,3 +342,29 @@ def test_sleep_mode_is_switched_off_where_the_platform_has_none(model_dir, caplo
     with caplog.at_level("WARNING"):
         assert _platform_checks(str(model_dir), True) is False
     assert "sleep mode is not available" in caplog.text
+
+
+def test_n_samples_of_a_request_share_one_encoder_call(engine):
+    """rl.backend=vllm sends one request per prompt with n = G (and one with n = G~ for the shuffled copy): the engine
+    encodes each request's media once, not once per sample (issue 22; docs/vllm.md "Encoder work per request")."""
+    from pipelines.models import shuffled
+
+    rng = np.random.default_rng(22)
+    video = Media(video=rng.integers(0, 256, (8, 56, 84, 3), dtype=np.uint8), fps=2.0)
+    image = Media(image=rng.integers(0, 256, (56, 112, 3), dtype=np.uint8))
+    shuf = shuffled(video, torch.Generator().manual_seed(0))
+    model = engine.llm.collective_rpc(lambda w: getattr(w, "worker", w).model_runner.get_model())[0]
+    rows: list[int] = []
+    handle = model.visual.register_forward_pre_hook(lambda m, args: rows.append(int(args[0].shape[0])))
+    try:
+        engine.reset_caches()  # nothing cached from earlier tests
+        sample = Sampling(max_new_tokens=4, temperature=1.0, n=4, seed=0)
+        out = engine.generate([prompt("video", QUESTIONS[1]), prompt("image", QUESTIONS[0])], [video, image], sample)
+        out += engine.generate([prompt("video", QUESTIONS[1])], [shuf], Sampling(max_new_tokens=4, temperature=1.0,
+                                                                                  n=2, seed=0))
+    finally:
+        handle.remove()
+    assert [len(c) for c in out] == [4, 4, 2]
+    video_rows = 4 * (56 // 14) * (84 // 14)  # 8 frames -> 4 temporal patches
+    image_rows = (56 // 14) * (112 // 14)
+    assert sum(rows) == 2 * video_rows + image_rows, rows  # ordered video, image, shuffled copy: once each

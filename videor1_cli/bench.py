@@ -243,6 +243,10 @@ def rl_bench(
     backend: str = typer.Option("hf", "--backend", help="vllm: T-GRPO steps with rl.backend=vllm vs hf on the same "
                                 "records (generation speed-up, the share of a step outside generation and one "
                                 "policy forward/backward); needs vLLM."),
+    encode_once: bool = typer.Option(False, "--encode-once", help="Only the rl.encode_once comparison (issue 22): "
+                                     "T-GRPO steps, G 8, encode-once vs the repeated path at 16 and 64 frames (or "
+                                     "--frames), on a tiny model proportioned to Qwen2.5-VL-7B's vision FLOP share "
+                                     "and on the default tiny model."),
 ) -> None:
     """RL step time: ours vs TRL GRPOTrainer (GRPO, image prompts), T-GRPO vs GRPO (video), 4/16/64 frames.
     Tiny model on the CPU (plumbing, not model speed); run it alone."""
@@ -255,6 +259,10 @@ def rl_bench(
 
     if backend == "vllm":
         return _rl_vllm(cfg, steps, warmup, out, work_dir, model)
+    if encode_once:
+        f = tuple(int(x) for x in frames.split(",") if x.strip())
+        return _rl_encode_once(cfg, steps, warmup, out, work_dir, (16, 64) if f == (4, 16, 64) else f, threads,
+                               repeats)
 
     with registered_run(cfg, "bench-rl") as (run, run_dir):
         with err_console.status("bench rl") as status:
@@ -286,6 +294,56 @@ def rl_bench(
         Path(path).write_text(_json.dumps(res, indent=2))
         run.log_artifact("bench", path, hash_content=True)
         err_console.print(f"[dim]results: {path}[/dim]")
+
+
+def _rl_encode_once(cfg, steps: int, warmup: int, out, work_dir, frames: tuple[int, ...], threads: int,
+                    repeats: int) -> None:
+    import json
+
+    from rich.table import Table
+
+    from pipelines.bench.encode_once import run_compare
+    from videor1_cli.common import console, err_console, registered_run
+
+    with registered_run(cfg, "bench-rl") as (run, run_dir):
+        with err_console.status("bench rl --encode-once") as status:
+            res = run_compare(work_dir or run_dir / "work", frames=frames, steps=steps, warmup=warmup,
+                              repeats=repeats, threads=threads, progress=lambda m: status.update(f"bench rl: {m}"))
+        path = out or run_dir / "bench-rl-encode-once.json"
+        Path(path).write_text(json.dumps(res, indent=2))
+        run.log_artifact("bench", path, hash_content=True)
+        metrics = {}
+        for key, r in res["results"].items():
+            metrics[f"speedup/{key}"] = r["speedup_median"]
+            metrics[f"encode_once_s/{key}"] = r["encode_once"]["median_s"]
+            metrics[f"repeated_s/{key}"] = r["repeated"]["median_s"]
+        run.log_metrics(0, metrics)
+        run.set_summary(metrics)
+    sz = res["sizing"]
+    t = Table("model", "frames", "vision FLOP share", "encode-once s (min / median)", "repeated s (min / median)",
+              "speed-up (median)", "patch rows once / repeated / distinct", "max |diff| loss, kl, reward", "load",
+              title=f"bench rl --encode-once: T-GRPO, G {res['settings']['G']}, G~ {res['settings']['G_shuffled']}, "
+                    f"{res['settings']['frame_px']}px frames, {steps} steps x {repeats} alternating rounds")
+    for key, r in res["results"].items():
+        p = r["patches_encoded"]
+        d = r["max_metric_diff"]
+        loads = [x for pair in r["load"]["encode_once"] + r["load"]["repeated"] for x in pair if x is not None]
+        t.add_row(r["model"], str(r["frames"]), f"{100 * sz[r['model']][str(r['frames'])]['share']:.1f}%",
+                  f"{r['encode_once']['min_s']:.2f} / {r['encode_once']['median_s']:.2f}",
+                  f"{r['repeated']['min_s']:.2f} / {r['repeated']['median_s']:.2f}", f"{r['speedup_median']:.2f}x",
+                  f"{p['encode_once']:.0f} / {p['repeated']:.0f} / {p['distinct']:.0f}",
+                  f"{d['loss']:.1e}, {d['kl']:.1e}, {d['reward']:.1e}",
+                  f"{min(loads):.1f}-{max(loads):.1f}" if loads else "n/a")
+    console.print(t)
+    ref = sz["qwen2_5_vl_7b"]
+    console.print(f"Qwen2.5-VL-7B vision FLOP share (Video-R1 budget): {100 * ref['16']['share']:.1f}% at 16 frames, "
+                  f"{100 * ref['64']['share']:.1f}% at 64; proportioned tiny: vision depth "
+                  f"{sz['proportioned_spec']['vision_depth']}, width {sz['proportioned_spec']['vision_hidden_size']}"
+                  f"  (results: {path})")
+    goal = res.get("goal")
+    if goal:
+        console.print(f"goal >= {goal['speedup']}x at {goal['frames']} frames (proportioned): "
+                      f"{'met' if goal['met'] else 'NOT met'}")
 
 
 def _rl_vllm(cfg, steps: int, warmup: int, out, work_dir, model) -> None:

@@ -1,4 +1,11 @@
-"""transformers `generate` backend: batched, any device; ordered and shuffled rollouts go in one call."""
+"""transformers `generate` backend: batched, any device; ordered and shuffled rollouts go in one call.
+
+`encode_once` (RL's ``rl.encode_once``): rows of one call that repeat the same prompt AND the same `Media` object
+(the G rollouts of a prompt, the G~ of its shuffled copy) share one encoder call: the processor runs on the distinct
+(prompt, media) pairs, every per-row tensor is gathered per row (so positions are those of the repeated rows), the
+pixels stay distinct and `families.share_vision` places each item's features into its rows inside `generate`
+(transformers encodes before the prefill, in `_prepare_multimodal_encoder_kwargs_for_generation`, through the
+core's bound `get_*_features`). A shuffled copy is another `Media` object: its own item."""
 
 from __future__ import annotations
 
@@ -11,8 +18,9 @@ from pipelines.models import Media, encode_batch, suppressed_token_ids
 
 
 class HFBackend:
-    def __init__(self, model, processor, batch_size: int = 64):
+    def __init__(self, model, processor, batch_size: int = 64, encode_once: bool = False):
         self.model = model
+        self.encode_once = encode_once
         self.processor = processor
         self.batch_size = batch_size
         tok = processor.tokenizer
@@ -35,7 +43,23 @@ class HFBackend:
     def _generate(self, prompts, media, sampling: Sampling) -> list[list[Completion]]:
         model = self.model
         device = next(model.parameters()).device
-        batch = encode_batch(self.processor, prompts, media).to(device)
+        plan = None
+        if self.encode_once:
+            from pipelines.models import select_rows
+
+            keys: dict[tuple[int, str], int] = {}  # (the Media object, the prompt) -> distinct row
+            d_prompts, d_media, rows = [], [], []
+            for p, m in zip(prompts, media):
+                if (id(m), p) not in keys:
+                    keys[(id(m), p)] = len(d_prompts)
+                    d_prompts.append(p)
+                    d_media.append(m)
+                rows.append(keys[(id(m), p)])
+            batch = encode_batch(self.processor, d_prompts, d_media)
+            batch, plan = select_rows(dict(batch), rows, d_media, share_vision=True)
+            batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        else:
+            batch = encode_batch(self.processor, prompts, media).to(device)
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
         gen_kwargs = dict(
@@ -54,7 +78,10 @@ class HFBackend:
         was_training = model.training
         model.eval()
         try:
-            seqs = model.generate(**batch, **gen_kwargs)
+            from pipelines.models.families import share_vision
+
+            with share_vision(model, plan):
+                seqs = model.generate(**batch, **gen_kwargs)
         finally:
             model.train(was_training)
         completions = seqs[:, batch["input_ids"].shape[1]:].tolist()

@@ -333,6 +333,7 @@ def load_model(model_cfg, path: str | Path | None = None, device=None, for_train
         ) from None
     adapter = adapter_for(model)
     adapter.install_rope(model)  # transformers 5 places text after a video elsewhere than Qwen/vLLM: see mrope.py
+    adapter.install_shared_vision(model)  # one encoder call per distinct media item when a plan asks (issue 22)
     model.to(device)
     if for_training:
         model.train()
@@ -506,6 +507,61 @@ def repeat_batch(batch: dict, n: int) -> dict:
         else:
             out[k] = v.repeat_interleave(n, dim=0)
     return out
+
+
+def select_rows(batch: dict, rows: Sequence[int], media: Sequence[Media], share_vision: bool = False):
+    """Rows of a processor batch: row i is sample `rows[i]` of `batch` (whose samples hold `media`, one item or none
+    each). Returns (batch, plan).
+
+    Every per-row tensor (input_ids, attention_mask, mm_token_type_ids, the grids, second_per_grid_ts) is gathered
+    per row, so positions are computed from exactly what the repeated path gives them. Pixels are gathered per row
+    too (each row's item encoded on its own, as before) unless `share_vision`: then they stay the distinct items'
+    once and the returned `families.VisionPlan` maps each row's item to its distinct item (forward inside
+    `families.share_vision(model, plan)`). `plan` is None without shared vision or without visual items."""
+    import torch
+
+    from pipelines.models.families import VisionPlan
+
+    rows = [int(r) for r in rows]
+    n = len(media)
+    # distinct item of each sample, per modality (samples without one: None)
+    item_of = {"video": [None] * n, "image": [None] * n}
+    counts = {"video": 0, "image": 0}
+    for s, m in enumerate(media):
+        kind = "video" if m.video is not None else "image" if m.image is not None else None
+        if kind is not None:
+            item_of[kind][s] = counts[kind]
+            counts[kind] += 1
+    keys = {"video": ("pixel_values_videos", "video_grid_thw"), "image": ("pixel_values", "image_grid_thw")}
+    per_row_items = {k: [item_of[k][r] for r in rows if item_of[k][r] is not None] for k in keys}
+    out: dict[str, Any] = {}
+    index, grids = {}, {}
+    for k, v in batch.items():
+        if not torch.is_tensor(v):
+            out[k] = v
+    for kind, (pix_key, grid_key) in keys.items():
+        if batch.get(pix_key) is None:
+            continue
+        grid = batch[grid_key]
+        if grid.shape[0] != counts[kind]:
+            raise ValueError(f"select_rows: {grid.shape[0]} {kind} grids for {counts[kind]} {kind} items")
+        items = per_row_items[kind]
+        out[grid_key] = grid[items]
+        if kind == "video" and batch.get("second_per_grid_ts") is not None:
+            out["second_per_grid_ts"] = batch["second_per_grid_ts"][items]
+        if share_vision:
+            out[pix_key] = batch[pix_key]
+            index[kind], grids[kind] = items, grid
+        else:
+            chunks = torch.split(batch[pix_key], grid.prod(-1).tolist())
+            out[pix_key] = torch.cat([chunks[i] for i in items]) if items else batch[pix_key][:0]
+    done = {"pixel_values_videos", "pixel_values", "video_grid_thw", "image_grid_thw", "second_per_grid_ts"}
+    take = torch.tensor(rows, dtype=torch.long)
+    for k, v in batch.items():
+        if torch.is_tensor(v) and k not in done:
+            out[k] = v.index_select(0, take.to(v.device))
+    plan = VisionPlan(index=index, grids=grids) if index else None
+    return out, plan
 
 
 def suppressed_token_ids(tokenizer) -> list[int]:

@@ -29,6 +29,7 @@ so its timestamps are the presented order's monotone ones and cannot reveal the 
 from __future__ import annotations
 
 import abc
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,6 +150,29 @@ class Adapter(abc.ABC):
         from pipelines.models.mrope import install_reference_rope
 
         return install_reference_rope(model)
+
+    # -- one encoder call per distinct media item (issue 22; see "Shared vision" below) --------------------------------
+    def install_shared_vision(self, model) -> bool:
+        """Bind the plan-aware `get_video_features` / `get_image_features` onto the model's core (the module whose
+        forward encodes pixels). Every family here can: their cores encode through those two methods, inside their
+        own forward, and return per-item tuples (`pooler_output`, and per layer `deepstack_features` for Qwen3-VL).
+        False when the model has no such core (nothing bound; forwards then encode per row as before)."""
+        return install_shared_vision(model)
+
+    def share_vision(self, model, plan: "VisionPlan | None", reuse: bool = False):
+        """Context: forwards of `model` inside it encode the plan's distinct items once (see `share_vision`)."""
+        return share_vision(model, plan, reuse=reuse)
+
+    def patch_rows(self, media) -> int:
+        """Patch rows one media item sends through the vision tower: t * h * w of its grid (frames padded to a
+        multiple of temporal_patch_size; an image is one temporal patch)."""
+        if media.video is not None:
+            t, h, w = media.video.shape[:3]
+            return -(-t // self.temporal_patch_size) * (h // self.patch_size) * (w // self.patch_size)
+        if media.image is not None:
+            h, w = media.image.shape[:2]
+            return (h // self.patch_size) * (w // self.patch_size)
+        return 0
 
     def vision_tower(self, model):
         base = model
@@ -307,6 +331,187 @@ class Qwen35MoeAdapter(Qwen35Adapter):
     hub_example = "Qwen/Qwen3.5-35B-A3B"
     # Routed experts are fused 3-D parameters; the shared expert's MLP is nn.Linear and keeps its adapters.
     lora_target_modules = ("q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z", "out_proj")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Shared vision: each distinct media item through the vision tower once per forward (issue 22)
+#
+# A GRPO forward holds G rows per prompt that all see the same pixels; encoding them G times is pure waste (the vision
+# tower is ~20 % of a Qwen2.5-VL-7B forward at Video-R1's budget). transformers 5.20's cores (Qwen2VLModel,
+# Qwen2_5_VLModel, Qwen3VLModel, Qwen3VLMoeModel, Qwen3_5Model, Qwen3_5MoeModel) encode pixels in their own forward
+# through `self.get_video_features` / `self.get_image_features` (generate too: `_prepare_multimodal_encoder_kwargs_
+# for_generation` calls `base_model.get_*_features`). We bind plan-aware versions of those two methods on the core
+# INSTANCE (as mrope binds get_rope_index):
+#
+# - the forward gets the DISTINCT pixels (`pixel_values_videos` / `pixel_values`) but every per-row tensor as before
+#   (input_ids, attention_mask, mm_token_type_ids, video_grid_thw / image_grid_thw, second_per_grid_ts), so the
+#   reference M-RoPE rule (mrope.py) sees exactly the inputs of the repeated path and gives the same positions;
+# - inside `with share_vision(model, plan)` the bound method checks that the per-row grids are the plan's distinct
+#   grids indexed by `plan.index`, encodes the distinct pixels ONCE with the distinct grids, and returns the output
+#   with every per-item tuple indexed into rows: `pooler_output` and, when the output has them, each layer of
+#   `deepstack_features` (Qwen3-VL / Qwen3-VL-MoE; Qwen3.5 returns none). Keyed on the output's fields, not on the
+#   family. Autograd sums the rows' gradients into one backward through the tower.
+# - the encode stays inside the core's forward, after `zero3.VisionLockstep._agree` and before its `_inject`: under
+#   ZeRO-3 every rank gathers the tower's parameters in the same order as before (precomputing features outside the
+#   forward would misorder the gathers against the lockstep's all-reduce: a hang).
+# - Qwen3-VL's / Qwen3.5's core encodes videos by calling its own `get_image_features`: a call made while the bound
+#   method is encoding passes straight through (no second indexing).
+# - `reuse=True` keeps the plan's features for the next forward of the same plan (the reference pass and the
+#   `rl.num_iterations` passes of one rollout). Only valid where the tower cannot have changed between them and
+#   computes in the same precision: the trainer decides (pipelines/rl/trainer.py, docs/rl.md "Encode once").
+#
+# Without a plan (SFT, eval, a forward outside the context) the methods are the originals, bit for bit. The same
+# binding is what sequence parallelism calls when it encodes through the core's own get_*_features.
+VISION_PLAN_KEY = "videor1_vision_plan"  # the plan rides in a policy_inputs dict under this key (popped before forward)
+_MODALITY_ARGS = {"video": ("pixel_values_videos", "video_grid_thw"), "image": ("pixel_values", "image_grid_thw")}
+
+
+@dataclass
+class VisionPlan:
+    """Which distinct media item each per-row item of a batch takes, per modality.
+
+    `index[m][k]` is the distinct item (0-based, in the order of `grids[m]` and of the distinct pixels) that the k-th
+    item of modality m in the batch's row order takes; `grids[m]` are the distinct items' (t, h, w) grids."""
+
+    index: dict[str, list[int]]
+    grids: dict[str, Any]
+    features: dict[str, Any] | None = None  # reuse cache (detached outputs of the distinct items), per modality
+
+    def rows(self, modality: str) -> int:
+        """Patch rows of the distinct items of one modality (what one encode sends through the tower)."""
+        g = self.grids.get(modality)
+        return 0 if g is None else int(g.prod(-1).sum())
+
+
+def vision_core(model):
+    """The core module that owns `visual` and encodes pixels in its forward (through peft / DDP / DeepSpeed)."""
+    from pipelines.models.mrope import rope_owner
+
+    return rope_owner(model)
+
+
+def install_shared_vision(model) -> bool:
+    import types
+
+    core = vision_core(model)
+    if core is None or not all(hasattr(type(core), f"get_{m}_features") for m in _MODALITY_ARGS):
+        return False
+    core.get_video_features = types.MethodType(_shared_video_features, core)
+    core.get_image_features = types.MethodType(_shared_image_features, core)
+    core._videor1_shared_vision = True
+    return True
+
+
+@contextlib.contextmanager
+def share_vision(model, plan: VisionPlan | None, reuse: bool = False):
+    """Forwards (and `generate`) of `model` inside this encode each of the plan's distinct items once and place the
+    features into the rows (`plan.index`). `plan=None` is a no-op. Raises when the model's core was not bound."""
+    if plan is None:
+        yield
+        return
+    core = vision_core(model)
+    if core is None or not getattr(core, "_videor1_shared_vision", False):
+        raise FamilyError(f"{type(model).__name__}: shared vision not installed (load the model with "
+                          "pipelines.models.load_model, or call Adapter.install_shared_vision)")
+    previous = core.__dict__.get("_videor1_vision_plan")
+    core._videor1_vision_plan = (plan, reuse)
+    try:
+        yield
+    finally:
+        core._videor1_vision_plan = previous
+
+
+def _shared_video_features(self, pixel_values_videos, video_grid_thw=None, **kwargs):
+    return _encode_shared(self, "video", pixel_values_videos, video_grid_thw, kwargs)
+
+
+def _shared_image_features(self, pixel_values, image_grid_thw=None, **kwargs):
+    return _encode_shared(self, "image", pixel_values, image_grid_thw, kwargs)
+
+
+def _encode_shared(core, modality: str, pixels, grid, kwargs):
+    original = getattr(type(core), f"get_{modality}_features")
+    active = core.__dict__.get("_videor1_vision_plan")
+    if active is None or core.__dict__.get("_videor1_vision_busy") or modality not in active[0].index:
+        return original(core, pixels, grid, **kwargs)
+    plan, reuse = active
+    import torch
+
+    index = plan.index[modality]
+    distinct = plan.grids[modality].to(grid.device if torch.is_tensor(grid) else pixels.device)
+    if grid is None or grid.shape[0] != len(index) or not torch.equal(grid, distinct[index]):
+        raise ValueError(f"shared vision: the forward's {_MODALITY_ARGS[modality][1]} "
+                         f"({None if grid is None else grid.shape[0]} rows) is not the plan's distinct grids "
+                         f"indexed by its rows ({len(index)})")
+    if pixels.shape[0] != int(distinct.prod(-1).sum()):
+        raise ValueError(f"shared vision: {pixels.shape[0]} {_MODALITY_ARGS[modality][0]} rows, the plan's distinct "
+                         f"items have {int(distinct.prod(-1).sum())}")
+    want_tuple = kwargs.pop("return_dict", True) is False
+    cached = (plan.features or {}).get(modality) if reuse else None
+    if cached is None:
+        core._videor1_vision_busy = True
+        try:
+            out = original(core, pixels, distinct, return_dict=True, **kwargs)
+        finally:
+            core._videor1_vision_busy = False
+        if reuse:
+            plan.features = dict(plan.features or {})
+            plan.features[modality] = _detached(out)
+    else:
+        out = cached
+    rows = _index_items(out, index)
+    return rows.to_tuple() if want_tuple else rows
+
+
+def _index_items(out, index: list[int]):
+    """A copy of an encoder output whose per-item tuples are indexed into rows (deepstack layers too, if any)."""
+    new = type(out)(**{k: v for k, v in out.items()})
+    new.pooler_output = tuple(out.pooler_output[i] for i in index)
+    deep = getattr(out, "deepstack_features", None)
+    if deep is not None:
+        new.deepstack_features = [tuple(layer[i] for i in index) for layer in deep]
+    return new
+
+
+def _detached(out):
+    new = type(out)(**{k: v for k, v in out.items()})
+    new.pooler_output = tuple(t.detach() for t in out.pooler_output)
+    deep = getattr(out, "deepstack_features", None)
+    if deep is not None:
+        new.deepstack_features = [tuple(t.detach() for t in layer) for layer in deep]
+    return new
+
+
+class TowerCounter:
+    """Counts calls and patch rows through vision towers (a forward pre-hook on each): `vision/patches_encoded`."""
+
+    def __init__(self):
+        self.calls = 0
+        self.rows = 0
+        self._handles: list[Any] = []
+        self._towers: set[int] = set()
+
+    def attach(self, tower) -> "TowerCounter":
+        if id(tower) not in self._towers:
+            self._towers.add(id(tower))
+            self._handles.append(tower.register_forward_pre_hook(self._count, with_kwargs=True))
+        return self
+
+    def _count(self, module, args, kwargs):
+        x = args[0] if args else kwargs.get("hidden_states", kwargs.get("pixel_values"))
+        self.calls += 1
+        self.rows += int(x.shape[0]) if x is not None else 0
+
+    def reset(self) -> tuple[int, int]:
+        """(calls, rows) since the last reset."""
+        out = (self.calls, self.rows)
+        self.calls = self.rows = 0
+        return out
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles, self._towers = [], set()
 
 
 ADAPTERS: dict[str, Adapter] = {a.family: a() for a in (Qwen2VLAdapter, Qwen25VLAdapter, Qwen3VLAdapter,

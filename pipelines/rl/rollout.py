@@ -8,15 +8,18 @@ The I/O half of a step, kept apart from the math in advantages.py / losses.py:
   replaced by another sample.
 - `generate_groups`: one backend call for the ordered (n = G) and shuffled (n = G~) rollouts of every prompt. For the
   HF backend each prompt is expanded into G + G~ single-sample rows of ONE `generate` call (n = 1): the decode loop
-  (one forward per new token, the dominant cost) then runs once per step instead of twice (n = G and n = G~ calls),
-  and the vision tower sees the same number of copies either way (`generate` expands visual inputs for
-  num_return_sequences too). Engines with their own batching and prefix caching (vLLM) get two calls with n = G and
-  n = G~, since their `n` shares the prompt's prefill.
+  (one forward per new token, the dominant cost) then runs once per step instead of twice (n = G and n = G~ calls).
+  The rows repeat the same `Media` objects, and the HF backend with ``encode_once`` encodes each distinct one once
+  (the ordered video and its shuffled copy are two items) and places the features into its rows. Engines with their
+  own batching and prefix caching (vLLM) get two calls with n = G and n = G~: one request per prompt, whose n
+  samples share the prompt's prefill and its media's encoder output (docs/vllm.md).
 - `score_groups`: `pipelines.rewards.compute_rewards` over the ordered completions; accuracy (needed by the temporal
   and length bonuses and p / p~) is computed even when it is not a configured reward.
 - `policy_inputs` / `completion_logprobs`: the batched log-prob forward over every group of the step: the prompts are
-  encoded once, each sample repeated G times (visual tensors included), completions right-padded, and
-  `mm_token_type_ids` extended over the completion tokens (`pipelines.models.extend_for_completion`).
+  encoded once, each sample repeated G times, completions right-padded, and `mm_token_type_ids` extended over the
+  completion tokens (`pipelines.models.extend_for_completion`). With ``rl.encode_once`` (default) the pixels are not
+  repeated: the vision tower encodes each media item once per forward and its features go to the G rows
+  (`pipelines.models.families.share_vision`); otherwise every row's copy is encoded (the repeated path).
 """
 
 from __future__ import annotations
@@ -243,17 +246,38 @@ def pad_completions(groups: Sequence[Group], pad_id: int) -> tuple[torch.Tensor,
 
 
 def policy_inputs(processor, samples: Sequence[Sample], num_generations: int, completion_ids: torch.Tensor,
-                  completion_mask: torch.Tensor) -> dict:
-    """Model inputs for prompt + completion of every (sample, completion) row, prompts left-padded."""
-    batch = encode_batch(processor, [s.prompt for s in samples], [s.media for s in samples])
-    batch = repeat_each(dict(batch), num_generations)
-    return extend_for_completion(batch, completion_ids, completion_mask)
+                  completion_mask: torch.Tensor, share_vision: bool = False) -> dict:
+    """Model inputs for prompt + completion of every (sample, completion) row, prompts left-padded.
+
+    `share_vision` (rl.encode_once): every per-row tensor is repeated G times as before, but the pixels stay each
+    sample's once and a `families.VisionPlan` (under `families.VISION_PLAN_KEY`) maps the rows to them;
+    `completion_logprobs` then runs the forward inside `share_vision`: one encoder call per media item."""
+    from pipelines.models import select_rows
+    from pipelines.models.families import VISION_PLAN_KEY
+
+    media = [s.media for s in samples]
+    batch = encode_batch(processor, [s.prompt for s in samples], media)
+    rows = [i for i in range(len(samples)) for _ in range(num_generations)]
+    batch, plan = select_rows(dict(batch), rows, media, share_vision=share_vision)
+    out = extend_for_completion(batch, completion_ids, completion_mask)
+    if plan is not None:
+        out[VISION_PLAN_KEY] = plan
+    return out
 
 
-def completion_logprobs(model, inputs: dict, completion_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Per-token log-probs (B, L) of the completion tokens under `model` (logits[:, -L-1:-1])."""
+def completion_logprobs(model, inputs: dict, completion_ids: torch.Tensor, temperature: float = 1.0,
+                        reuse_vision: bool = False) -> torch.Tensor:
+    """Per-token log-probs (B, L) of the completion tokens under `model` (logits[:, -L-1:-1]).
+
+    Inputs holding a vision plan (policy_inputs(share_vision=True)) encode each media item once; `reuse_vision`
+    keeps / takes its features across calls on the same inputs (only where the tower cannot change between them)."""
+    from pipelines.models.families import VISION_PLAN_KEY, share_vision
+
+    inputs = dict(inputs)
+    plan = inputs.pop(VISION_PLAN_KEY, None)
     L = completion_ids.shape[1]
-    out = model(**inputs, logits_to_keep=L + 1, use_cache=False)
+    with share_vision(model, plan, reuse=reuse_vision):
+        out = model(**inputs, logits_to_keep=L + 1, use_cache=False)
     logits = out.logits[:, -L - 1:-1, :].float()
     if temperature != 1.0:
         logits = logits / temperature

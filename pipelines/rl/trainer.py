@@ -242,6 +242,7 @@ class RLTrainer:
                 ref = prepare_deepspeed(ref, acc)
                 self._locks["reference"] = deepspeed_lockstep(ref, ref)
             self.ref_model = ref
+        self._setup_vision_sharing()
         self.backend = self._backend if self._backend is not None else self._make_backend()
         if self.resumed_from:
             self.load_checkpoint(self.resumed_from)
@@ -255,6 +256,36 @@ class RLTrainer:
             self.run.use_path("records", cfg.data.file)
             if self.resumed_from and not self.run.continues(self.resumed_from):  # lineage edge to the run it continues
                 self.run.use_path("checkpoint", self.resumed_from)
+
+    def _setup_vision_sharing(self) -> None:
+        """rl.encode_once: which passes may reuse another pass's vision features, and the tower-row counter.
+
+        Each forward encodes each media item once (policy_inputs' plan). Across the passes of one rollout (reference,
+        then num_iterations policy passes) the features are reused only where the tower CANNOT have changed and
+        computes the same numbers: its parameters are frozen (model.freeze_vision, or LoRA, which adapts the language
+        model only), and not under DeepSpeed (the ZeRO lockstep counts a modality as present and would make the other
+        ranks' dummy tower calls unmatched). The reference pass hands its features on when it runs the policy's own
+        tower (LoRA: adapters off) or a separate tower with bit-identical weights and no bf16 autocast difference."""
+        from pipelines.models.families import TowerCounter, adapter_for
+
+        rl = self.cfg.rl
+        adapter = adapter_for(self.unwrapped)
+        tower = adapter.vision_tower(self.unwrapped)
+        frozen = not any(p.requires_grad for p in tower.parameters())
+        self.reuse_policy = bool(rl.encode_once and frozen and not self.deepspeed)
+        self.reuse_reference = False
+        if self.reuse_policy and rl.beta > 0:
+            if self.lora:
+                self.reuse_reference = True
+            elif self.ref_model is not None and not rl.bf16:
+                ref_tower = adapter.vision_tower(self.ref_model)
+                ref_params = dict(ref_tower.named_parameters())
+                self.reuse_reference = all(n in ref_params and p.dtype == ref_params[n].dtype
+                                           and torch.equal(p.detach(), ref_params[n].detach().to(p.device))
+                                           for n, p in tower.named_parameters())
+        self.tower_counter = TowerCounter().attach(tower)
+        if self.ref_model is not None:
+            self.tower_counter.attach(adapter.vision_tower(self.ref_model))
 
     def _make_backend(self):
         rl = self.cfg.rl
@@ -274,7 +305,8 @@ class RLTrainer:
         from pipelines.generation.hf import HFBackend
 
         per_step = self.prompts_per_step * (self.G + self.G_shuf)
-        return HFBackend(self.accelerator.unwrap_model(self.model), self.processor, batch_size=max(1, per_step))
+        return HFBackend(self.accelerator.unwrap_model(self.model), self.processor, batch_size=max(1, per_step),
+                         encode_once=rl.encode_once)
 
     @property
     def unwrapped(self):
@@ -430,6 +462,9 @@ class RLTrainer:
         rl, acc = self.cfg.rl, self.accelerator
         t0 = time.perf_counter()
         stats = _Stats()
+        counter = getattr(self, "tower_counter", None)
+        if counter is not None:
+            counter.reset()
         rows, groups, kept_rewards = [], [], []
         gen_time, gen_tokens, rounds, generated = 0.0, 0, 0, 0
         # One sampling round without rl.dynamic_sampling. With it (DAPO), groups whose rewards are all equal carry no
@@ -488,6 +523,8 @@ class RLTrainer:
             stats.add("time/weight_sync", time.perf_counter() - t_sync, 1)
 
         step_time = time.perf_counter() - t0
+        if counter is not None:  # patch rows through this rank's towers in the step (summed over ranks)
+            stats.add(PATCHES_ENCODED, float(counter.reset()[1]), 0)
         stats.add("loss", loss_val, 1)
         stats.add("step_time", step_time, 1)
         stats.add("gen_time", gen_time, 1)
@@ -552,6 +589,7 @@ class RLTrainer:
                 self._dummy_generate(sampling)
         gen_time = time.perf_counter() - t_gen
         gen_tokens = sum(len(c.token_ids) for g in groups for c in g.ordered + g.shuffled)
+        stats.add(PATCHES_DISTINCT, float(_distinct_patch_rows(self.processor, groups)), 0)
         N = len(groups)
         if not N:
             return rows, groups, torch.zeros(0, self.G, dtype=torch.float64), gen_time, gen_tokens
@@ -603,7 +641,8 @@ class RLTrainer:
         for c0 in range(0, len(groups), micro):
             gs = groups[c0: c0 + micro]
             ids, mask = R.pad_completions(gs, pad_id)
-            inputs = R.policy_inputs(self.processor, [g.sample for g in gs], self.G, ids, mask)
+            inputs = R.policy_inputs(self.processor, [g.sample for g in gs], self.G, ids, mask,
+                                     share_vision=rl.encode_once)
             inputs = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in inputs.items()}
             chunks.append({"inputs": inputs, "ids": ids.to(self.device), "mask": mask.to(self.device),
                            "adv": adv[c0: c0 + micro].reshape(-1).to(self.device, torch.float32),
@@ -621,7 +660,8 @@ class RLTrainer:
         if rl.beta > 0 and chunks:
             with torch.no_grad(), self._reference() as ref:
                 for c in chunks:
-                    c["ref"] = R.completion_logprobs(ref, c["inputs"], c["ids"], rl.temperature)
+                    c["ref"] = R.completion_logprobs(ref, c["inputs"], c["ids"], rl.temperature,
+                                                     reuse_vision=self.reuse_reference)
         elif rl.beta > 0 and self.deepspeed:
             # ZeRO-3 gathers the reference's parameters inside its forward, a collective: a rank with nothing to
             # train this step still joins the other ranks' reference forward (one chunk each under DeepSpeed).
@@ -637,7 +677,8 @@ class RLTrainer:
                 last = j == len(chunks) - 1
                 ctx = acc.no_sync(self.model) if not last else nullcontext()
                 with ctx, self._lockstep("policy"):
-                    logp = R.completion_logprobs(self.model, c["inputs"], c["ids"], rl.temperature)
+                    logp = R.completion_logprobs(self.model, c["inputs"], c["ids"], rl.temperature,
+                                                 reuse_vision=self.reuse_policy)
                     if it == 0:
                         c["old"] = logp.detach() if rl.num_iterations > 1 else None
                         if c["rollout_logp"] is not None:
@@ -823,6 +864,26 @@ def _info(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
+# Vision tower work per step (issue 22, docs/rl.md "Encode once"): patch rows that went through the vision tower(s)
+# during the step (generation with the HF backend, reference, every policy pass; counted by a forward pre-hook on
+# each tower, ZeRO dummy calls included), and patch rows of the step's distinct media items (each generated prompt's
+# image or video, plus its T-GRPO shuffled copy as an item of its own). Summed over ranks.
+PATCHES_ENCODED = "vision/patches_encoded"
+PATCHES_DISTINCT = "vision/patches_distinct"
+
+
+def _distinct_patch_rows(processor, groups) -> int:
+    from pipelines.models.families import adapter_for
+
+    adapter = adapter_for(processor)
+    total = 0
+    for g in groups:
+        total += adapter.patch_rows(g.sample.media)
+        if g.shuffled and g.sample.shuffled_media is not None:
+            total += adapter.patch_rows(g.sample.shuffled_media)
+    return total
+
+
 # Rollout/trainer mismatch (verl's rollout-vs-actor probability difference): |log p_vLLM - log p_policy| over the
 # completion tokens of a step, measured before the update. Near 0 when the engine samples from the policy's own
 # distribution; stale weights (no encoder-cache reset), other positions (M-RoPE) or numerics show up here first.
@@ -886,7 +947,7 @@ class _Stats:
             t = accelerator.reduce(t, reduction="sum")
         out = {}
         for k, (s, c) in zip(keys, t.tolist()):
-            if k in ("skipped", "_gen_tokens"):
+            if k in ("skipped", "_gen_tokens", PATCHES_ENCODED, PATCHES_DISTINCT):
                 out[k] = s
             elif k in ("step_time", "gen_time", "loss"):
                 out[k] = s / max(1.0, c)
