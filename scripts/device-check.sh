@@ -47,7 +47,11 @@ done
 WORK=${DEVICE_CHECK_WORK:-/tmp/videor1-device-check}
 # The whole check ends within TOTAL_BUDGET seconds (the device tool stops a command at 600 s and then returns nothing
 # of what it printed): each step gets at most what is left.
-if [[ $MODE == dry || $RECORD == 1 ]]; then TOTAL_BUDGET=${TOTAL_BUDGET:-7200}; else TOTAL_BUDGET=${TOTAL_BUDGET:-560}; fi
+if [[ $MODE == dry || $RECORD == 1 ]]; then
+  TOTAL_BUDGET=${TOTAL_BUDGET:-7200}
+else
+  TOTAL_BUDGET=${TOTAL_BUDGET:-560}
+fi
 OUT=${OUT:-$WORK/out}
 mkdir -p "$OUT" "$WORK"
 LOG=$OUT/check.log
@@ -158,7 +162,10 @@ else
 fi
 
 env_report() {
-  echo "repo $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?') ($(git -C "$REPO" status --porcelain 2>/dev/null | wc -l) changed files); mode $MODE"
+  local head changed
+  head=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')
+  changed=$(git -C "$REPO" status --porcelain 2>/dev/null | wc -l)
+  echo "repo $head ($changed changed files); mode $MODE"
   uname -a
   nvidia-smi -L 2>/dev/null || echo "nvidia-smi: not available"
   "$PY" - <<'EOF'
@@ -195,6 +202,9 @@ cp "$LOG" "$OUT/env.txt" 2>/dev/null  # the log so far: install + versions (one 
 # ------------------------------------------------------------------------------------------------------- 1: tests
 if has_step 1; then
   list=${TESTS:-$([[ $MODE == dry ]] && echo "$DRY_TESTS" || echo "$DEVICE_TESTS")}
+  # On the machine's 16 cores, 4 pytest-xdist workers (the image has it) when PYTEST_ARGS does not say otherwise.
+  if [[ $MODE == device && -z ${PYTEST_ARGS+x} ]] && "$PY" -c "import xdist" 2>/dev/null; then PYTEST_ARGS="-n 4"; fi
+  export DEVICE_CUDA_PLUGIN_DIR=$WORK/cuda-plugin
   # shellcheck disable=SC2086
   step "1 tests on $DEVICE" 2 "${BUDGET_TESTS:-$([[ $MODE == dry ]] && echo 900 || echo 120)}" \
     "$PY" -m pytest -q -p device_cuda_plugin -rfEs --junitxml="$OUT/tests-junit.xml" ${PYTEST_ARGS:-} $list

@@ -24,7 +24,10 @@ LIMIT_MIB=${LIMIT_MIB:-64}
 PLATFORMS=(manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64
            manylinux2014_x86_64 manylinux1_x86_64 manylinux_2_31_x86_64 manylinux_2_34_x86_64 manylinux_2_35_x86_64)
 
-git check-ignore -q "$DEST/x.whl" || { echo "device-wheels: $DEST/ is not ignored by git (add '/$DEST/' to .gitignore)" >&2; exit 2; }
+if ! git check-ignore -q "$DEST/x.whl"; then
+  echo "device-wheels: $DEST/ is not ignored by git (add '/$DEST/' to .gitignore)" >&2
+  exit 2
+fi
 mkdir -p "$DEST"
 mapfile -t PINS < <(sed -e 's/#.*//' -e 's/[[:space:]]//g' "$LIST" | grep -v '^$')
 

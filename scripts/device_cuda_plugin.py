@@ -8,12 +8,24 @@ commands some tests start in subprocesses (torchrun ranks, SIGKILL/resume tests)
 CUDA memory and prints that at the end, so "ran on the GPU" is a measured statement, not an assumption.
 Without CUDA (the dry run) it changes nothing and says so.
 
-Load it with `-p device_cuda_plugin` and `scripts/` on PYTHONPATH.
+Load it with `-p device_cuda_plugin` and `scripts/` on PYTHONPATH. Under pytest-xdist each worker writes its counts
+to DEVICE_CUDA_PLUGIN_DIR (default: a folder in the temp dir) and the controller adds them up.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
+from pathlib import Path
+
 import pytest
+
+
+def _dir() -> Path:
+    d = Path(os.environ.get("DEVICE_CUDA_PLUGIN_DIR") or Path(tempfile.gettempdir()) / "device-cuda-plugin")
+    d.mkdir(parents=True, exist_ok=True)
+    return d
 
 _state: dict = {"cuda": False, "used": [], "tests": 0, "peak": 0}
 
@@ -58,6 +70,19 @@ def pytest_runtest_call(item):
     _state["peak"] = max(_state["peak"], torch.cuda.max_memory_allocated())
 
 
+def pytest_sessionstart(session):
+    if not hasattr(session.config, "workerinput"):  # the controller (or a run without xdist): a fresh tally
+        for f in _dir().glob("usage-*.json"):
+            f.unlink()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    worker = getattr(session.config, "workerinput", {}).get("workerid", "main")
+    if _state["cuda"] and _state["tests"]:
+        (_dir() / f"usage-{worker}.json").write_text(json.dumps(
+            {"tests": _state["tests"], "used": len(_state["used"]), "peak": _state["peak"]}))
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     tr = terminalreporter
     if not _state["cuda"]:
@@ -65,6 +90,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         return
     import torch
 
-    tr.write_line(f"device_cuda_plugin: {len(_state['used'])} of {_state['tests']} tests allocated CUDA memory on "
-                  f"{torch.cuda.get_device_name(0)} (peak {_state['peak'] / 2**20:.0f} MiB); the others ran on the "
-                  "CPU (pure functions, pinned devices, subprocesses)")
+    rows = [json.loads(f.read_text()) for f in _dir().glob("usage-*.json")]
+    tests, used = sum(r["tests"] for r in rows), sum(r["used"] for r in rows)
+    peak = max([r["peak"] for r in rows] or [0])
+    tr.write_line(f"device_cuda_plugin: {used} of {tests} tests allocated CUDA memory on "
+                  f"{torch.cuda.get_device_name(0)} (peak {peak / 2**20:.0f} MiB in one process); the others ran on "
+                  "the CPU (pure functions, pinned devices, subprocesses)")

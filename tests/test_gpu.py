@@ -154,7 +154,7 @@ def test_expected_values_are_recorded_for_the_current_plan():
     assert set(exp["metrics"]) == set(G.METRIC_KIND)
     # A chain whose metrics are all zero proves nothing on the device: the recorded run must have learned something.
     m = exp["metrics"]
-    assert m["rl/format_reward_mean"] > 0 and m["eval/accuracy_official"] > 0 and m["rl/kl_mean"] > 0
+    assert m["rl/format_reward_mean"] > 0 and m["eval/sft_accuracy_official"] > 0 and m["rl/kl_mean"] > 0
     assert m["rl/kl_step1"] == 0.0  # the policy is the reference at step 1 (CPU float32)
 
 
