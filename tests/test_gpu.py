@@ -132,12 +132,13 @@ def test_reference_mrope_positions_on_cuda_equal_the_cpu(tiny_model_dir, synth_w
 
 # ------------------------------------------------------------------------------------------------- the check itself
 def test_compare_applies_relative_and_absolute_tolerances():
-    exp = {"sft/loss_step1": 2.0, "rl/reward_mean": 0.5, "eval/accuracy_official": 0.2, "rl/kl_step1": 0.0}
-    # first: rel 2e-2 * 2.0 + 1e-3 = 0.041 allowed (bf16)
-    ok = G.compare({"sft/loss_step1": 2.04, "rl/reward_mean": 0.74, "eval/accuracy_official": 0.31,
+    exp = {"sft/loss_step1": 2.0, "rl/format_reward_mean": 0.5, "eval/sft_accuracy_official": 0.2,
+           "rl/kl_step1": 0.0}
+    # first: rel 2e-2 * 2.0 + 1e-3 = 0.041 allowed (bf16); sampled: 0.25; accuracy: 0.12; kl_step1: 1e-3
+    ok = G.compare({"sft/loss_step1": 2.04, "rl/format_reward_mean": 0.74, "eval/sft_accuracy_official": 0.31,
                     "rl/kl_step1": 0.0009}, exp, "bf16")
     assert [r["ok"] for r in ok] == [True, True, True, True]
-    bad = G.compare({"sft/loss_step1": 2.05, "rl/reward_mean": 0.76, "eval/accuracy_official": 0.33,
+    bad = G.compare({"sft/loss_step1": 2.05, "rl/format_reward_mean": 0.76, "eval/sft_accuracy_official": 0.33,
                      "rl/kl_step1": 0.002}, exp, "bf16")
     assert [r["ok"] for r in bad] == [False, False, False, False]
     assert math.isclose(bad[0]["tolerance"], 0.041)
