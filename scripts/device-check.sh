@@ -21,8 +21,8 @@
 #   --steps 1,2,3   run only these steps       --tests "FILES..."   another test list for step 1
 # Environment: OUT (default /tmp/videor1-device-check/out; the device tool sets it: at most 8 files come back, all
 # written here), DEVICE_CHECK_WORK (scratch, default /tmp/videor1-device-check), PYTHON, BUDGET_INSTALL,
-# BUDGET_TESTS, BUDGET_TINY (each precision), BUDGET_PROBE, TOTAL_BUDGET (seconds; on the device 45 + 45 + 120 +
-# 2 x 80 + 220, capped by TOTAL_BUDGET=560 in all), PYTEST_ARGS (extra pytest arguments).
+# BUDGET_TESTS, BUDGET_TINY (each precision), BUDGET_PROBE, TOTAL_BUDGET (seconds; on the device 40 + 60 + 120 +
+# 2 x 80 + 220, and each step gets at most what is left of TOTAL_BUDGET=560), PYTEST_ARGS (default there: -n 4).
 # Exit code: the sum of 1 install/imports, 2 tests, 4 tiny chain, 8 probe, 16 wheel folder (dry run), 64 usage.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -151,7 +151,7 @@ else
   PY=${PYTHON:-python3}
   SITE=$WORK/site
   if ls .whl/*.whl >/dev/null 2>&1; then
-    step "install .whl (no deps, no index)" 1 "${BUDGET_INSTALL:-45}" \
+    step "install .whl (no deps, no index)" 1 "${BUDGET_INSTALL:-40}" \
       "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
   else
     say "device-check: no .whl/ here: run scripts/device-wheels.sh on the development machine and carry .whl"
@@ -196,7 +196,7 @@ for b in bad:
 sys.exit(1 if bad else 0)
 EOF
 }
-step "environment and imports" 1 45 env_report
+step "environment and imports" 1 "$([[ $MODE == dry ]] && echo 600 || echo 60)" env_report
 cp "$LOG" "$OUT/env.txt" 2>/dev/null  # the log so far: install + versions (one file that is quick to read)
 
 # ------------------------------------------------------------------------------------------------------- 1: tests

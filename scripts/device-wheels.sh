@@ -63,9 +63,17 @@ fi
 
 "$PY" - "$DEST" "$LIMIT_MIB" "${PINS[@]}" <<'PYEOF'
 """Checks of the wheel folder (exit 1 on any failure)."""
-import re, subprocess, sys, tomllib, zipfile, pathlib
-from packaging.requirements import Requirement
-from packaging.tags import parse_tag
+import re, subprocess, sys, zipfile, pathlib
+try:
+    import tomllib
+except ImportError:  # Python 3.10: pip's vendored copy
+    from pip._vendor import tomli as tomllib
+try:
+    from packaging.requirements import Requirement
+    from packaging.tags import parse_tag
+except ImportError:
+    from pip._vendor.packaging.requirements import Requirement
+    from pip._vendor.packaging.tags import parse_tag
 
 dest, limit_mib, pins = pathlib.Path(sys.argv[1]), float(sys.argv[2]), sys.argv[3:]
 norm = lambda s: re.sub(r"[-_.]+", "-", s).lower()

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -197,7 +198,7 @@ def test_random_weights_binds_only_its_directory(tmp_path, tiny_model_dir):
 @pytest.mark.slow
 def test_device_check_dry_run(tmp_path):
     out = tmp_path / "out"
-    env = dict(os.environ, OUT=str(out), DEVICE_CHECK_WORK=str(tmp_path / "work"))
+    env = dict(os.environ, OUT=str(out), DEVICE_CHECK_WORK=str(tmp_path / "work"), PYTHON=sys.executable)
     proc = subprocess.run(["bash", "scripts/device-check.sh", "--dry-run"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=3000)
     summary = (out / "summary.txt").read_text() if (out / "summary.txt").exists() else proc.stdout[-4000:]

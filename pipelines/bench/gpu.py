@@ -581,7 +581,8 @@ def run_probe(work: Path, device: str = "cuda", steps: int = 3, warmup: int = 1,
         "tokens_per_s_per_gpu_means": "(prompt + completion tokens of every ordered and shuffled sequence of the "
                                       "step) / step seconds; one GPU",
         "completion_tokens": completion, "frames": frames, "note": note, "settings": [],
-        "device": torch.cuda.get_device_name(0) if torch.device(device).type == "cuda" else platform.processor(),
+        "device": (torch.cuda.get_device_name(0) if torch.device(device).type == "cuda"
+                   else platform.processor() or platform.machine()),
         "torch": torch.__version__,
     }
     for enc in settings:
