@@ -592,7 +592,17 @@ def run_probe(work: Path, device: str = "cuda", steps: int = 3, warmup: int = 1,
         if res["what"] is None:
             res["what"] = describe_probe(cfg, small)
         log(f"probe {label}: building the model and trainer")
-        r = time_setting(cfg, work, model_dir, steps, warmup, label, log)
+        try:
+            r = time_setting(cfg, work, model_dir, steps, warmup, label, log)
+        except Exception as e:  # noqa: BLE001 - one setting failing (OOM, say) must not lose the other's figures
+            import traceback
+
+            log(traceback.format_exc())
+            r = {"label": label, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+            if torch.cuda.is_available():
+                r["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                gc.collect()
+                torch.cuda.empty_cache()
         r["encode_once"] = enc
         res["settings"].append(r)
     try:
@@ -625,11 +635,14 @@ def format_probe(res: dict[str, Any]) -> str:
              f"{'setting':18s} {'s/step med':>10s} {'min':>7s} {'gen s':>7s} {'fwd+bwd s':>9s} {'tok/step':>9s} "
              f"{'tok/s/GPU':>10s} {'gen tok/s':>10s} {'peak GiB':>9s}"]
     for s in res["settings"]:
+        if "error" in s:
+            lines.append(f"{s['label']:18s} FAILED: {s['error']}")
+            continue
         pk = "-" if s["peak_gpu_memory_gib"] is None else f"{s['peak_gpu_memory_gib']:.1f}"
         lines.append(f"{s['label']:18s} {s['s_per_step_median']:10.2f} {s['s_per_step_min']:7.2f} "
                      f"{s['generation_s_median']:7.2f} {s['policy_fwd_bwd_s_median']:9.2f} {s['tokens_per_step']:9.0f} "
                      f"{s['tokens_per_s_per_gpu']:10.0f} {s['generated_tokens_per_s']:10.0f} {pk:>9s}")
-    if len(res["settings"]) == 2:
+    if len(res["settings"]) == 2 and not any("error" in s for s in res["settings"]):
         on, off = res["settings"]
         lines.append(f"encode_once on/off step time ratio: {on['s_per_step_median'] / off['s_per_step_median']:.3f}")
     if res.get("note"):
@@ -684,7 +697,7 @@ def main(argv: list[str] | None = None) -> int:
     log(format_probe(res))
     if a.json:
         a.json.write_text(json.dumps(res, indent=1))
-    return 0
+    return 1 if any("error" in s for s in res["settings"]) else 0
 
 
 if __name__ == "__main__":
