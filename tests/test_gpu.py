@@ -196,6 +196,7 @@ def test_random_weights_binds_only_its_directory(tmp_path, tiny_model_dir):
 
 # ------------------------------------------------------------------------------------------------------ slow: dry run
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # ~6 min on 2 quiet cores (the tiny chain's 150 SFT steps on the CPU); 20 on a loaded one
 def test_device_check_dry_run(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, OUT=str(out), DEVICE_CHECK_WORK=str(tmp_path / "work"), PYTHON=sys.executable)
