@@ -200,8 +200,16 @@ def test_random_weights_binds_only_its_directory(tmp_path, tiny_model_dir):
 def test_device_check_dry_run(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, OUT=str(out), DEVICE_CHECK_WORK=str(tmp_path / "work"), PYTHON=sys.executable)
-    proc = subprocess.run(["bash", "scripts/device-check.sh", "--dry-run"], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=3000)
+    # Its own process group: on a timeout the CLI processes of the tiny chain go too, not only bash.
+    proc = subprocess.Popen(["bash", "scripts/device-check.sh", "--dry-run"], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=3300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+    proc = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     summary = (out / "summary.txt").read_text() if (out / "summary.txt").exists() else proc.stdout[-4000:]
     assert proc.returncode == 0, summary + proc.stderr[-3000:]
     for step in ("wheel folder", "environment and imports", "1 tests on cpu", "2 tiny chain cpu fp32",
