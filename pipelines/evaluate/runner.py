@@ -277,16 +277,12 @@ def build_backend(cfg, processor=None):
     """(backend, processor) for cfg.eval.backend: hf (transformers generate) or vllm (GPU, tensor parallel)."""
     from pipelines.models import load_processor
 
-    processor = processor or load_processor(cfg.model.name_or_path, cfg.model.revision)
-    if cfg.eval.backend == "vllm":
-        from pipelines.generation.vllm import VLLMBackend, engine_dtype
+    if cfg.eval.backend == "vllm":  # the engine first: a family / dtype it cannot run is refused before loading
+        from pipelines.generation.vllm import build_vllm_backend
 
-        return VLLMBackend(cfg.model.name_or_path, tensor_parallel_size=cfg.eval.tensor_parallel_size,
-                           gpu_memory_utilization=cfg.eval.gpu_memory_utilization,
-                           max_model_len=cfg.eval.max_model_len, max_model_len_key="eval.max_model_len",
-                           enforce_eager=cfg.eval.enforce_eager, seed=cfg.run.seed,
-                           dtype=engine_dtype(cfg.model.dtype, cfg.model.device),
-                           max_num_seqs=cfg.eval.batch_size), processor
+        backend = build_vllm_backend(cfg, "eval")
+        return backend, processor or load_processor(cfg.model.name_or_path, cfg.model.revision)
+    processor = processor or load_processor(cfg.model.name_or_path, cfg.model.revision)
     from pipelines.generation.hf import HFBackend
     from pipelines.models import load_model
 
