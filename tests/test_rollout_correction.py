@@ -136,3 +136,106 @@ def test_sampler_logprobs_match_the_trainers_at_top_p_one_and_differ_below():
     assert torch.allclose(L.sampler_logprobs(logits, ids, temperature=0.7), plain, atol=1e-6)
     nucleus = L.sampler_logprobs(logits, ids, temperature=0.7, top_p=0.95)
     assert bool((nucleus >= plain - 1e-6).all()) and float((nucleus - plain).max()) > 1e-3
+
+
+# -- in the trainer -----------------------------------------------------------------------------------------------
+class EngineStandIn:
+    """An off-policy rollout engine for the default suite: transformers' sampler, reporting each sampled token's
+    log-prob under its sampling distribution (scored with the policy's weights, as an engine with synced weights
+    would) plus `shift` -- a known engine/trainer disagreement. Not the real engine (tests/test_vllm_commands.py)."""
+
+    def __new__(cls, model, processor, shift: float):
+        from pipelines.generation.hf import HFBackend
+
+        class _Engine(HFBackend):
+            def generate(self, prompts, media, sampling):
+                from pipelines.rl import rollout as R
+
+                out = super().generate(prompts, media, sampling)
+                samples = [R.Sample(index=i, record={}, media=m, prompt=p)
+                           for i, (p, m) in enumerate(zip(prompts, media))]
+                groups = [R.Group(s, c) for s, c in zip(samples, out)]
+                ids, mask = R.pad_completions(groups, self.pad_id)
+                with torch.no_grad():
+                    inputs = R.policy_inputs(self.processor, samples, sampling.n, ids, mask)
+                    _, lp = R.completion_logprobs(self.model, inputs, ids, sampling.temperature,
+                                                  sampler={"top_p": sampling.top_p, "logit_bias": self.logit_bias})
+                rows = iter(lp.tolist())
+                for g in groups:
+                    for c in g.ordered:
+                        c.logprobs = [x + shift for x in next(rows)[: len(c.token_ids)]]
+                return out
+
+        engine = _Engine(model, processor, batch_size=16)
+        engine.logit_bias = {t: -100.0 for t in engine.suppress}
+        return engine
+
+
+def _length_reward(completions, **_):
+    """Varies inside a group, so advantages (and the policy term) are non-zero on a random model."""
+    return [min(1.0, len(c) / 20.0) for c in completions]
+
+
+def _run_steps(tiny_model_dir, synth_world, tmp_path, shift, steps, *overrides):
+    from pipelines import rewards
+    from pipelines.config import load_config
+    from pipelines.rl.trainer import RLTrainer
+
+    rewards.REWARDS.setdefault("test_len_is", _length_reward)
+
+    cfg = load_config(overrides=[f"model.name_or_path={tiny_model_dir}", f"data.file={synth_world['rl']}",
+                                 "rl.algo=grpo", "rl.backend=vllm", "rl.num_generations=3", "rl.per_device_prompts=2",
+                                 "rl.max_completion_length=8", "rl.temperature=0.7", "rl.top_p=0.95",
+                                 "rl.rewards=[format,test_len_is]",
+                                 f"run.output_dir={tmp_path}", *overrides])
+
+    class Run:
+        id = "test"
+
+        def __getattr__(self, name):
+            return lambda *a, **k: None
+
+    tr = RLTrainer(cfg, Run(), tmp_path / "run", backend=object())  # the stand-in needs the policy: set below
+    tr.setup()
+    tr.backend = EngineStandIn(tr.unwrapped, tr.processor, shift)
+    out = []
+    for _ in range(steps):
+        out.append(tr.train_step())
+        tr.step += 1
+    return out
+
+
+def test_trainer_logs_the_correction_every_step_and_reads_one_for_an_engine_in_sync(tiny_model_dir, synth_world,
+                                                                                     tmp_path):
+    rows = _run_steps(tiny_model_dir, synth_world, tmp_path, 0.0, 2)
+    for m in rows:  # the default: sequence_mask, C_max 3
+        assert m["rollout/logp_diff_mean"] < 1e-5 and m["rollout/logp_diff_max"] < 1e-4
+        for key in ("rollout/is_ratio_mean", "rollout/is_ratio_min", "rollout/is_ratio_max"):
+            assert m[key] == pytest.approx(1.0, abs=1e-4), key
+        assert m["rollout/is_masked_fraction"] == 0.0 and m["grad_norm"] > 0
+
+
+def test_trainer_masks_sequences_the_engine_overrates(tiny_model_dir, synth_world, tmp_path):
+    """The engine reports every token 1 nat likelier than the policy: each sequence's ratio is e^-len < C_min 0.5, so
+    sequence_mask zeroes every policy term (beta 0: the loss is exactly 0, the gradient too; unmasked, the same
+    rewards give a non-zero gradient: the test above)."""
+    m, = _run_steps(tiny_model_dir, synth_world, tmp_path, 1.0, 1, "rl.rollout_correction_c_min=0.5", "rl.beta=0")
+    assert m["rollout/logp_diff_mean"] == pytest.approx(1.0, abs=1e-4)
+    assert m["rollout/is_masked_fraction"] == 1.0 and m["rollout/is_ratio_max"] == 0.0
+    assert m["loss"] == 0.0 and m["grad_norm"] == 0.0
+
+
+def test_trainer_truncates_token_ratios(tiny_model_dir, synth_world, tmp_path):
+    """token_truncate: the engine reports every token 0.2 nats less likely: each token's ratio e^0.2 = 1.22 > C_max
+    1.1 is clipped to 1.1."""
+    m, = _run_steps(tiny_model_dir, synth_world, tmp_path, -0.2, 1, "rl.rollout_correction=token_truncate",
+                    "rl.rollout_correction_c_max=1.1")
+    assert m["rollout/is_masked_fraction"] == 1.0
+    for key in ("rollout/is_ratio_mean", "rollout/is_ratio_min", "rollout/is_ratio_max"):
+        assert m[key] == pytest.approx(1.1, abs=1e-6), key
+
+
+def test_no_correction_logs_no_ratio(tiny_model_dir, synth_world, tmp_path):
+    m, = _run_steps(tiny_model_dir, synth_world, tmp_path, 0.3, 1, "rl.rollout_correction=none")
+    assert m["rollout/logp_diff_mean"] == pytest.approx(0.3, abs=1e-4)
+    assert not any(k.startswith("rollout/is_") for k in m)
