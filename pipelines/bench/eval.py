@@ -20,6 +20,9 @@ def batched_vs_sequential(cfg, bench_input, batch_size: int, rounds: int, warmup
     from pipelines.models.families import adapter_for
     from pipelines.prompts import load_template
 
+    from pipelines.threads import apply_torch_threads
+
+    apply_torch_threads(cfg)  # as `videor1 eval` runs: run.torch_threads, or this process's share of the cores
     processor = load_processor(cfg.model.name_or_path)
     model = load_model(cfg.model)
     records = load_eval_records(bench_input.file, cfg.eval.limit)

@@ -68,6 +68,9 @@ def eval_compare(cfg, bench_input, batch_size: int, rounds: int, warmup: int = 1
     from pipelines.models import decode_media, load_model, load_processor
     from pipelines.prompts import load_template
 
+    from pipelines.threads import apply_torch_threads
+
+    apply_torch_threads(cfg)  # as `videor1 eval` runs: run.torch_threads, or this process's share of the cores
     processor = load_processor(cfg.model.name_or_path)
     records = load_eval_records(bench_input.file, cfg.eval.limit)
     template = load_template(cfg.prompt.template)
