@@ -300,7 +300,8 @@ def rl_bench(
         for f, r in res["frames"].items():
             t.add_row(f"T-GRPO, {f} frames", mm(r), "", "", "")
         console.print(t)
-        console.print(f"{_load_line(gi['method'])}; at the end: load {res['load_1min_end']}", soft_wrap=True)
+        console.print(f"{_load_line(gi['method'])} (each pass a fresh trainer whose first {warmup} step(s) are "
+                      f"untimed); at the end: load {res['load_1min_end']}", soft_wrap=True)
         metrics = {"ours_image_s": gi["ours"]["median_s"], "tgrpo_video_s": v["tgrpo"]["median_s"],
                    "grpo_video_s": v["grpo"]["median_s"], "tgrpo_over_grpo": v["ratio"]}
         if "trl" in gi:
@@ -404,7 +405,8 @@ def distributed_bench(
                 metrics[f"{key}_rss_rank{rank}_mib"] = mib
         console.print(t)
         for stage, method in res["method"].items():
-            console.print(f"{stage}: {_load_line(method)}", soft_wrap=True)
+            console.print(f"{stage}: {_load_line(method)} (each pass a run whose first {warmup} step(s) are "
+                          "untimed)", soft_wrap=True)
         run.log_metrics(0, metrics)
         run.set_summary(metrics)
         path = out or run_dir / "bench-distributed.json"

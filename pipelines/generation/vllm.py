@@ -28,7 +28,13 @@ post-processing (the CPU build repacks linear weights, so a bare ``model.load_we
 otherwise the tensors are written once to a safetensors folder and the workers reload from that path (only the method
 name and a string cross the process boundary). After every sync the engine's ENCODER cache is reset, then the prefix
 cache: vLLM keeps vision embeddings of media it has seen, and without the reset a video seen before the update keeps
-its old-weight embeddings (measured: 0 of 70 media prompts changed in vLLM while 70 of 70 changed in HF).
+its old-weight embeddings (measured: 0 of 70 media prompts changed in vLLM while 70 of 70 changed in HF). A missing
+reset, or one that reports failure, raises.
+
+Construction. `build_vllm_backend(cfg, stage)` is the one way eval, annotate and RL build the engine (`vllm_settings`
+reads the stage's config section); the family and its engine support are checked before anything is loaded
+(`check_engine_support`: `Adapter.engines` / `engine_dtypes`; an unreadable hub id's family from its name, with a
+warning, or refused). Log-probs are vLLM's processed ones (see `VLLMBackend`).
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ One step on each rank (``rl.per_device_prompts * rl.gradient_accumulation_steps`
                                                                                -> rollout.score_groups, advantages
 4. reference log-probs (no grad), then ``rl.num_iterations`` optimizer updates over the rollout: each runs the
    policy log-prob forward (every group of a micro-batch in one forward, visual tensors included) and the loss
-   (losses.policy_loss), with old log-probs from the first pass (ratio == 1 when num_iterations == 1)
+   (losses.policy_loss), with old log-probs from the first pass (ratio == 1 when num_iterations == 1); rollouts from
+   another engine (vLLM) carry TRL's importance weights (losses.rollout_correction, rl.rollout_correction)
 5. metrics reduced over ranks -> registry (rank 0), checkpoints every ``rl.save_steps``.
 
 A "step" is one rollout; with num_iterations > 1 it makes that many optimizer updates (the LR schedule counts updates).
@@ -842,8 +843,9 @@ def _info(msg: str) -> None:
 
 
 # Rollout/trainer mismatch (verl's rollout-vs-actor probability difference): |log p_vLLM - log p_policy| over the
-# completion tokens of a step, measured before the update. Near 0 when the engine samples from the policy's own
-# distribution; stale weights (no encoder-cache reset), other positions (M-RoPE) or numerics show up here first.
+# completion tokens of a step, measured before the update, both under the engine's sampling distribution (vLLM's
+# processed log-probs; the policy's through losses.sampler_logprobs), so identical weights read ~0 at any temperature
+# and top_p. Stale weights (no encoder-cache reset), other positions (M-RoPE) or numerics show up here first.
 MISMATCH_MEAN = "rollout/logp_diff_mean"
 MISMATCH_MAX = "rollout/logp_diff_max"
 
