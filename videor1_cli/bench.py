@@ -264,7 +264,8 @@ def rl_bench(
     repeats: int = typer.Option(2, "--repeats", min=1, help="Alternating rounds of ours / the peer (steps pooled)."),
     backend: str = typer.Option("hf", "--backend", help="vllm: T-GRPO steps with rl.backend=vllm vs hf on the same "
                                 "records (generation speed-up, the share of a step outside generation and one "
-                                "policy forward/backward); needs vLLM."),
+                                "policy forward/backward; the 4.2 M-parameter model, 128-token completions); needs "
+                                "vLLM."),
 ) -> None:
     """RL step time: ours vs TRL GRPOTrainer (GRPO, image prompts), T-GRPO vs GRPO (video), 4/16/64 frames.
     Tiny model on the CPU (plumbing, not model speed); run it alone."""
@@ -321,17 +322,17 @@ def _rl_vllm(cfg, steps: int, warmup: int, out, work_dir, model) -> None:
 
     from rich.table import Table
 
-    from pipelines.bench.vllm import rl_compare, tiny_vllm_model
+    from pipelines.bench.vllm import BENCH_NEW_TOKENS, bench_vllm_model, rl_compare
     from pipelines.synth import synthesize
     from videor1_cli.common import console, err_console, registered_run
 
     with registered_run(cfg, "bench-rl") as (run, run_dir):
         work = Path(work_dir or run_dir / "work")
-        model_dir = model or tiny_vllm_model(work)
+        model_dir = model or bench_vllm_model(work)  # 4.2 M parameters: decoding is compute (pipelines/bench/vllm.py)
         world = work / "world"
         if not (world / "rl.json").exists():
             synthesize(world, train=32, test=1, seed=0, frames=16, fps=4.0)
-        overrides = ["rl.num_generations=4", "rl.max_completion_length=32", "rl.per_device_prompts=2",
+        overrides = ["rl.num_generations=4", f"rl.max_completion_length={BENCH_NEW_TOKENS}", "rl.per_device_prompts=2",
                      "rl.vllm.enforce_eager=true"]
         with err_console.status("bench rl --backend vllm") as status:
             res = rl_compare(model_dir, str(world / "rl.json"), work / "runs", steps, warmup, overrides,

@@ -15,7 +15,8 @@ parameters; 128 new tokens per sample). On the 0.2 M-parameter default tiny mode
 bound by its matmuls and memory bandwidth on a GPU, which no CPU model reproduces: read the ratio as "the engines on a
 model whose steps are compute", not as the GPU's.
 
-rl: a few T-GRPO steps with `rl.backend=hf` and with `rl.backend=vllm` on the same records, both trainers set up
+rl: a few T-GRPO steps (the same model, 128-token completions) with `rl.backend=hf` and with `rl.backend=vllm` on the
+same records, both trainers set up
 first and then stepped in alternating rounds (warm-up steps excluded); per step the trainer logs `step_time`,
 `gen_time` and `time/policy_fwd_bwd` (the first pass's policy forward + backward), from which the share of a step
 spent outside generation and one policy forward/backward (reference forward, rewards, data, optimizer, weight sync,
