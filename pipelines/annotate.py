@@ -222,22 +222,15 @@ def make_teacher(cfg, llm: Any = None, sampling_params_cls: Any = None):
     from pipelines.generation import make_backend
     from pipelines.models import load_model, load_processor
 
-    from pipelines.generation.vllm import engine_dtype
-
     a = cfg.annotate
-    processor = load_processor(a.model)
     if a.backend == "hf":
+        processor = load_processor(a.model)
         model = load_model(cfg.model.model_copy(update={"name_or_path": a.model, "revision": None}), for_training=False)
         return make_backend("hf", model=model, processor=processor, batch_size=a.batch_size), processor
-    backend = make_backend(
-        "vllm", model_path=a.model, tensor_parallel_size=a.tensor_parallel_size,
-        gpu_memory_utilization=a.gpu_memory_utilization, max_model_len=a.max_model_len,
-        max_model_len_key="annotate.max_model_len", enforce_eager=a.enforce_eager, enable_sleep_mode=False,
-        dtype=engine_dtype(cfg.model.dtype, cfg.model.device),
-        seed=cfg.run.seed, limit_mm_per_prompt={"image": 1, "video": 1}, llm=llm,
-        sampling_params_cls=sampling_params_cls,
-    )
-    return backend, processor
+    from pipelines.generation.vllm import build_vllm_backend
+
+    backend = build_vllm_backend(cfg, "annotate", llm=llm, sampling_params_cls=sampling_params_cls)
+    return backend, load_processor(a.model)
 
 
 def _meta(cfg, shard: tuple[int, int] | None, n_expected: int) -> dict[str, Any]:

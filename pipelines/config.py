@@ -295,6 +295,23 @@ class RlConfig(Section):
     bf16: bool = Field(False, description="bfloat16 autocast for the policy (GPU).")
     backend: Literal["hf", "vllm"] = Field("hf", description="Rollout engine: hf (transformers generate) or vllm.")
     vllm: VllmConfig = Field(default_factory=VllmConfig, description="Settings of the colocated vLLM engine.")
+    rollout_correction: Literal["none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = Field(
+        "sequence_mask",
+        description="Importance-sampling correction for rollouts that do not come from the policy itself (TRL's "
+        "vllm_importance_sampling_mode): each completion's loss is weighted by pi_policy / pi_engine of its sampled "
+        "tokens, both log-probs taken under the engine's sampling distribution (temperature, top-p, logit bias). "
+        "token_* = one ratio per token; sequence_* = one per sequence (exp of the summed token log-ratios); "
+        "*_truncate = clip the ratio to [C_min, C_max]; *_mask = weight 0 outside it; none = no correction. Applies "
+        "with rl.backend=vllm; the hf backend samples from the policy itself, so there it is always none. Logged per "
+        "step: rollout/is_ratio_mean|min|max and rollout/is_masked_fraction (share of sequences or tokens outside "
+        "[C_min, C_max]).",
+    )
+    rollout_correction_c_max: float | None = Field(
+        3.0, gt=0, description="C_max of rl.rollout_correction (TRL's vllm_importance_sampling_clip_max); null: none."
+    )
+    rollout_correction_c_min: float | None = Field(
+        None, ge=0, description="C_min of rl.rollout_correction (TRL's vllm_importance_sampling_clip_min); null: none."
+    )
     output_dir: str | None = Field(None, description="Where the model is written (default: the run's directory).")
 
     @model_validator(mode="after")
@@ -305,6 +322,9 @@ class RlConfig(Section):
             )
         if self.length_min > self.length_max:
             raise ValueError(f"rl.length_min ({self.length_min}) > rl.length_max ({self.length_max})")
+        lo, hi = self.rollout_correction_c_min, self.rollout_correction_c_max
+        if lo is not None and hi is not None and lo > hi:
+            raise ValueError(f"rl.rollout_correction_c_min ({lo}) > rl.rollout_correction_c_max ({hi})")
         return self
 
     @property

@@ -16,6 +16,7 @@ from pipelines.registry import Registry, RegistryError
 DEFAULT_PLOT_METRICS = [
     "rewards/accuracy", "rewards/format", "completion_length", "kl", "temporal_bonus_rate", "reward", "loss",
     "rollout/logp_diff_mean", "rollout/logp_diff_max",  # rl.backend=vllm: rollout vs trainer log-prob mismatch
+    "rollout/is_ratio_mean", "rollout/is_masked_fraction",  # rl.rollout_correction
 ]
 
 

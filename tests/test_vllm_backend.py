@@ -22,6 +22,7 @@ VIDEO_PROMPT = ("<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>Wh
 IMAGE_PROMPT = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What colour?<|im_end|>\n"
                 "<|im_start|>assistant\n")
 TEXT_PROMPT = "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"
+HUB_ID = "Qwen/Qwen2.5-VL-7B-Instruct"  # not readable offline: its family comes from its name, with a warning
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +98,7 @@ class FakeSamplingParams(SimpleNamespace):
 
 def backend(tokenizer, **kw):
     fake = kw.pop("llm", None) or FakeLLM(tokenizer)
-    return V.VLLMBackend("/models/qwen", llm=fake, sampling_params_cls=FakeSamplingParams, **kw), fake
+    return V.VLLMBackend(HUB_ID, llm=fake, sampling_params_cls=FakeSamplingParams, **kw), fake
 
 
 def video(t=8, h=56, w=56, seed=0):
@@ -367,7 +368,7 @@ def test_sleep_is_a_noop_without_sleep_mode(tokenizer):
 def test_missing_vllm_is_a_user_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` raises ImportError
     with pytest.raises(VideoR1Error) as e:
-        V.VLLMBackend("/models/qwen")
+        V.VLLMBackend(HUB_ID)
     assert "videor1[vllm]" in e.value.hint and "GPU" in e.value.hint
 
 
@@ -383,13 +384,17 @@ def test_llm_constructor_arguments(monkeypatch, tokenizer):
         SamplingParams = FakeSamplingParams
 
     monkeypatch.setitem(sys.modules, "vllm", FakeVllmModule)
-    from pipelines.config import VllmConfig
+    from pipelines.config import load_config
 
-    b = V.VLLMBackend.from_config("/m", VllmConfig(gpu_memory_utilization=0.7, max_model_len=16384,
-                                                    enforce_eager=True), seed=3)
-    assert seen["model"] == "/m" and seen["gpu_memory_utilization"] == 0.7 and seen["max_model_len"] == 16384
+    cfg = load_config(overrides=[f"model.name_or_path={HUB_ID}", "model.revision=abc123", "run.seed=3",
+                                 "eval.gpu_memory_utilization=0.7", "eval.max_model_len=16384",
+                                 "eval.enforce_eager=true", "eval.batch_size=5", "model.dtype=float32"])
+    b = V.build_vllm_backend(cfg, "eval")
+    assert seen["model"] == HUB_ID and seen["gpu_memory_utilization"] == 0.7 and seen["max_model_len"] == 16384
+    assert seen["revision"] == seen["tokenizer_revision"] == "abc123"  # eval honours model.revision
     assert seen["enforce_eager"] is True and seen["enable_prefix_caching"] is True and seen["seed"] == 3
-    assert seen["limit_mm_per_prompt"] == {"image": 1, "video": 1}
+    assert seen["limit_mm_per_prompt"] == {"image": 1, "video": 1} and seen["max_num_seqs"] == 5
+    assert seen["dtype"] == "float32" and seen["logprobs_mode"] == "processed_logprobs"
     assert "distributed_executor_backend" not in seen and not b.sleeping  # not colocated: engine stays awake
     b.generate([TEXT_PROMPT], [Media()], Sampling())  # default SamplingParams class comes from the vllm module
 
@@ -397,14 +402,143 @@ def test_llm_constructor_arguments(monkeypatch, tokenizer):
     for k, v in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
                  "MASTER_PORT": "29555"}.items():
         monkeypatch.setenv(k, v)
-    b = V.VLLMBackend("/m", colocate=True, enable_sleep_mode=True, seed=10)
-    assert seen["distributed_executor_backend"] == "external_launcher"
+    cfg = load_config(overrides=[f"model.name_or_path={HUB_ID}", "run.seed=10", "rl.vllm.enable_sleep_mode=true",
+                                 "rl.vllm.gpu_memory_utilization=0.3"])
+    b = V.build_vllm_backend(cfg, "rl", model_path="/ckpt/Qwen2.5-VL-step-5", dtype="float32")
+    assert seen["distributed_executor_backend"] == "external_launcher" and seen["model"] == "/ckpt/Qwen2.5-VL-step-5"
+    assert "revision" not in seen and seen["gpu_memory_utilization"] == 0.3  # a checkpoint path: no revision
     assert seen["seed"] == 11  # one seed per TP group (tp=1: per rank)
     assert b.sleeping  # colocated + sleep mode: memory goes to the trainer until the first sync
 
 
+def test_one_builder_per_stage_reads_its_section():
+    from pipelines.config import load_config
+
+    cfg = load_config(overrides=["model.name_or_path=Qwen/Qwen3-VL-8B-Instruct", "model.revision=r1",
+                                 "annotate.model=Qwen/Qwen2.5-VL-72B-Instruct", "annotate.max_model_len=2048",
+                                 "annotate.batch_size=7", "eval.tensor_parallel_size=2", "rl.vllm.max_model_len=999",
+                                 "model.dtype=bfloat16"])
+    ev, ann = V.vllm_settings(cfg, "eval"), V.vllm_settings(cfg, "annotate")
+    rl = V.vllm_settings(cfg, "rl", dtype="float32")
+    assert ev["model_path"] == "Qwen/Qwen3-VL-8B-Instruct" and ev["revision"] == "r1" and ev["tensor_parallel_size"] == 2
+    assert ev["max_model_len_key"] == "eval.max_model_len" and ev["backend_key"] == "eval.backend"
+    assert ann["model_path"] == "Qwen/Qwen2.5-VL-72B-Instruct" and ann["revision"] is None
+    assert ann["max_model_len"] == 2048 and ann["max_num_seqs"] == 7 and not ann["enable_sleep_mode"]
+    assert rl["model_path"] == "Qwen/Qwen3-VL-8B-Instruct" and rl["revision"] == "r1" and rl["colocate"]
+    assert rl["max_model_len"] == 999 and rl["dtype"] == "float32" and rl["backend_key"] == "rl.backend"
+    assert ev["dtype"] == ann["dtype"] == "bfloat16"
+    with pytest.raises(ValueError, match="unknown vLLM stage"):
+        V.vllm_settings(cfg, "sft")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loud checks
+class _NoEncoderReset(FakeLLM):
+    def __init__(self, tokenizer):
+        super().__init__(tokenizer)
+        self.llm_engine = SimpleNamespace(model_executor=SimpleNamespace())  # no reset_encoder_cache
+
+
+def test_a_missing_encoder_cache_reset_raises(tokenizer):
+    b, fake = backend(tokenizer, llm=_NoEncoderReset(tokenizer))
+    with pytest.raises(VideoR1Error, match="reset_encoder_cache"):
+        b.sync_weights(torch.nn.Linear(2, 2))
+
+
+def test_a_missing_or_failed_prefix_cache_reset_raises(tokenizer):
+    fake = FakeLLM(tokenizer)
+    fake.reset_prefix_cache = lambda: False  # vLLM's answer while requests are running
+    b, _ = backend(tokenizer, llm=fake)
+    with pytest.raises(VideoR1Error, match="refused to reset its prefix cache"):
+        b.reset_caches()
+    del fake.reset_prefix_cache
+    fake.__class__ = type("NoPrefixReset", (FakeLLM,), {"reset_prefix_cache": None})
+    with pytest.raises(VideoR1Error, match="no reset_prefix_cache"):
+        b.reset_caches()
+    ok = FakeLLM(tokenizer)
+    ok.reset_prefix_cache = lambda: True
+    backend(tokenizer, llm=ok)[0].reset_caches()  # True: fine
+
+
+def test_unreadable_family_is_guessed_from_the_name_with_a_warning_or_refused(tokenizer, caplog, tmp_path):
+    from pipelines.models.families import FamilyError
+
+    with caplog.at_level("WARNING"):
+        b, _ = backend(tokenizer)  # HUB_ID, offline
+    assert b.adapter.family == "qwen2_5_vl" and "serving it as Qwen2.5-VL" in caplog.text
+    assert V.engine_adapter("org/Qwen3-VL-8B-Instruct").family == "qwen3_vl"  # timestamps, not the default's form
+    assert V.engine_adapter("org/Qwen3-VL-30B-A3B-Instruct").family == "qwen3_vl_moe"
+    with pytest.raises(FamilyError, match="names no supported family"):
+        V.engine_adapter("org/some-model")
+    with pytest.raises(FamilyError, match="names no supported family"):
+        V.VLLMBackend("org/some-model", llm=FakeLLM(tokenizer), sampling_params_cls=FakeSamplingParams)
+    d = tmp_path / "Qwen3-VL-local"  # a local directory: its config decides, never the name
+    d.mkdir()
+    (d / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(FamilyError, match="'llama' is not supported"):
+        V.engine_adapter(str(d))
+
+
+def _config_only_model(tmp_path, family):
+    d = tmp_path / f"{family}-model"
+    d.mkdir()
+    (d / "config.json").write_text('{"model_type": "%s"}' % family)
+    return str(d)
+
+
+@pytest.mark.parametrize("stage,key", [("eval", "eval.backend"), ("annotate", "annotate.backend")])
+def test_unsupported_family_engine_fails_before_any_model_loads(stage, key, tmp_path, monkeypatch):
+    """vLLM + Qwen3-VL-MoE, and Qwen3.5 on vLLM's CPU build in float32: one line naming what works, before vLLM is
+    imported or any model / processor is read."""
+    from pipelines.config import load_config
+    from pipelines.models.families import FamilyError
+
+    def nothing_may_load(*a, **k):
+        raise AssertionError("a model or processor was loaded before the refusal")
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # and the engine never starts
+    monkeypatch.setattr("pipelines.models.load_model", nothing_may_load)
+    monkeypatch.setattr("pipelines.models.load_processor", nothing_may_load)
+    monkeypatch.setattr(V, "engine_device", lambda: "cpu")
+    moe = _config_only_model(tmp_path, "qwen3_vl_moe")
+    dense35 = _config_only_model(tmp_path, "qwen3_5")
+    model_key = "annotate.model" if stage == "annotate" else "model.name_or_path"
+    for path, dtype, want in ((moe, "float32", f"Qwen3-VL-MoE cannot run on the vllm engine"),
+                              (dense35, "float32", "Qwen3.5 on vllm (cpu) runs in bfloat16 only, not float32")):
+        cfg = load_config(overrides=[f"{model_key}={path}", f"{stage}.backend=vllm", f"model.dtype={dtype}"])
+        with pytest.raises(FamilyError) as e:
+            if stage == "eval":
+                from pipelines.evaluate.runner import build_backend
+
+                build_backend(cfg)
+            else:
+                from pipelines.annotate import make_teacher
+
+                make_teacher(cfg)
+        msg = str(e.value)
+        assert want in msg and "\n" not in msg, msg
+        assert f"works: " in msg and key + "=hf" in msg
+    assert "model.dtype=bfloat16" in msg  # Qwen3.5: bfloat16 works too
+
+
+def test_adapters_declare_engines_and_dtypes():
+    from pipelines.models.families import ADAPTERS, FamilyError
+
+    for fam in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "qwen3_5_moe"):
+        assert ADAPTERS[fam].engines == ("hf", "vllm")
+    assert ADAPTERS["qwen3_vl_moe"].engines == ("hf",)
+    for fam in ADAPTERS:
+        ADAPTERS[fam].check_engine("hf", "float32", "cpu")  # every family runs on transformers in any dtype
+    ADAPTERS["qwen3_5"].check_engine("vllm", "bfloat16", "cpu")
+    ADAPTERS["qwen3_5_moe"].check_engine("vllm", "float32", "cuda")  # the CPU kernel's limit only
+    ADAPTERS["qwen3_5"].check_engine("vllm", None, "cpu")  # dtype "auto": the engine's choice, not checked
+    with pytest.raises(FamilyError, match="works: model.dtype=bfloat16 or rl.backend=hf"):
+        ADAPTERS["qwen3_5_moe"].check_engine("vllm", "torch.float32", "cpu", backend_key="rl.backend")
+    ADAPTERS["qwen2_5_vl"].check_engine("vllm", "float32", "cpu")
+
+
 def test_make_backend_vllm(tokenizer):
-    b = make_backend("vllm", model_path="/m", llm=FakeLLM(tokenizer), sampling_params_cls=FakeSamplingParams)
+    b = make_backend("vllm", model_path=HUB_ID, llm=FakeLLM(tokenizer), sampling_params_cls=FakeSamplingParams)
     assert isinstance(b, V.VLLMBackend)
 
 
@@ -474,3 +608,23 @@ def test_stats_reduce_keeps_means_and_maxima():
     out = st.reduce(acc)
     assert out["rollout/logp_diff_mean"] == pytest.approx(0.1) and out["rollout/logp_diff_max"] == 0.3
     assert out["never"] != out["never"]  # NaN when nothing was measured
+
+
+def test_rl_refuses_an_unsupported_engine_before_loading_the_policy(tmp_path, monkeypatch, synth_world):
+    from pipelines.config import load_config
+    from pipelines.models.families import FamilyError
+    from pipelines.rl.trainer import RLTrainer
+
+    def nothing_may_load(*a, **k):
+        raise AssertionError("a model or processor was loaded before the refusal")
+
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    monkeypatch.setattr("pipelines.models.load_model", nothing_may_load)
+    monkeypatch.setattr("pipelines.models.load_processor", nothing_may_load)
+    monkeypatch.setattr(V, "engine_device", lambda: "cpu")
+    cfg = load_config(overrides=[f"model.name_or_path={_config_only_model(tmp_path, 'qwen3_vl_moe')}",
+                                 f"data.file={synth_world['rl']}", "rl.backend=vllm",
+                                 f"run.output_dir={tmp_path / 'runs'}"])
+    tr = RLTrainer(cfg, SimpleNamespace(id="x"), tmp_path / "run")
+    with pytest.raises(FamilyError, match="works: rl.backend=hf"):
+        tr.setup()

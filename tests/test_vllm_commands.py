@@ -26,7 +26,8 @@ pytestmark = pytest.mark.vllm
 REPO = Path(__file__).resolve().parents[1]
 RL_SMALL = ["--algo", "tgrpo", "--set", "rl.backend=vllm", "--set", "rl.vllm.enforce_eager=true",
             "--set", "rl.num_generations=4", "--set", "rl.max_completion_length=12",
-            "--set", "rl.per_device_prompts=2", "--set", "rl.temperature=1.0", "--set", "rl.top_p=1.0"]
+            "--set", "rl.per_device_prompts=2", "--set", "rl.temperature=0.7", "--set", "rl.top_p=0.95"]
+IS_KEYS = ("rollout/is_ratio_mean", "rollout/is_ratio_min", "rollout/is_ratio_max", "rollout/is_masked_fraction")
 
 
 def _env(home: Path) -> dict[str, str]:
@@ -132,10 +133,16 @@ def test_train_rl_tgrpo_vllm_one_process_records_the_mismatch_and_plots_it(model
     run = reg.list_runs(kind="train-rl")[0]
     assert run["status"] == "finished"
     m = reg.metrics(run["id"])
-    for key in ("rollout/logp_diff_mean", "rollout/logp_diff_max", "reward", "rewards/accuracy", "p_shuffled"):
+    for key in ("rollout/logp_diff_mean", "rollout/logp_diff_max", "reward", "rewards/accuracy", "p_shuffled",
+                *IS_KEYS):
         assert [s for s, _ in m[key]] == [1, 2], key
-    # Temperature 1 / top_p 1: vLLM's raw log-probs are the policy's own distribution; synced weights keep it so.
-    assert max(v for _, v in m["rollout/logp_diff_max"]) < 1e-3
+    # T 0.7 / top_p 0.95 (issue 24): vLLM's processed log-probs against the trainer's computed the way vLLM samples;
+    # the engine starts from the policy's weights and gets them again after each step, so both read ~0 / ~1.
+    assert m["rollout/logp_diff_mean"][0][1] <= 1e-3 and max(v for _, v in m["rollout/logp_diff_mean"]) <= 1e-3
+    assert max(v for _, v in m["rollout/logp_diff_max"]) < 1e-2
+    for key in IS_KEYS[:3]:
+        assert all(abs(v - 1) < 1e-2 for _, v in m[key]), (key, m[key])
+    assert all(v == 0 for _, v in m["rollout/is_masked_fraction"])
     png = tmp_path / "curves.png"
     videor1("runs", "plot", run["id"], "--out", png, home=home)
     assert png.stat().st_size > 1000
@@ -149,7 +156,10 @@ def test_train_rl_tgrpo_vllm_two_processes(model_dir, world, tmp_path):
     reg = registry(home)
     run = reg.list_runs(kind="train-rl")[0]
     assert run["status"] == "finished" and run["summary"]["world_size"] == 2
-    assert max(v for _, v in reg.metrics(run["id"])["rollout/logp_diff_max"]) < 1e-3
+    m = reg.metrics(run["id"])
+    assert max(v for _, v in m["rollout/logp_diff_mean"]) <= 1e-3
+    assert max(v for _, v in m["rollout/logp_diff_max"]) < 1e-2
+    assert all(abs(v - 1) < 1e-2 for _, v in m["rollout/is_ratio_mean"])
     reports = [json.loads(p.read_text()) for p in sorted((tmp_path / "runs").glob("*/rank-*.json"))]
     assert len(reports) == 2 and reports[0]["checksum"] == reports[1]["checksum"]  # replicas in step
     seen = [set(i for s in r["steps"] for i in s["indices"]) for r in reports]

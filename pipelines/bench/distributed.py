@@ -134,29 +134,45 @@ def run_one(stage: str, mode: str, work: Path, model: str, world: dict[str, str]
 
 
 def run_bench(work: str | Path, *, model_dir: str | None = None, steps: int = 4, warmup: int = 2,
-              modes: tuple[str, ...] = MODES, stages: tuple[str, ...] = STAGES,
+              modes: tuple[str, ...] = MODES, stages: tuple[str, ...] = STAGES, rounds: int = 2,
               progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    import platform
-
-    import torch
+    """Per stage, the modes in `rounds` alternating rounds (`pipelines.bench.alternate`: each run's first `warmup`
+    steps untimed, the order flipped every round); per mode the pooled step times (min, median), the peak RSS per
+    rank over its runs, and its ratio to DDP (the peer) by median and by min."""
+    from pipelines.bench import Timed, alternate, machine
 
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     model, world = _world(work, model_dir)
-    rows = []
+    rows, methods = [], {}
     for stage in stages:
-        for mode in modes:
-            if progress:
-                progress(f"{stage} / {mode}")
-            rows.append(run_one(stage, mode, work, model, world, steps=steps, warmup=warmup))
-    out = {"rows": rows, "steps": steps, "warmup": warmup, "machine": {
-        "cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-        "cuda": torch.cuda.is_available()}}
-    try:
-        import deepspeed
+        runs: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
 
-        out["machine"]["deepspeed"] = deepspeed.__version__
-    except ImportError:
-        pass
+        def side(mode, stage=stage, runs=runs):
+            def one():
+                r = run_one(stage, mode, work, model, world, steps=steps, warmup=warmup)
+                runs[mode].append(r)
+                return Timed(r["step_s"], r)
+
+            return one
+
+        cmp = alternate({m: side(m) for m in modes}, rounds=rounds, warmup=0,
+                        progress=lambda msg, stage=stage: progress and progress(f"{stage} / {msg}"))
+        methods[stage] = cmp.summary()["method"]
+        for mode in modes:
+            peak: dict[int, float] = {}
+            for r in runs[mode]:
+                for rank, mib in r["peak_rss_mib"].items():
+                    peak[rank] = max(peak.get(rank, 0.0), mib)
+            side_ = cmp[mode]
+            row = {"stage": stage, "mode": mode, "steps": len(side_.seconds),
+                   "step_s_median": side_.median_s if side_.seconds else None,
+                   "step_s_min": side_.min_s if side_.seconds else None, "step_s": side_.seconds,
+                   "peak_rss_mib": peak, "wall_s": [r["wall_s"] for r in runs[mode]]}
+            if "ddp" in modes and mode != "ddp" and side_.seconds and cmp["ddp"].seconds:
+                row["vs_ddp"] = {"median": round(cmp.ratio(mode, "ddp"), 3),
+                                 "min": round(cmp.ratio(mode, "ddp", "min"), 3)}
+            rows.append(row)
+    out = {"rows": rows, "steps": steps, "warmup": warmup, "rounds": rounds, "method": methods, "machine": machine()}
     (work / "bench-distributed.json").write_text(json.dumps(out, indent=2))
     return out

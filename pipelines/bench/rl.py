@@ -13,15 +13,14 @@ Three scenarios on the same tiny Qwen2.5-VL and one synthetic world (64-frame 56
 3. ``frames``: T-GRPO step time at 4 / 16 / 64 frames.
 
 A step is timed from the end of one optimizer step to the end of the next (everything: data, decode, rollout,
-rewards, reference and policy forward, backward, optimizer); the figure is the median over ``steps`` steps after
-``warmup`` steps. TRL has no video path for the loss forward (see docs/rl.md), so it appears only in scenario 1.
+rewards, reference and policy forward, backward, optimizer). Timing: `pipelines.bench.alternate` -- the two sides of
+a scenario in alternating rounds (``repeats``; each round a fresh trainer per side whose first ``warmup`` steps are
+untimed), the timed steps pooled; min and median and the machine's load are reported. TRL has no video path for the loss forward (see docs/rl.md), so it appears only in scenario 1.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import platform
 import statistics
 import tempfile
 import time
@@ -166,10 +165,16 @@ def time_trl(model_dir: str, data: Path, root: Path, work: Path, steps: int, war
     return {"median_s": statistics.median(times), "times_s": times}
 
 
+def _side(side) -> dict[str, Any]:
+    return {"median_s": side.median_s, "min_s": side.min_s, "times_s": side.seconds}
+
+
 def run_bench(out: str | Path | None = None, model_dir: str | None = None, steps: int = 10, warmup: int = 3,
               frames: tuple[int, ...] = (4, 16, 64), threads: int = 1, skip_trl: bool = False, repeats: int = 2,
               progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     import torch
+
+    from pipelines.bench import Timed, alternate, loadavg, machine
 
     torch.set_num_threads(threads)
     say = progress or (lambda s: None)
@@ -179,52 +184,39 @@ def run_bench(out: str | Path | None = None, model_dir: str | None = None, steps
     res: dict[str, Any] = {"settings": dict(COMMON, steps=steps, warmup=warmup, threads=threads, repeats=repeats,
                                             prompts_per_step=1, image_px="56x56", video_px="56x56")}
 
-    # Ours and TRL alternate `repeats` times and the timed steps are pooled, so a noisy neighbour on a shared machine
-    # hits both sides alike.
-    ours_t: list[float] = []
-    trl_t: list[float] = []
-    for rep in range(repeats):
-        say(f"grpo on images: ours ({rep + 1}/{repeats})")
-        ours_t += time_ours(_our_config(model_dir, files["image"], root, work, "grpo", 16), work, steps,
-                            warmup)["times_s"]
-        if not skip_trl:
-            say(f"grpo on images: trl GRPOTrainer ({rep + 1}/{repeats})")
-            trl_t += time_trl(model_dir, files["image"], root, work, steps, warmup)["times_s"]
-    ours_img = {"median_s": statistics.median(ours_t), "times_s": ours_t}
-    res["grpo_image"] = {"ours": ours_img}
-    if not skip_trl:
-        trl_img = {"median_s": statistics.median(trl_t), "times_s": trl_t}
-        res["grpo_image"]["trl"] = trl_img
-        ratio = ours_img["median_s"] / trl_img["median_s"]
-        res["grpo_image"].update(ratio=ratio, target=IMAGE_RATIO_TARGET, met=ratio <= IMAGE_RATIO_TARGET)
+    # Ours and TRL in alternating rounds (pipelines.bench.alternate; each round a fresh trainer per side, its first
+    # `warmup` steps untimed), the timed steps pooled, so a noisy neighbour on a shared machine hits both sides alike.
+    def side(fn):
+        return lambda: Timed(fn()["times_s"])
 
-    g: dict[str, Any] = {"times_s": []}
-    t: dict[str, Any] = {"times_s": []}
-    for rep in range(repeats):
-        say(f"video: grpo vs tgrpo at 16 frames ({rep + 1}/{repeats})")
-        for algo, acc in (("grpo", g), ("tgrpo", t)):
-            acc["times_s"] += time_ours(_our_config(model_dir, files["video"], root, work, algo, 16), work, steps,
-                                        warmup)["times_s"]
-    for acc in (g, t):
-        acc["median_s"] = statistics.median(acc["times_s"])
-    ratio = t["median_s"] / g["median_s"]
-    res["video"] = {"grpo": g, "tgrpo": t, "ratio": ratio, "target": TGRPO_RATIO_TARGET,
-                    "met": ratio <= TGRPO_RATIO_TARGET, "frames": 16}
+    sides = {"ours": side(lambda: time_ours(_our_config(model_dir, files["image"], root, work, "grpo", 16), work,
+                                            steps, warmup))}
+    if not skip_trl:
+        sides["trl"] = side(lambda: time_trl(model_dir, files["image"], root, work, steps, warmup))
+    img = alternate(sides, rounds=repeats, warmup=0, progress=lambda s: say(f"grpo on images: {s}"))
+    res["grpo_image"] = {name: _side(img[name]) for name in sides}
+    res["grpo_image"]["method"] = img.summary()["method"]
+    if not skip_trl:
+        ratio = img.ratio("ours", "trl")
+        res["grpo_image"].update(ratio=ratio, ratio_min=img.ratio("ours", "trl", "min"), target=IMAGE_RATIO_TARGET,
+                                 met=ratio <= IMAGE_RATIO_TARGET)
+
+    vid = alternate({algo: side(lambda algo=algo: time_ours(_our_config(model_dir, files["video"], root, work, algo,
+                                                                         16), work, steps, warmup))
+                     for algo in ("grpo", "tgrpo")}, rounds=repeats, warmup=0,
+                    progress=lambda s: say(f"video at 16 frames: {s}"))
+    ratio = vid.ratio("tgrpo", "grpo")
+    res["video"] = {"grpo": _side(vid["grpo"]), "tgrpo": _side(vid["tgrpo"]), "ratio": ratio,
+                    "ratio_min": vid.ratio("tgrpo", "grpo", "min"), "target": TGRPO_RATIO_TARGET,
+                    "met": ratio <= TGRPO_RATIO_TARGET, "frames": 16, "method": vid.summary()["method"]}
 
     res["frames"] = {}
-    for f in frames:
+    for f in frames:  # no peer: one side, its steps after its warm-up steps
         say(f"tgrpo at {f} frames")
-        res["frames"][str(f)] = time_ours(_our_config(model_dir, files["video"], root, work, "tgrpo", f), work,
-                                          steps, warmup)
-    res["machine"] = {"platform": platform.platform(), "machine": platform.machine(), "cpus": os.cpu_count(),
-                      "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-                      "torch": torch.__version__}
-    try:
-        from importlib import metadata
-
-        res["machine"].update(transformers=metadata.version("transformers"), trl=metadata.version("trl"))
-    except Exception:  # noqa: BLE001
-        pass
+        r = time_ours(_our_config(model_dir, files["video"], root, work, "tgrpo", f), work, steps, warmup)
+        res["frames"][str(f)] = {**r, "min_s": min(r["times_s"])}
+    res["machine"] = machine()
+    res["load_1min_end"] = loadavg()
     return res
 
 

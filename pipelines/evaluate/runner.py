@@ -29,7 +29,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 from pipelines.errors import VideoR1Error
 from pipelines.evaluate import metrics as M
@@ -277,16 +277,12 @@ def build_backend(cfg, processor=None):
     """(backend, processor) for cfg.eval.backend: hf (transformers generate) or vllm (GPU, tensor parallel)."""
     from pipelines.models import load_processor
 
-    processor = processor or load_processor(cfg.model.name_or_path, cfg.model.revision)
-    if cfg.eval.backend == "vllm":
-        from pipelines.generation.vllm import VLLMBackend, engine_dtype
+    if cfg.eval.backend == "vllm":  # the engine first: a family / dtype it cannot run is refused before loading
+        from pipelines.generation.vllm import build_vllm_backend
 
-        return VLLMBackend(cfg.model.name_or_path, tensor_parallel_size=cfg.eval.tensor_parallel_size,
-                           gpu_memory_utilization=cfg.eval.gpu_memory_utilization,
-                           max_model_len=cfg.eval.max_model_len, max_model_len_key="eval.max_model_len",
-                           enforce_eager=cfg.eval.enforce_eager, seed=cfg.run.seed,
-                           dtype=engine_dtype(cfg.model.dtype, cfg.model.device),
-                           max_num_seqs=cfg.eval.batch_size), processor
+        backend = build_vllm_backend(cfg, "eval")
+        return backend, processor or load_processor(cfg.model.name_or_path, cfg.model.revision)
+    processor = processor or load_processor(cfg.model.name_or_path, cfg.model.revision)
     from pipelines.generation.hf import HFBackend
     from pipelines.models import load_model
 
@@ -771,41 +767,3 @@ def compare_results(runs: dict[str, dict[str, Any]], mode: str | None = None) ->
         for bench, value in results_table_rows(res, mode).items():
             table.setdefault(bench, {})[label] = value
     return table
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Throughput (videor1 bench eval)
-def throughput(cfg, bench_input: BenchInput, batch_sizes: Iterable[int], repeats: int = 3,
-               backend_factory: Callable[[int], Any] | None = None) -> dict[int, dict[str, Any]]:
-    """Samples/s of generation (prompt building + media decoding + generate) per batch size, median of `repeats`.
-
-    Media are decoded once up front (cached frames), so the figure measures the generation engine."""
-    import statistics
-
-    from pipelines.models import decode_media, load_model, load_processor
-    from pipelines.models.families import adapter_for
-    from pipelines.prompts import load_template
-
-    from pipelines.generation.hf import HFBackend
-
-    processor = load_processor(cfg.model.name_or_path)
-    model = load_model(cfg.model)
-    records = load_eval_records(bench_input.file, cfg.eval.limit)
-    template = load_template(cfg.prompt.template)
-    prompts = [render_prompt(processor, r, template) for r in records]
-    media = [decode_media(r, cfg, bench_input.root, factor=adapter_for(processor).factor) for r in records]
-    sampling = sampling_for(cfg)
-    out: dict[int, dict[str, Any]] = {}
-    for bs in batch_sizes:
-        backend = backend_factory(bs) if backend_factory else HFBackend(model, processor, batch_size=bs)
-        backend.generate(prompts[:bs], media[:bs], sampling)  # warm-up
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            for s in range(0, len(prompts), bs):
-                backend.generate(prompts[s:s + bs], media[s:s + bs], sampling)
-            times.append(time.perf_counter() - t)
-        med = statistics.median(times)
-        out[bs] = {"batch_size": bs, "samples": len(prompts), "seconds": [round(x, 3) for x in times],
-                   "median_s": round(med, 3), "samples_per_s": round(len(prompts) / med, 2)}
-    return out

@@ -32,8 +32,8 @@ class Completion:
     text: str  # decoded with special tokens skipped
     token_ids: list[int] = field(default_factory=list)  # up to and including the first EOS
     finished: bool = True  # False when cut by max_new_tokens
-    # Log-prob of each token in token_ids under the sampling distribution (temperature applied), when requested from
-    # a backend that reports them; NaN where the engine reported none.
+    # Log-prob of each token in token_ids under the distribution it was sampled from (vLLM's processed log-probs:
+    # logit bias, temperature, top-p), when requested from a backend that reports them; NaN where it reported none.
     logprobs: list[float] | None = None
 
 

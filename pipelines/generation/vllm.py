@@ -28,7 +28,13 @@ post-processing (the CPU build repacks linear weights, so a bare ``model.load_we
 otherwise the tensors are written once to a safetensors folder and the workers reload from that path (only the method
 name and a string cross the process boundary). After every sync the engine's ENCODER cache is reset, then the prefix
 cache: vLLM keeps vision embeddings of media it has seen, and without the reset a video seen before the update keeps
-its old-weight embeddings (measured: 0 of 70 media prompts changed in vLLM while 70 of 70 changed in HF).
+its old-weight embeddings (measured: 0 of 70 media prompts changed in vLLM while 70 of 70 changed in HF). A missing
+reset, or one that reports failure, raises.
+
+Construction. `build_vllm_backend(cfg, stage)` is the one way eval, annotate and RL build the engine (`vllm_settings`
+reads the stage's config section); the family and its engine support are checked before anything is loaded
+(`check_engine_support`: `Adapter.engines` / `engine_dtypes`; an unreadable hub id's family from its name, with a
+warning, or refused). Log-probs are vLLM's processed ones (see `VLLMBackend`).
 """
 
 from __future__ import annotations
@@ -337,8 +343,107 @@ def _in_process(llm) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Family and engine support, before anything is loaded
+def engine_device() -> str:
+    """"cpu" or "cuda": where vLLM runs (its platform when importable, else whether torch sees a GPU)."""
+    try:
+        from vllm.platforms import current_platform
+
+        return "cpu" if current_platform.is_cpu() else "cuda"
+    except ImportError:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def engine_adapter(model_path: str, revision: str | None = None):
+    """The family adapter of the model vLLM will serve. A local directory: its config.json decides (an unsupported or
+    unreadable one is refused). A hub id whose config cannot be read (offline): the family its name says, with a
+    warning (`families.family_from_name`); refused when the name says none -- never a silent default, whose request
+    form (no timestamps for Qwen3-VL) would be wrong."""
+    from pipelines.models.families import ADAPTERS, FamilyError, adapter_for, family_from_name, family_of_path
+
+    if os.path.isdir(model_path):
+        return adapter_for(model_path)
+    try:
+        model_type = family_of_path(model_path, revision)
+    except FamilyError as e:
+        guess = family_from_name(model_path)
+        if guess is None:
+            raise FamilyError(f"{e}; its name names no supported family either",
+                              hint="pass a local model directory, or a hub id that names its family "
+                                   "(e.g. Qwen/Qwen3-VL-8B-Instruct)") from None
+        log.warning("cannot read the config of %s: serving it as %s, the family its name says",
+                    model_path, ADAPTERS[guess].label)
+        return ADAPTERS[guess]
+    return adapter_for(model_type)
+
+
+def check_engine_support(model_path: str, dtype: str | None, *, revision: str | None = None, backend_key: str = "backend",
+                         device: str | None = None):
+    """The adapter, after refusing a family / dtype the vLLM engine cannot run (`Adapter.check_engine`): call before
+    any model is loaded."""
+    adapter = engine_adapter(str(model_path), revision)
+    adapter.check_engine("vllm", dtype, device or engine_device(), backend_key=backend_key)
+    return adapter
+
+
+# One way to build the engine from a config section: (section, max_model_len key, backend key) per stage.
+STAGES = {"eval": ("eval", "eval.max_model_len", "eval.backend"),
+          "annotate": ("annotate", "annotate.max_model_len", "annotate.backend"),
+          "rl": ("rl.vllm", "rl.vllm.max_model_len", "rl.backend")}
+
+
+def vllm_settings(cfg, stage: str, model_path: str | None = None, dtype: str | None = None) -> dict[str, Any]:
+    """`VLLMBackend` keyword arguments for `stage` (eval, annotate, rl) from the config: the model (eval:
+    `model.name_or_path` at `model.revision`; annotate: `annotate.model`; rl: `model_path`, the run's start), the
+    engine settings of its section (`eval.*`, `annotate.*`, `rl.vllm.*`), the dtype the HF path would load (RL: the
+    policy's, passed as `dtype`) and the run's seed."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown vLLM stage {stage!r} ({', '.join(STAGES)})")
+    name, len_key, backend_key = STAGES[stage]
+    section = cfg
+    for part in name.split("."):
+        section = getattr(section, part)
+    if stage == "annotate":
+        path, revision = model_path or cfg.annotate.model, None  # the teacher: no revision key
+    else:
+        path = model_path or cfg.model.name_or_path
+        revision = cfg.model.revision if str(path) == str(cfg.model.name_or_path) else None  # a checkpoint: none
+    out: dict[str, Any] = dict(
+        model_path=str(path), revision=revision, tensor_parallel_size=section.tensor_parallel_size,
+        gpu_memory_utilization=section.gpu_memory_utilization, max_model_len=section.max_model_len,
+        max_model_len_key=len_key, enforce_eager=section.enforce_eager, seed=cfg.run.seed,
+        dtype=dtype or engine_dtype(cfg.model.dtype, cfg.model.device), backend_key=backend_key,
+        limit_mm_per_prompt={"image": 1, "video": 1},
+    )
+    if stage == "rl":
+        out.update(enable_sleep_mode=section.enable_sleep_mode, enable_prefix_caching=section.enable_prefix_caching,
+                   colocate=True)
+    else:  # a request batch is the section's batch_size: vLLM schedules that many sequences at once
+        out.update(enable_sleep_mode=False, max_num_seqs=section.batch_size)
+    return out
+
+
+def build_vllm_backend(cfg, stage: str, *, model_path: str | None = None, dtype: str | None = None,
+                       **overrides) -> "VLLMBackend":
+    """The vLLM backend of `stage` (eval, annotate, rl) from its config section (`vllm_settings`); `overrides` replace
+    single settings (benchmarks, tests: ``llm=``, ``sampling_params_cls=``)."""
+    return VLLMBackend(**{**vllm_settings(cfg, stage, model_path, dtype), **overrides})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 class VLLMBackend:
-    """`generate(prompts, media, sampling)` on a vLLM engine; colocated weight sync and sleep mode for RL."""
+    """`generate(prompts, media, sampling)` on a vLLM engine; colocated weight sync and sleep mode for RL.
+
+    Built from a config section by `build_vllm_backend`. The constructor runs named steps: the family and its engine
+    support (`check_engine_support`, before anything loads), then -- unless a test hands in an engine (`llm`,
+    `sampling_params_cls`) -- the platform checks, the engine's arguments, the colocated environment and
+    tensor-parallel groups, the engine start and sleep mode; last, the tokenizer's stop and suppressed tokens.
+    `logprobs_mode` defaults to vLLM's ``processed_logprobs``: a sampled token's log-prob under the distribution it
+    was sampled from (logit bias, temperature, top-p), which the RL trainer reproduces from its own logits
+    (`pipelines.rl.losses.sampler_logprobs`) for the mismatch metric and the rollout correction.
+    """
 
     def __init__(
         self,
@@ -355,92 +460,108 @@ class VLLMBackend:
         llm: Any = None,
         sleep_level: int = 2,
         dtype: str = "auto",
+        revision: str | None = None,
         limit_mm_per_prompt: dict[str, int] | None = None,
         max_num_seqs: int | None = None,
         suppress_special_tokens: bool = True,
         mm_processor_kwargs: dict[str, Any] | None = None,
         llm_kwargs: dict[str, Any] | None = None,
         sampling_params_cls: Callable[..., Any] | None = None,
-        logprobs_mode: str | None = None,
+        logprobs_mode: str | None = "processed_logprobs",
         max_model_len_key: str = "max_model_len",
+        backend_key: str = "backend",
     ):
         self.model_path = str(model_path)
+        self.revision = revision
         self.tensor_parallel_size = int(tensor_parallel_size)
         self.enable_sleep_mode = bool(enable_sleep_mode)
         self.sleep_level = int(sleep_level)
         self.colocate = bool(colocate)
         self.mm_processor_kwargs = dict(mm_processor_kwargs or {})
-        from pipelines.models.families import ADAPTERS, DEFAULT_FAMILY, adapter_for
-
-        if os.path.isdir(self.model_path):
-            self.adapter = adapter_for(self.model_path)  # an unsupported family: a named error before the engine
-        else:
-            try:
-                self.adapter = adapter_for(self.model_path)
-            except VideoR1Error:  # a hub id whose config cannot be read offline: the default family's form
-                self.adapter = ADAPTERS[DEFAULT_FAMILY]
-        self._sampling_params_cls = sampling_params_cls  # tests inject a stand-in; default vllm.SamplingParams
+        self._sampling_params_cls = sampling_params_cls  # test hook: a stand-in SamplingParams; default vLLM's
         self._sleeping: set[str] = set()  # {"weights", "kv_cache"} while asleep
         self._weights_lost = False  # sleep(level=2) discarded the weights: sync_weights must run before generate
         self._tp_group = None
         self._all_gather_object: Callable | None = None
         self._weights_dir: tempfile.TemporaryDirectory | None = None  # multiprocess engines reload from here
         if llm is None:
+            self.adapter = check_engine_support(self.model_path, None if dtype == "auto" else dtype,
+                                                revision=revision, backend_key=backend_key)
             vllm = import_vllm()
-            self.enable_sleep_mode = enable_sleep_mode = _platform_checks(self.model_path, self.enable_sleep_mode)
-            max_model_len, note = resolve_max_model_len(
-                max_model_len, model_text_config(self.model_path).get("max_position_embeddings"), max_model_len_key)
-            if note:
-                log.warning(note)
-            kwargs: dict[str, Any] = dict(
-                model=self.model_path,
-                tensor_parallel_size=self.tensor_parallel_size,
-                gpu_memory_utilization=gpu_memory_utilization,
-                max_model_len=max_model_len,
-                enable_sleep_mode=enable_sleep_mode,
-                enable_prefix_caching=enable_prefix_caching,
-                enforce_eager=enforce_eager,
-                dtype=dtype,
-                seed=int(seed),
-                limit_mm_per_prompt=limit_mm_per_prompt or {"image": 1, "video": 1},
-            )
-            if max_num_seqs is not None:
-                kwargs["max_num_seqs"] = max_num_seqs
-            if logprobs_mode:
-                # raw_logprobs: log_softmax of the model's logits (the trainer's log-prob forward at temperature 1);
-                # processed_logprobs: after temperature, logit bias and top-p (renormalised over the nucleus).
-                kwargs["logprobs_mode"] = logprobs_mode
+            self.enable_sleep_mode = _platform_checks(self.model_path, self.enable_sleep_mode)
+            kwargs = self._engine_kwargs(gpu_memory_utilization, max_model_len, max_model_len_key,
+                                         enable_prefix_caching, enforce_eager, dtype, seed, limit_mm_per_prompt,
+                                         max_num_seqs, logprobs_mode)
             if self.colocate:
-                # One engine per trainer rank, inside the torchrun process (TRL's colocate mode). Ranks of one
-                # tensor-parallel group must sample identically, so they share a seed.
-                from pipelines.launch import local_rank, rank, world_size
-
-                if world_size() % self.tensor_parallel_size:
-                    raise VideoR1Error(
-                        f"tensor_parallel_size {self.tensor_parallel_size} must divide the world size {world_size()}"
-                    )
-                kwargs["distributed_executor_backend"] = "external_launcher"
-                kwargs["seed"] = int(seed) + rank() // self.tensor_parallel_size
-                kwargs.setdefault("max_num_batched_tokens", 4096)
-                os.environ.update(engine_environment(rank(), local_rank(), world_size()))
-                self._setup_tp_group()
+                self._colocate(kwargs, seed)
             kwargs.update(llm_kwargs or {})
-            try:
-                llm = vllm.LLM(**kwargs)
-            except ValueError as e:
-                raise VideoR1Error(f"vLLM refused the engine for {self.model_path}: {str(e).splitlines()[0]}",
-                                   hint="see docs/vllm.md for the settings each platform accepts") from None
-            self.llm = llm
-            if self.enable_sleep_mode and self.colocate:
-                # The trainer needs the memory first; the first sync_weights + generate wake the engine up.
-                self.sleep()
+            llm = self._start(vllm, kwargs)
+        else:  # test hook: an engine handed in; the family still decides the request form
+            self.adapter = engine_adapter(self.model_path, revision)
         self.llm = llm
-        tok = llm.get_tokenizer()
+        self._enter_sleep_mode()
+        self._special_tokens(llm.get_tokenizer(), suppress_special_tokens)
+
+    # -- construction steps -------------------------------------------------------------------------------------------
+    def _engine_kwargs(self, gpu_memory_utilization, max_model_len, max_model_len_key, enable_prefix_caching,
+                       enforce_eager, dtype, seed, limit_mm_per_prompt, max_num_seqs, logprobs_mode) -> dict[str, Any]:
+        """`vllm.LLM` arguments; `max_model_len` clamped to the model's context (one line when it is)."""
+        max_model_len, note = resolve_max_model_len(
+            max_model_len, model_text_config(self.model_path).get("max_position_embeddings"), max_model_len_key)
+        if note:
+            log.warning(note)
+        kwargs: dict[str, Any] = dict(
+            model=self.model_path, tensor_parallel_size=self.tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+            enable_sleep_mode=self.enable_sleep_mode, enable_prefix_caching=enable_prefix_caching,
+            enforce_eager=enforce_eager, dtype=dtype, seed=int(seed),
+            limit_mm_per_prompt=limit_mm_per_prompt or {"image": 1, "video": 1},
+        )
+        if self.revision:
+            kwargs.update(revision=self.revision, tokenizer_revision=self.revision)
+        if max_num_seqs is not None:
+            kwargs["max_num_seqs"] = max_num_seqs
+        if logprobs_mode:
+            # processed_logprobs: after logit bias, temperature and top-p (the distribution sampled from);
+            # raw_logprobs: log_softmax of the model's logits, before any of them.
+            kwargs["logprobs_mode"] = logprobs_mode
+        return kwargs
+
+    def _colocate(self, kwargs: dict[str, Any], seed: int) -> None:
+        """One engine per trainer rank inside the torchrun process (TRL's colocate mode): the external launcher's
+        environment, a seed shared by the ranks of a tensor-parallel group (they must sample identically), the
+        groups themselves."""
+        from pipelines.launch import local_rank, rank, world_size
+
+        if world_size() % self.tensor_parallel_size:
+            raise VideoR1Error(
+                f"tensor_parallel_size {self.tensor_parallel_size} must divide the world size {world_size()}"
+            )
+        kwargs["distributed_executor_backend"] = "external_launcher"
+        kwargs["seed"] = int(seed) + rank() // self.tensor_parallel_size
+        kwargs.setdefault("max_num_batched_tokens", 4096)
+        os.environ.update(engine_environment(rank(), local_rank(), world_size()))
+        self._setup_tp_group()
+
+    def _start(self, vllm, kwargs: dict[str, Any]):
+        try:
+            return vllm.LLM(**kwargs)
+        except ValueError as e:
+            raise VideoR1Error(f"vLLM refused the engine for {self.model_path}: {str(e).splitlines()[0]}",
+                               hint="see docs/vllm.md for the settings each platform accepts") from None
+
+    def _enter_sleep_mode(self) -> None:
+        if self.enable_sleep_mode and self.colocate:
+            # The trainer needs the memory first; the first sync_weights + generate wake the engine up.
+            self.sleep()
+
+    def _special_tokens(self, tok, suppress: bool) -> None:
+        """Stop at <|im_end|>; with `suppress`, bias every other special token by -100."""
         self._tokenizer = tok
         self.eos_id = int(tok.convert_tokens_to_ids(EOS_TOKEN))
         self.stop_token_ids = [self.eos_id]
         self.logit_bias: dict[int, float] = {}
-        if suppress_special_tokens:
+        if suppress:
             # A sampled <|video_pad|> (or any other special token but EOS) breaks the policy's next forward.
             for t in QWEN_SPECIAL_TOKENS:
                 tid = tok.convert_tokens_to_ids(t)
@@ -552,11 +673,27 @@ class VLLMBackend:
         return count
 
     def reset_caches(self) -> None:
-        """Forget everything computed with old weights: vision embeddings first, then prefix KV blocks."""
+        """Forget everything computed with old weights: vision embeddings first, then prefix KV blocks.
+
+        Both are required: an engine without either reset, or a prefix-cache reset that reports failure (vLLM
+        returns False while requests are running), raises -- generating on would silently use old-weight vision
+        embeddings or KV blocks (the stale-vision bug, docs/vllm.md)."""
         engine = getattr(self.llm, "llm_engine", None)
-        if engine is not None and hasattr(engine, "reset_encoder_cache"):
-            engine.reset_encoder_cache()
-        self.llm.reset_prefix_cache()
+        reset_encoder = getattr(engine, "reset_encoder_cache", None)
+        if reset_encoder is None:
+            raise VideoR1Error(
+                f"the vLLM engine ({type(engine).__name__}) has no reset_encoder_cache: after a weight sync it would "
+                "keep vision embeddings computed with the old weights",
+                hint="use vLLM 0.32 or 0.33 (the versions this project supports), whose LLMEngine has it")
+        reset_encoder()
+        reset_prefix = getattr(self.llm, "reset_prefix_cache", None)
+        if reset_prefix is None:
+            raise VideoR1Error("the vLLM engine has no reset_prefix_cache: after a weight sync it would reuse KV blocks "
+                               "computed with the old weights", hint="use vLLM 0.32 or 0.33")
+        if reset_prefix() is False:
+            raise VideoR1Error("vLLM refused to reset its prefix cache after the weight sync (requests still running?): "
+                               "the next rollouts would reuse KV blocks of the old weights",
+                               hint="no generate may run during sync_weights; report this with --debug output")
 
     def _write_weights(self, weights: Iterator[tuple[str, Any]]) -> str:
         """One safetensors file in a folder the engine's worker processes can read (multiprocess engines)."""
@@ -612,19 +749,3 @@ class VLLMBackend:
                 torch.cuda.empty_cache()
         except Exception as e:  # noqa: BLE001 - best effort
             log.debug("torch.cuda.empty_cache failed: %s", e)
-
-    @classmethod
-    def from_config(cls, model_path, vllm_cfg, *, seed: int = 0, colocate: bool = False, **kw) -> "VLLMBackend":
-        """Build from `pipelines.config.VllmConfig` (rl.vllm)."""
-        return cls(
-            model_path,
-            tensor_parallel_size=vllm_cfg.tensor_parallel_size,
-            gpu_memory_utilization=vllm_cfg.gpu_memory_utilization,
-            max_model_len=vllm_cfg.max_model_len,
-            enable_sleep_mode=vllm_cfg.enable_sleep_mode,
-            enable_prefix_caching=vllm_cfg.enable_prefix_caching,
-            enforce_eager=vllm_cfg.enforce_eager,
-            seed=seed,
-            colocate=colocate,
-            **kw,
-        )

@@ -78,6 +78,12 @@ class Adapter(abc.ABC):
     hub_example: ClassVar[str] = ""
     eval_preset: ClassVar[str] = "video-r1-eval"  # Video-R1's eval protocol in this family's pixel terms
     train_preset: ClassVar[str] = "video-r1-7b"
+    # Generation engines that run this family, and the dtypes an engine runs it in on a device kind ("vllm:cpu"; a
+    # key absent: every dtype). Known-broken combinations are refused before any model is loaded (`check_engine`),
+    # instead of failing at the first weight sync. `engine_limits` says why, in the refusal.
+    engines: ClassVar[tuple[str, ...]] = ("hf", "vllm")
+    engine_dtypes: ClassVar[dict[str, tuple[str, ...]]] = {}
+    engine_limits: ClassVar[dict[str, str]] = {}
 
     # -- sizes ---------------------------------------------------------------------------------------------------------
     @property
@@ -203,6 +209,26 @@ class Adapter(abc.ABC):
     def vllm_mm_kwargs(self, media) -> dict[str, Any]:
         return {"fps": float(media.fps or 2.0), "do_resize": False, "do_sample_frames": False}
 
+    # -- engines -------------------------------------------------------------------------------------------------------
+    def check_engine(self, engine: str, dtype: str | None, device: str = "cpu", backend_key: str = "backend",
+                     dtype_key: str = "model.dtype") -> None:
+        """A one-line FamilyError, saying what works instead, when this family cannot run on `engine` (hf, vllm) in
+        `dtype` (None: the engine's choice, not checked) on `device` ("cpu", "cuda"); `backend_key` / `dtype_key`
+        name the settings to change."""
+        device = "cpu" if str(device).startswith("cpu") else "cuda"
+        others = [e for e in self.engines if e != engine]
+        if engine not in self.engines:
+            why = self.engine_limits.get(engine, "not supported")
+            raise FamilyError(f"{self.label} cannot run on the {engine} engine ({why}); works: "
+                              f"{' or '.join(f'{backend_key}={e}' for e in others)}")
+        allowed = self.engine_dtypes.get(f"{engine}:{device}")
+        dtype = None if dtype is None else str(dtype).removeprefix("torch.")
+        if allowed is not None and dtype is not None and dtype not in allowed:
+            why = self.engine_limits.get(f"{engine}:{device}", "not supported")
+            instead = [f"{dtype_key}={d}" for d in allowed] + [f"{backend_key}={e}" for e in others]
+            raise FamilyError(f"{self.label} on {engine} ({device}) runs in {', '.join(allowed)} only, not {dtype} "
+                              f"({why}); works: {' or '.join(instead)}")
+
     # -- tiny models ---------------------------------------------------------------------------------------------------
     @abc.abstractmethod
     def build_tiny(self, out_dir: str | Path, seed: int = 0) -> Path:
@@ -310,6 +336,9 @@ class Qwen3VLMoeAdapter(Qwen3VLAdapter):
     hub_example = "Qwen/Qwen3-VL-30B-A3B-Instruct"
     # Experts are fused 3-D parameters (not nn.Linear): LoRA adapts attention only, as EasyR1 / verl do for MoE.
     lora_target_modules = ("q_proj", "k_proj", "v_proj", "o_proj")
+    engines = ("hf",)
+    engine_limits = {"vllm": "vLLM 0.32/0.33 load its fused experts only in the released checkpoints' layout; "
+                             "transformers 5 saves, and weight sync sends, another (docs/families.md)"}
 
 
 class Qwen35Adapter(Qwen3VLAdapter):
@@ -321,6 +350,8 @@ class Qwen35Adapter(Qwen3VLAdapter):
     # Hybrid layers: full attention (q/k/v/o_proj) and Gated DeltaNet (in_proj_qkv/z, out_proj) + MLPs.
     lora_target_modules = ("q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z", "out_proj",
                            "gate_proj", "up_proj", "down_proj")
+    engine_dtypes = {"vllm:cpu": ("bfloat16",)}
+    engine_limits = {"vllm:cpu": "vLLM's CPU Gated DeltaNet kernel requires bfloat16"}
 
 
 class Qwen35MoeAdapter(Qwen35Adapter):
@@ -594,19 +625,28 @@ def family_for_settings(family: str | None, model_path: str | None) -> Adapter:
     return ADAPTERS[DEFAULT_FAMILY]
 
 
-def family_hint(name_or_path: str | None) -> Adapter:
-    """The family of a local model, else guessed from a hub id's name (Qwen3-VL*, Qwen3.5*, Qwen2-VL*), else the
-    default; for choosing settings (presets) only, never for loading."""
+_NAME_PATTERNS = ((r"qwen3-vl-.*a\d+b", "qwen3_vl_moe"), (r"qwen3-vl", "qwen3_vl"), (r"qwen3\.5-.*a\d+b", "qwen3_5_moe"),
+                  (r"qwen3\.5", "qwen3_5"), (r"qwen2\.5-vl", "qwen2_5_vl"), (r"qwen2-vl", "qwen2_vl"))
+
+
+def family_from_name(name: str | None) -> str | None:
+    """The family a hub id's name says (Qwen3-VL-30B-A3B*, Qwen3-VL*, Qwen3.5-*-A*B, Qwen3.5*, Qwen2.5-VL*, Qwen2-VL*),
+    or None when the name names none."""
     import re
 
+    name = str(name or "").lower()
+    for pattern, family in _NAME_PATTERNS:
+        if re.search(pattern, name):
+            return family
+    return None
+
+
+def family_hint(name_or_path: str | None) -> Adapter:
+    """The family of a local model, else guessed from a hub id's name (`family_from_name`), else the default; for
+    choosing settings (presets) only, never for loading."""
     if name_or_path and Path(str(name_or_path)).is_dir():
         return adapter_for(str(name_or_path))
-    name = str(name_or_path or "").lower()
-    for pattern, family in ((r"qwen3-vl-.*a\d+b", "qwen3_vl_moe"), (r"qwen3-vl", "qwen3_vl"),
-                            (r"qwen3\.5-.*a\d+b", "qwen3_5_moe"), (r"qwen3\.5", "qwen3_5"), (r"qwen2-vl", "qwen2_vl")):
-        if re.search(pattern, name):
-            return ADAPTERS[family]
-    return ADAPTERS[DEFAULT_FAMILY]
+    return ADAPTERS[family_from_name(name_or_path) or DEFAULT_FAMILY]
 
 
 def family_label(*paths: Any) -> str | None:

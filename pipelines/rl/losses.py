@@ -12,6 +12,11 @@ Per token: ``loss = -(min(r * A, clip(r, 1 - eps_low, 1 + eps_high) * A) - beta 
 ``x = clamp(ref_logp - logp, -10, 10); kl = exp(x) - x - 1``. With one iteration per rollout ``old_logp =
 logp.detach()``, so r == 1 and the gradient is Video-R1's policy gradient + KL.
 
+Rollout correction (``rl.rollout_correction``): when the rollouts come from another engine than the policy itself
+(vLLM), each sequence's (or token's) loss is weighted by the importance ratio pi_trainer / pi_engine of the sampled
+tokens, truncated or masked outside [C_min, C_max], exactly as TRL's GRPOTrainer does it (``rollout_correction``;
+both log-probs are those of the distribution the engine samples from: ``sampler_logprobs``).
+
 Aggregations take the normalisers of the WHOLE step (``num_sequences``, ``num_tokens``) so a step split into
 several forward/backward chunks sums to exactly the loss of one big batch; on several ranks the trainer passes the
 step's all-reduced counts divided by the world size, so the rank-average of the gradients (DDP) is that of one batch.
@@ -19,8 +24,9 @@ step's all-reduced counts divided by the world size, so the rank-average of the 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 
@@ -118,6 +124,7 @@ def policy_loss(
     max_completion_length: int | None = None,
     num_sequences: float | None = None,
     num_tokens: float | None = None,
+    rollout_weights: torch.Tensor | None = None,
 ) -> LossOutput:
     """GRPO-family loss of a (chunk of a) batch.
 
@@ -125,6 +132,8 @@ def policy_loss(
     mask: (B, L) 1 for tokens up to and including the first EOS. old_logp None -> logp.detach() (one iteration).
     num_sequences / num_tokens: normalisers of the whole step (default: this chunk's); on several ranks the step's
     global counts divided by the world size, since the gradients are averaged over ranks.
+    rollout_weights: (B, L) or (B, 1) rollout-correction weights (`rollout_correction(...).weights`), multiplying the
+    policy term before the KL term is added (TRL's order); None for rollouts sampled from the policy itself.
     """
     if loss_type not in AGGREGATIONS:
         raise ValueError(f"unknown loss_type '{loss_type}' ({', '.join(sorted(AGGREGATIONS))})")
@@ -139,6 +148,8 @@ def policy_loss(
     adv = advantages.to(logp.dtype).unsqueeze(-1)
     obj1, obj2 = ratio * adv, clipped * adv
     per_token = -torch.min(obj1, obj2)
+    if rollout_weights is not None:
+        per_token = per_token * rollout_weights.to(per_token.dtype).detach()
     if beta != 0.0 and ref_logp is not None:
         kl = kl_k3(logp, ref_logp)
         per_token = per_token + beta * kl
@@ -159,4 +170,105 @@ def policy_loss(
     return LossOutput(loss=loss, kl=kl_mean, clip_ratio=clip_ratio, num_tokens=mask.sum().detach())
 
 
-__all__ = ["AGGREGATIONS", "LossOutput", "RATIOS", "kl_k3", "policy_loss", "register_loss", "register_ratio"]
+# -- rollout correction ---------------------------------------------------------------------------------------
+# The engine's sampling distribution, seen from the trainer. vLLM's sampler (vllm/v1/sample/sampler.py and
+# ops/topk_topp_sampler.py, vLLM 0.32) turns the model's logits into the distribution it samples from in this order:
+# float32, logit bias (the special tokens the project suppresses), temperature (skipped below 1e-5: greedy), top-p
+# (sort ascending, drop the tokens whose cumulative probability is <= 1 - top_p, always keep the most likely one),
+# softmax. Its ``logprobs_mode="processed_logprobs"`` reports the sampled token's log-prob under exactly that
+# distribution. The trainer's own log-prob forward (`rollout.completion_logprobs`) stops after the temperature: over a
+# nucleus of mass Z < 1 the two differ by -log Z per token (~0.07 at T 0.7 / top_p 0.95 on the random tiny model), so a
+# mismatch metric or an importance ratio between them reads that, not the engines' disagreement.
+# `sampler_logprobs` applies vLLM's processing to the trainer's logits, so both sides are the same function of the
+# weights: identical weights give ratio 1 and a mismatch near float rounding at any temperature and top_p.
+_SAMPLING_EPS = 1e-5
+
+
+def sampler_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, *, temperature: float = 1.0, top_p: float = 1.0,
+                     logit_bias: Mapping[int, float] | None = None) -> torch.Tensor:
+    """(B, L) log-probs of `token_ids` under the distribution vLLM samples from, computed from (B, L, V) `logits`.
+
+    The sampled token always counts as inside the nucleus (it was inside the engine's, by construction): a token on
+    the nucleus edge that the trainer's float rounding would drop gets its renormalised log-prob instead of -inf.
+    Row by row (one sequence's (L, V) sort at a time), without gradient: this feeds metrics and importance weights.
+    """
+    out = torch.empty(token_ids.shape, dtype=torch.float32, device=logits.device)
+    bias_ids = bias_vals = None
+    if logit_bias:
+        bias_ids = torch.tensor(list(logit_bias), dtype=torch.long, device=logits.device)
+        bias_vals = torch.tensor(list(logit_bias.values()), dtype=torch.float32, device=logits.device)
+    with torch.no_grad():
+        for b in range(logits.shape[0]):
+            x = logits[b].detach().to(torch.float32).clone()  # (L, V)
+            ids = token_ids[b].long().unsqueeze(-1)
+            if bias_ids is not None:
+                x[:, bias_ids] += bias_vals
+            if temperature >= _SAMPLING_EPS:
+                x = x / float(temperature)
+            if top_p < 1.0:
+                x_sort, idx = x.sort(dim=-1, descending=False)
+                cum = x_sort.softmax(dim=-1).cumsum(dim=-1)
+                drop_sorted = cum <= 1.0 - float(top_p)
+                drop_sorted[:, -1] = False
+                drop = torch.zeros_like(drop_sorted).scatter_(-1, idx, drop_sorted)
+                drop.scatter_(-1, ids, False)  # the sampled token was in the engine's nucleus
+                x = x.masked_fill(drop, -math.inf)
+            out[b] = torch.log_softmax(x, dim=-1).gather(-1, ids).squeeze(-1)
+    return out
+
+
+CORRECTION_MODES = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
+@dataclass
+class RolloutCorrection:
+    """Importance weights of one chunk and the sums its metrics are made of (summed over chunks and ranks)."""
+
+    weights: torch.Tensor  # (B, L) token modes, (B, 1) sequence modes; detached
+    ratio_sum: float  # over the units below, after truncation / masking (what TRL logs)
+    ratio_min: float
+    ratio_max: float
+    units: int  # completion tokens (token modes) or sequences (sequence modes)
+    outside: int  # units whose ratio fell outside [C_min, C_max]: masked (set to 0) or truncated
+
+
+def rollout_correction(policy_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor, *,
+                       mode: str = "sequence_mask", c_max: float | None = 3.0, c_min: float | None = None
+                       ) -> RolloutCorrection:
+    """TRL's vLLM importance-sampling correction (trl 1.16, ``trl/trainer/grpo_trainer.py``,
+    ``GRPOTrainer._generate_and_score_completions``: ``vllm_importance_sampling_mode`` / ``_clip_max`` / ``_clip_min``).
+
+    policy_logp: (B, L) the trainer's log-probs of the sampled tokens before the update (detached); rollout_logp: the
+    engine's for the same tokens, NaN where it reported none; mask: (B, L) completion tokens. As TRL:
+    ``d = nan_to_num((policy - rollout) * mask, 0)``; token modes: ratio = exp(d) per token; sequence modes:
+    ratio = exp(sum of d over the sequence's tokens) -- the SUM of log-ratios (the probability ratio of the whole
+    sequence), not GSPO's length-normalised mean. ``*_truncate``: clamp(ratio, C_min, C_max); ``*_mask``: ratio set to
+    0 where ratio < C_min or ratio > C_max (a missing bound: none). The weights multiply the per-token policy term.
+    Metrics as TRL's ``sampling/importance_sampling_ratio/*``: over the sequences (sequence modes) or the completion
+    tokens (token modes), after truncation / masking.
+    """
+    if mode not in CORRECTION_MODES or mode == "none":
+        raise ValueError(f"rollout correction mode must be one of {', '.join(CORRECTION_MODES[1:])}, not {mode!r}")
+    mask_f = mask.to(torch.float32)
+    diff = torch.nan_to_num((policy_logp.detach().float() - rollout_logp.float()) * mask_f, nan=0.0)
+    sequence = mode.startswith("sequence")
+    log_ratio = diff.sum(dim=-1, keepdim=True) if sequence else diff
+    ratio = torch.exp(log_ratio)
+    lo = -math.inf if c_min is None else float(c_min)
+    hi = math.inf if c_max is None else float(c_max)
+    outside = (ratio < lo) | (ratio > hi)
+    if mode.endswith("truncate"):
+        weights = torch.clamp(ratio, min=c_min, max=c_max) if (c_min is not None or c_max is not None) else ratio
+    else:
+        weights = ratio.masked_fill(outside, 0.0)
+    units = torch.ones_like(weights, dtype=torch.bool) if sequence else mask.bool()
+    flat, out_flat = weights[units], outside[units]
+    if not flat.numel():
+        return RolloutCorrection(weights=weights, ratio_sum=0.0, ratio_min=math.inf, ratio_max=-math.inf, units=0,
+                                 outside=0)
+    return RolloutCorrection(weights=weights, ratio_sum=float(flat.sum()), ratio_min=float(flat.min()),
+                             ratio_max=float(flat.max()), units=int(flat.numel()), outside=int(out_flat.sum()))
+
+
+__all__ = ["AGGREGATIONS", "CORRECTION_MODES", "LossOutput", "RATIOS", "RolloutCorrection", "kl_k3", "policy_loss",
+           "register_loss", "register_ratio", "rollout_correction", "sampler_logprobs"]

@@ -266,11 +266,13 @@ def policy_inputs(processor, samples: Sequence[Sample], num_generations: int, co
 
 
 def completion_logprobs(model, inputs: dict, completion_ids: torch.Tensor, temperature: float = 1.0,
-                        reuse_vision: bool = False) -> torch.Tensor:
+                        reuse_vision: bool = False, sampler: dict | None = None):
     """Per-token log-probs (B, L) of the completion tokens under `model` (logits[:, -L-1:-1]).
 
     Inputs holding a vision plan (policy_inputs(share_vision=True)) encode each media item once; `reuse_vision`
-    keeps / takes its features across calls on the same inputs (only where the tower cannot change between them)."""
+    keeps / takes its features across calls on the same inputs (only where the tower cannot change between them).
+    With `sampler` (``{"top_p": ..., "logit_bias": ...}``): returns (log-probs, the same tokens' log-probs under the
+    distribution the rollout engine samples from, `losses.sampler_logprobs`, detached) from the one forward."""
     from pipelines.models.families import VISION_PLAN_KEY, share_vision
 
     inputs = dict(inputs)
@@ -278,11 +280,17 @@ def completion_logprobs(model, inputs: dict, completion_ids: torch.Tensor, tempe
     L = completion_ids.shape[1]
     with share_vision(model, plan, reuse=reuse_vision):
         out = model(**inputs, logits_to_keep=L + 1, use_cache=False)
-    logits = out.logits[:, -L - 1:-1, :].float()
+    raw = out.logits[:, -L - 1:-1, :]
+    logits = raw.float()
     if temperature != 1.0:
         logits = logits / temperature
     logps = torch.log_softmax(logits, dim=-1)
-    return torch.gather(logps, 2, completion_ids.unsqueeze(-1)).squeeze(-1)
+    token_logps = torch.gather(logps, 2, completion_ids.unsqueeze(-1)).squeeze(-1)
+    if sampler is None:
+        return token_logps
+    from pipelines.rl.losses import sampler_logprobs
+
+    return token_logps, sampler_logprobs(raw, completion_ids, temperature=temperature, **sampler)
 
 
 __all__ = ["Group", "Sample", "Scores", "Skipped", "completion_logprobs", "generate_groups", "pad_completions",

@@ -13,7 +13,8 @@ One step on each rank (``rl.per_device_prompts * rl.gradient_accumulation_steps`
                                                                                -> rollout.score_groups, advantages
 4. reference log-probs (no grad), then ``rl.num_iterations`` optimizer updates over the rollout: each runs the
    policy log-prob forward (every group of a micro-batch in one forward, visual tensors included) and the loss
-   (losses.policy_loss), with old log-probs from the first pass (ratio == 1 when num_iterations == 1)
+   (losses.policy_loss), with old log-probs from the first pass (ratio == 1 when num_iterations == 1); rollouts from
+   another engine (vLLM) carry TRL's importance weights (losses.rollout_correction, rl.rollout_correction)
 5. metrics reduced over ranks -> registry (rank 0), checkpoints every ``rl.save_steps``.
 
 A "step" is one rollout; with num_iterations > 1 it makes that many optimizer updates (the LR schedule counts updates).
@@ -210,6 +211,12 @@ class RLTrainer:
         base = cfg.model.name_or_path
         policy_path = str(self.resumed_from) if self.resumed_from else base
 
+        if rl.backend == "vllm":  # a family / dtype the engine cannot run is refused before any model loads
+            from pipelines.generation.vllm import check_engine_support
+            from pipelines.models import resolve_dtype
+
+            check_engine_support(base, str(resolve_dtype(cfg.model.dtype, self.device)).removeprefix("torch."),
+                                 revision=cfg.model.revision, backend_key="rl.backend")
         self.processor = load_processor(policy_path)
         self.template = load_template(cfg.prompt.template)
         self.lora = cfg.model.lora.enabled
@@ -290,16 +297,14 @@ class RLTrainer:
     def _make_backend(self):
         rl = self.cfg.rl
         if rl.backend == "vllm":
-            from pipelines.generation.vllm import VLLMBackend
+            from pipelines.generation.vllm import build_vllm_backend
 
             # A LoRA checkpoint holds adapters only; the engine starts from the base and gets the merged weights.
             start = self.cfg.model.name_or_path if self.lora else (self.resumed_from or self.cfg.model.name_or_path)
-            # The sampled tokens' log-probs feed the rollout/trainer mismatch metric. At temperature 1 the raw ones are
-            # the trainer's own distribution; otherwise vLLM's processed ones (temperature, logit bias, top-p).
-            b = VLLMBackend.from_config(str(start), rl.vllm, seed=self.cfg.run.seed, colocate=True,
-                                        logprobs_mode="raw_logprobs" if rl.temperature == 1.0 else "processed_logprobs",
-                                        max_model_len_key="rl.vllm.max_model_len",
-                                        dtype=str(next(self.unwrapped.parameters()).dtype).removeprefix("torch."))
+            # The engine reports each sampled token's log-prob under its sampling distribution (processed_logprobs);
+            # the trainer computes its own the same way (losses.sampler_logprobs): mismatch metric and correction.
+            b = build_vllm_backend(self.cfg, "rl", model_path=str(start),
+                                   dtype=str(next(self.unwrapped.parameters()).dtype).removeprefix("torch."))
             b.sync_weights(self.accelerator.unwrap_model(self.model))
             return b
         from pipelines.generation.hf import HFBackend
@@ -677,17 +682,22 @@ class RLTrainer:
                 last = j == len(chunks) - 1
                 ctx = acc.no_sync(self.model) if not last else nullcontext()
                 with ctx, self._lockstep("policy"):
+                    engine_logp = c["rollout_logp"] if it == 0 else None
                     logp = R.completion_logprobs(self.model, c["inputs"], c["ids"], rl.temperature,
-                                                 reuse_vision=self.reuse_policy)
+                                                 reuse_vision=self.reuse_policy,
+                                                 sampler=self._sampler_spec() if engine_logp is not None else None)
+                    if engine_logp is not None:  # like for like: both under the engine's sampling distribution
+                        logp, sampler_logp = logp
+                        engine_logp = engine_logp.to(logp.device)
+                        _add_logp_mismatch(stats, sampler_logp, engine_logp, c["mask"])
+                        c["is_weights"] = _rollout_correction(stats, rl, sampler_logp, engine_logp, c["mask"])
                     if it == 0:
                         c["old"] = logp.detach() if rl.num_iterations > 1 else None
-                        if c["rollout_logp"] is not None:
-                            _add_logp_mismatch(stats, logp.detach(), c["rollout_logp"].to(logp.device), c["mask"])
                     out = L.policy_loss(
                         logp, c["adv"], c["mask"], old_logp=c.get("old"), ref_logp=c.get("ref"), beta=rl.beta,
                         epsilon_low=rl.epsilon_low, epsilon_high=rl.epsilon_high, loss_type=rl.loss_type,
                         importance_sampling=rl.importance_sampling, max_completion_length=rl.max_completion_length,
-                        **norm)
+                        rollout_weights=c.get("is_weights"), **norm)
                     step_loss += float(out.loss.detach())
                     if math.isfinite(step_loss):
                         acc.backward(out.loss)
@@ -713,8 +723,17 @@ class RLTrainer:
         if rl.backend == "vllm":  # every rank reports the same keys (one all-reduce)
             stats.ensure(MISMATCH_MEAN)
             stats.ensure_max(MISMATCH_MAX)
+            if rl.rollout_correction != "none":
+                stats.ensure(IS_MEAN)
+                stats.ensure(IS_MASKED)
+                stats.ensure_max(IS_MAX)
+                stats.ensure_min(IS_MIN)
         counts = {"local": [float(total_seqs), float(total_tokens)], "normalisers": norm}
         return float(np.mean(losses)), grad_norm, counts
+
+    def _sampler_spec(self) -> dict:
+        """How the rollout engine turns logits into its sampling distribution, beyond the temperature."""
+        return {"top_p": self.cfg.rl.top_p, "logit_bias": getattr(self.backend, "logit_bias", None)}
 
     def _dummy_generate(self, sampling) -> None:
         """ZeRO-3: a rank with no valid prompt still joins the others' generate loop (synced_gpus), whose every
@@ -885,8 +904,9 @@ def _distinct_patch_rows(processor, groups) -> int:
 
 
 # Rollout/trainer mismatch (verl's rollout-vs-actor probability difference): |log p_vLLM - log p_policy| over the
-# completion tokens of a step, measured before the update. Near 0 when the engine samples from the policy's own
-# distribution; stale weights (no encoder-cache reset), other positions (M-RoPE) or numerics show up here first.
+# completion tokens of a step, measured before the update, both under the engine's sampling distribution (vLLM's
+# processed log-probs; the policy's through losses.sampler_logprobs), so identical weights read ~0 at any temperature
+# and top_p. Stale weights (no encoder-cache reset), other positions (M-RoPE) or numerics show up here first.
 MISMATCH_MEAN = "rollout/logp_diff_mean"
 MISMATCH_MAX = "rollout/logp_diff_max"
 
@@ -919,6 +939,28 @@ def _add_logp_mismatch(stats: "_Stats", policy_logp, rollout_logp, mask) -> None
     stats.add_max(MISMATCH_MAX, peak)
 
 
+# Rollout correction (rl.rollout_correction, losses.rollout_correction): TRL's importance weights and its metrics.
+IS_MEAN, IS_MIN, IS_MAX = "rollout/is_ratio_mean", "rollout/is_ratio_min", "rollout/is_ratio_max"
+IS_MASKED = "rollout/is_masked_fraction"
+
+
+def _rollout_correction(stats: "_Stats", rl, policy_logp, rollout_logp, mask) -> torch.Tensor | None:
+    """The chunk's importance weights (None without correction); their metrics go to `stats`."""
+    if rl.rollout_correction == "none":
+        return None
+    corr = L.rollout_correction(policy_logp, rollout_logp, mask, mode=rl.rollout_correction,
+                                c_max=rl.rollout_correction_c_max, c_min=rl.rollout_correction_c_min)
+    stats.add(IS_MEAN, corr.ratio_sum, corr.units)
+    stats.add(IS_MASKED, corr.outside, corr.units)
+    if corr.units:
+        stats.add_max(IS_MAX, corr.ratio_max)
+        stats.add_min(IS_MIN, corr.ratio_min)
+    return corr.weights
+
+
+_MIN_PREFIX = "_min:"
+
+
 class _Stats:
     """(sum, count) pairs with a fixed key set, all-reduced over ranks in one collective; maxima in a second."""
 
@@ -931,6 +973,12 @@ class _Stats:
 
     def ensure_max(self, key: str) -> None:
         self.maxes.setdefault(key, float("-inf"))
+
+    def add_min(self, key: str, value: float) -> None:  # a minimum is the maximum of the negated values
+        self.add_max(_MIN_PREFIX + key, -float(value))
+
+    def ensure_min(self, key: str) -> None:
+        self.ensure_max(_MIN_PREFIX + key)
 
     def add(self, key: str, total: float, count: float) -> None:
         s = self.d.setdefault(key, [0.0, 0.0])
@@ -960,5 +1008,10 @@ class _Stats:
                 import torch.distributed as dist
 
                 dist.all_reduce(m, op=dist.ReduceOp.MAX)
-            out.update({k: (v if v != float("-inf") else float("nan")) for k, v in zip(mkeys, m.tolist())})
+            for k, v in zip(mkeys, m.tolist()):
+                v = v if v != float("-inf") else float("nan")
+                if k.startswith(_MIN_PREFIX):
+                    out[k.removeprefix(_MIN_PREFIX)] = -v
+                else:
+                    out[k] = v
         return out
