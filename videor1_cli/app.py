@@ -93,6 +93,13 @@ def _fail(e: BaseException, code: int, hint: str | None) -> None:
         traceback.print_exc()
     from rich.text import Text
 
+    from pipelines.launch import report_worker_error
+
+    if isinstance(e, OSError) and not isinstance(e, VideoR1Error):
+        e, hint = _os_error(e, hint)
+    if report_worker_error(e, hint) and not _debug():
+        sys.exit(code)  # a rank of a launched job: the launching process prints it once, for every rank
+
     msg = str(e) if isinstance(e, (ConfigError, VideoR1Error)) else f"{type(e).__name__}: {e}"
     # Plain Text, never markup: messages quote paths and library errors (gloo's "[/__w/...pair.cc:464]" made rich
     # raise MarkupError and hid the real error).
@@ -102,5 +109,16 @@ def _fail(e: BaseException, code: int, hint: str | None) -> None:
     sys.exit(code)
 
 
+def _os_error(e: OSError, hint: str | None) -> tuple[BaseException, str | None]:
+    """An OSError as a StorageError naming its path (the message of a failed write often has none)."""
+    from pipelines.errors import StorageError
+
+    if not e.filename:
+        return e, hint
+    err = StorageError(str(e.filename), e, "file", "access")
+    return err, err.hint or hint
+
+
 if __name__ == "__main__":
     main()
+

@@ -86,13 +86,9 @@ def eval_command(
             for bi in inputs:
                 run.use_path("data", bi.file, role=f"data:{bi.bench.name}")
         if distributed and not worker:
-            from pipelines.launch import launch
+            from pipelines.launch import run_workers
 
-            code = launch(cfg, _worker_argv(sys.argv[1:]), run, run_dir)
-            if code != 0:
-                from pipelines.errors import VideoR1Error
-
-                raise VideoR1Error(f"eval workers exited with code {code}", hint="see the workers' output above")
+            run_workers(cfg, _worker_argv(sys.argv[1:]), run, run_dir, what="eval workers")
             results = runner.load_results(out)
         else:
             results = runner.evaluate(cfg, out, run=run, progress_factory=_progress_factory,
