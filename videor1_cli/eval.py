@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 
 from pipelines.config import Config
-from videor1_cli.common import DATA, MODEL, ROOT, Shortcut, config_command, console, err_console, registered_run
+from videor1_cli.common import MODEL, ROOT, Shortcut, config_command, console, err_console, registered_run
 
 BENCH = Shortcut("eval.bench", ["--bench", "-b"], Optional[str],
                  "Benchmarks, comma-separated: vsi, videommmu, mmvu, mvbench, tempcompass, videomme, synthetic "

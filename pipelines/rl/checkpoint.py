@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines.errors import CheckpointError, VideoR1Error, storage_errors
+from pipelines.errors import CheckpointError, storage_errors
 
 log = logging.getLogger("videor1.checkpoint")
 
