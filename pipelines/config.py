@@ -674,7 +674,7 @@ def load_config(
     try:
         cfg = Config.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_errors(e, origin), hint="`videor1 config show` lists every key") from None
+        raise ConfigError(_format_errors(e, origin), hint="`videor1 config keys` lists every key with its help") from None
     if cfg.eval.frames is not None and not (shortcuts or {}).get("video.max_frames"):
         # The eval frame protocol sets the sampler's ceiling: one place to say "32 frames".
         cfg.video.max_frames = cfg.eval.frames

@@ -22,7 +22,7 @@ class VideoR1Group(TyperGroup):
         try:
             return super().invoke(ctx)
         except ConfigError as e:
-            _fail(e, 2, e.hint or "`videor1 config show` prints every key with its help")
+            _fail(e, 2, e.hint or "`videor1 config keys` lists every key with its value and help")
         except VideoR1Error as e:
             _fail(e, e.exit_code, e.hint)
         except (click.exceptions.Exit, typer.Exit, click.ClickException, click.exceptions.Abort, SystemExit,
@@ -70,6 +70,9 @@ def _load() -> None:
     for module in COMMANDS:
         mod = importlib.import_module(f"videor1_cli.{module}")
         mod.register(app)
+    from videor1_cli.examples import attach
+
+    attach(app)
 
 
 _load()
