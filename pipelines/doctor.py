@@ -80,5 +80,8 @@ def model_status(cfg: Config) -> str:
     try:
         check_model_path(name, cfg.model.revision)
     except VideoR1Error as e:
-        return f"{name}: PROBLEM: {e}" + (f" ({e.hint})" if e.hint else "")
+        hint = e.hint or ""
+        if "videor1 model tiny" not in hint:
+            hint = (hint + "; " if hint else "") + f"a local directory? `videor1 model tiny --out {name}` builds one"
+        return f"{name}: PROBLEM: {e} ({hint})"
     return name

@@ -391,9 +391,11 @@ def report_worker_error(exc: BaseException, hint: str | None) -> bool:
     from pipelines.config import ConfigError
 
     known = isinstance(exc, (VideoR1Error, ConfigError))
-    record = {"rank": rank(), "type": type(exc).__name__, "known": known,
+    import time
+
+    record = {"rank": rank(), "type": type(exc).__name__, "known": known, "time": time.time(),
               "message": str(exc) if known else f"{type(exc).__name__}: {exc}",
-              "hint": hint, "resumable": _resumable(exc)}
+              "hint": hint if known else None, "resumable": _resumable(exc)}
     try:
         path = Path(d) / f"rank-{record['rank']}.json"
         path.write_text(json.dumps(record))
@@ -402,11 +404,22 @@ def report_worker_error(exc: BaseException, hint: str | None) -> bool:
     return True
 
 
+# Failures of the machine rather than of the run (they need not recur after a restart): out of memory, a collective
+# that timed out or lost its peer, an OS error (disk full, once space is freed).
+_TRANSIENT = ("OutOfMemoryError", "DistBackendError", "DistNetworkError", "DistStoreError", "DistError")
+
+
 def _resumable(exc: BaseException) -> bool:
     if isinstance(exc, VideoR1Error):
         return bool(exc.resumable)
-    # A crash (OS error, out of memory, a library's RuntimeError) may not recur; a bug in the input does.
-    return isinstance(exc, (OSError, MemoryError, RuntimeError)) and not isinstance(exc, NotImplementedError)
+    return isinstance(exc, (OSError, MemoryError)) or type(exc).__name__ in _TRANSIENT
+
+
+def _secondary(e: dict[str, Any]) -> bool:
+    """A rank that failed because another one did (its peer vanished from a collective)."""
+    msg = str(e.get("message", ""))
+    return not e.get("known") and ("Connection closed by peer" in msg or "remote worker" in msg
+                                   or "Connection reset by peer" in msg)
 
 
 def read_worker_errors(errors_dir: str | os.PathLike) -> list[dict[str, Any]]:
@@ -425,6 +438,9 @@ def worker_failure(code: int, errors: list[dict[str, Any]], *, what: str = "work
     the exit code when no rank reported one (killed by a signal, out of memory). `checkpoint()` -> the checkpoint a
     `--resume auto` would continue from (or None): only then, and only when a resume can get past the failure, the
     hint says to resume."""
+    primary = [e for e in errors if not _secondary(e)]
+    if primary:  # the ranks that failed first; the others lost a peer in a collective because of them
+        errors = sorted(primary, key=lambda e: (e.get("time", 0), int(e.get("rank", 0))))
     if errors:
         groups: dict[tuple[str, str | None], list[int]] = {}
         for e in errors:
@@ -440,6 +456,8 @@ def worker_failure(code: int, errors: list[dict[str, Any]], *, what: str = "work
             extra = "run again with --debug for the workers' tracebacks"
             hint = f"{hint}; {extra}" if hint else extra
         resumable = all(e.get("resumable") for e in errors)
+        if len(errors) > 1 and all(_secondary(e) for e in errors):
+            resumable = True  # only lost peers are known: the first failure left no report (killed)
     else:
         how = (f"killed by signal {code - 128}" if code > 128 else f"exit code {code}")
         message = f"{what} stopped ({how}) without reporting an error (out of memory? killed?)"

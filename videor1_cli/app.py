@@ -15,6 +15,14 @@ from pipelines.config import ConfigError
 from pipelines.errors import VideoR1Error
 from videor1_cli.common import err_console
 
+try:  # typer 0.29 vendors click: its usage errors are typer's classes, not click's
+    from typer import exceptions as _te
+
+    _TYPER_CLICK: tuple[type[BaseException], ...] = (_te.TyperException, _te.Abort, _te.Exit)
+except (ImportError, AttributeError):  # pragma: no cover - an older typer on plain click
+    _TYPER_CLICK = ()
+
+
 class VideoR1Group(TyperGroup):
     """Maps errors to one readable line and an exit code, for the real CLI and for CliRunner in tests alike."""
 
@@ -26,8 +34,8 @@ class VideoR1Group(TyperGroup):
         except VideoR1Error as e:
             _fail(e, e.exit_code, e.hint)
         except (click.exceptions.Exit, typer.Exit, click.ClickException, click.exceptions.Abort, SystemExit,
-                KeyboardInterrupt):
-            raise
+                KeyboardInterrupt, *_TYPER_CLICK):
+            raise  # usage errors (no such option...) print click's usage line and `--help` pointer, exit 2
         except Exception as e:  # noqa: BLE001 - one readable line for anything unexpected
             _fail(e, 1, "run again with --debug for the full traceback")
 

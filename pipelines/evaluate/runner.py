@@ -492,9 +492,24 @@ def summarise(bench: Benchmark, rows: Sequence[dict[str, Any]], file: str | None
         res["reward"] = M.pct(M.mean(float(r.get("reward") or 0.0) for r in rows))
         if world:
             res["chance"] = {k: v.get("chance") for k, v in (world.get("chance") or {}).items()}
+    res["chance_overall"], res["chance_label"] = chance_baseline(rows, res.get("chance"))
     if bench.notes:
         res["notes"] = bench.notes
     return res
+
+
+def chance_baseline(rows: Sequence[dict[str, Any]], per_source: dict[str, Any] | None = None
+                    ) -> tuple[float | None, str]:
+    """What guessing scores on these rows, in percent, beside the model's score: the synthetic world's own chance
+    level per data_source (world.json) when known, else a uniform guess among a multiple-choice item's options
+    (other items count 0: a guess of a number or a text is almost never right)."""
+    if not rows:
+        return None, ""
+    if per_source and all(per_source.get(r.get("data_source")) is not None for r in rows):
+        return M.pct(M.mean(float(per_source[r["data_source"]]) for r in rows)), "chance (world.json, per data_source)"
+    vals = [1.0 / len(r["options"]) if r.get("problem_type") == "multiple choice" and r.get("options") else 0.0
+            for r in rows]
+    return M.pct(M.mean(vals)), "chance (uniform guess on multiple choice, 0 elsewhere)"
 
 
 def _world_manifest(file: Path) -> dict[str, Any] | None:

@@ -410,6 +410,8 @@ def model_state_dict(trainer):
 
 def save_model(trainer, out: Path, merge_lora: bool = False) -> None:
     """HF model (or LoRA adapters) + processor into `out` (rank 0 writes; every rank takes part)."""
+    if trainer.lora and merge_lora and getattr(trainer, "zero3", False):
+        return _save_merged_lora_zero3(trainer, out)
     state = model_state_dict(trainer)
     if state is not None and not trainer.lora:
         tied = tied_names(trainer.unwrapped)
@@ -423,6 +425,32 @@ def save_model(trainer, out: Path, merge_lora: bool = False) -> None:
                 model.save_pretrained(out)
             else:
                 model.save_pretrained(out, state_dict=state, safe_serialization=True)
+            trainer.processor.save_pretrained(out)
+
+
+def _save_merged_lora_zero3(trainer, out: Path) -> None:
+    """ZeRO-3 partitions every weight: peft's merge_and_unload on rank 0 alone would merge shards ("size of tensor a
+    (0) must match ..."). All ranks gather the weights (collective); inside, the adapters are merged into the base
+    weights, rank 0 copies them out under the base model's names, and the merge is undone before the gather ends."""
+    from pipelines.generation.vllm import gathered
+
+    model = trainer.unwrapped
+    base = model.get_base_model()
+    state: dict[str, torch.Tensor] = {}
+    with gathered(list(model.parameters())):
+        model.merge_adapter()
+        try:
+            if trainer.is_main:
+                for name, p in base.named_parameters():
+                    if "lora_" in name:
+                        continue
+                    state[name.replace(".base_layer.", ".")] = p.detach().to("cpu").clone()
+        finally:
+            model.unmerge_adapter()
+    if trainer.is_main:
+        with storage_errors(out, "model"):
+            out.mkdir(parents=True, exist_ok=True)
+            base.save_pretrained(out, state_dict=state, safe_serialization=True)
             trainer.processor.save_pretrained(out)
 
 
