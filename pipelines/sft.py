@@ -287,6 +287,10 @@ def _trainer_cls():
                 loss = sum((p.sum() * 0.0 for p in model.parameters() if p.requires_grad),
                            torch.zeros((), device=inputs["input_ids"].device))
                 return (loss, None) if return_outputs else loss
+            if os.environ.get("DEBUG_RNG"):  # TEMP
+                import hashlib
+                print("RNGDBG", os.environ.get("RANK"), self.state.global_step, model.training,
+                      hashlib.md5(torch.get_rng_state().numpy().tobytes()).hexdigest()[:8], flush=True)
             if model.training:
                 self.tokens_seen += int(inputs["attention_mask"].sum())
                 self.samples_seen += int(inputs["input_ids"].shape[0])

@@ -286,3 +286,57 @@ def test_eval_names_the_unreadable_video_of_each_error(tiny_model_dir, synth_wor
     assert "errors=1" in out
     assert "1 Synthetic world sample(s) not scored" in out
     assert f"id {video['problem_id']}: cannot read media {broken}" in out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# slow: real 2-rank launches
+def _cli_env(tmp_path) -> dict:
+    env = dict(os.environ, VIDEOR1_HOME=str(tmp_path / "home"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+               TOKENIZERS_PARALLELISM="false", VIDEOR1_QUIET="1")
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("VIDEOR1_DEBUG", None)
+    return env
+
+
+@pytest.mark.slow
+def test_a_rank_error_is_one_line_without_the_torchrun_traceback(tiny_model_dir, synth_world, tmp_path):
+    """`train rl --nproc 2` on one record: every rank raises the same DataError; the user sees it once, as one line
+    naming the ranks, with its hint and no resume hint (no resume gets past it); --debug shows the tracebacks."""
+    import subprocess
+    import sys
+
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps(json.loads(Path(synth_world["rl"]).read_text())[:1]))
+    cmd = [sys.executable, "-m", "videor1_cli.app", "train", "rl", "--model", str(tiny_model_dir), "--data", str(one),
+           "--root", synth_world["root"], "--nproc", "2", "--set", f"run.output_dir={tmp_path / 'runs'}"]
+    p = subprocess.run(cmd, env=_cli_env(tmp_path), capture_output=True, text=True, timeout=600)
+    out = p.stdout + p.stderr
+    assert p.returncode == 1, out
+    errors = [x for x in out.splitlines() if x.startswith("error:")]
+    assert errors == [f"error: ranks 0, 1: {one}: 1 records cannot feed 2 ranks"], out
+    assert "hint: run on at most 1 rank(s) (--nproc), or give more records" in out
+    assert "Traceback" not in out and "ChildFailedError" not in out and "--resume" not in out, out
+    p = subprocess.run([*cmd[:3], "--debug", *cmd[3:]], env=_cli_env(tmp_path), capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 1 and "Traceback" in p.stdout + p.stderr
+
+
+@pytest.mark.slow
+def test_two_data_parallel_trainings_at_once_on_one_machine(tiny_model_dir, synth_world, tmp_path):
+    """No --master-port: each launch picks a free one (they shared 29500 and the second died with EADDRINUSE)."""
+    import subprocess
+    import sys
+
+    procs = []
+    for i in range(2):
+        cmd = [sys.executable, "-m", "videor1_cli.app", "train", "sft", "--model", str(tiny_model_dir),
+               "--data", synth_world["sft"], "--root", synth_world["root"], "--nproc", "2", "--max-steps", "2",
+               "--set", "sft.per_device_batch_size=1", "--out", str(tmp_path / f"out{i}"),
+               "--set", f"run.output_dir={tmp_path / 'runs'}"]
+        procs.append(subprocess.Popen(cmd, env=_cli_env(tmp_path / f"h{i}"), stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out
+        assert "EADDRINUSE" not in out and "address already in use" not in out.lower()
+    assert all((tmp_path / f"out{i}" / "model.safetensors").is_file() for i in range(2))

@@ -144,7 +144,7 @@ def test_incomplete_or_foreign_rl_checkpoints_are_refused(tiny_model_dir, synth_
     (two / "trainer_state.json").write_text(json.dumps(dict(state, world_size=2)))
     (two / "rng-rank1.pt").write_bytes((two / "rng-rank0.pt").read_bytes())
     res = run_cli(*args, "--resume", two, check=False)
-    assert res.exit_code == 1 and "ranks 2 (this run: 1)" in res.output and "--nproc 2" in res.output
+    assert res.exit_code == 1 and "2 ranks (this run: 1 rank)" in res.output and "--nproc 2" in res.output
 
     other = build_tiny_model(tmp_path / "other-base", seed=1)
     res = run_cli(*_rl_argv(other, synth_world, tmp_path / "runs3", 2, "--set", "rl.num_iterations=1"),
@@ -152,7 +152,7 @@ def test_incomplete_or_foreign_rl_checkpoints_are_refused(tiny_model_dir, synth_
     assert res.exit_code == 1 and "base model" in res.output and "frozen reference" in res.output
 
     res = run_cli(*args, "--set", "model.lora.enabled=true", "--resume", ck, check=False)
-    assert res.exit_code == 1 and "LoRA False (this run: True)" in res.output
+    assert res.exit_code == 1 and "full fine-tuning (this run: LoRA adapters)" in res.output
 
 
 def test_sft_checkpoint_half_written_is_passed_over_and_named_when_asked_for(tiny_model_dir, synth_world, tmp_path):

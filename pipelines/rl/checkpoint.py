@@ -122,10 +122,17 @@ def _same_base(saved: dict | None, now: dict) -> bool:
 def _check_identity(path: Path, saved: dict, expect: dict, *, resume_hint: str) -> None:
     """Refuse a checkpoint written by another set-up (what it holds cannot be restored into this one)."""
     problems = []
-    names = {"world_size": "ranks", "lora": "LoRA", "zero_stage": "DeepSpeed ZeRO stage"}
+
+    def said(key: str, value: Any) -> str:
+        if key == "world_size":
+            return f"{value} rank{'s' if int(value) != 1 else ''}"
+        if key == "lora":
+            return "LoRA adapters" if value else "full fine-tuning"
+        return f"DeepSpeed ZeRO-{value}" if value else "no DeepSpeed"
+
     for key in _IDENTITY_KEYS:
         if key in saved and key in expect and saved[key] != expect[key]:
-            problems.append(f"{names[key]} {saved[key]} (this run: {expect[key]})")
+            problems.append(f"{said(key, saved[key])} (this run: {said(key, expect[key])})")
     if "base_model" in expect and not _same_base(saved.get("base_model"), expect["base_model"]):
         problems.append(f"base model {saved['base_model'].get('path')} (this run: {expect['base_model']['path']}; "
                         "it is also the frozen reference)")

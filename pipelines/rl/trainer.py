@@ -91,6 +91,10 @@ class RLTrainer:
 
             from transformers import AutoConfig
 
+            from pipelines.models import check_model_path
+
+            check_model_path(self.cfg.model.name_or_path, self.cfg.model.revision)  # one line, not AutoConfig's OSError
+
             hidden = model_hidden_size(SimpleNamespace(config=AutoConfig.from_pretrained(
                 self.cfg.model.name_or_path)))
         kwargs: dict[str, Any] = {}
