@@ -287,10 +287,6 @@ def _trainer_cls():
                 loss = sum((p.sum() * 0.0 for p in model.parameters() if p.requires_grad),
                            torch.zeros((), device=inputs["input_ids"].device))
                 return (loss, None) if return_outputs else loss
-            if os.environ.get("DEBUG_RNG"):  # TEMP
-                import hashlib
-                print("RNGDBG", os.environ.get("RANK"), self.state.global_step, model.training,
-                      hashlib.md5(torch.get_rng_state().numpy().tobytes()).hexdigest()[:8], flush=True)
             if model.training:
                 self.tokens_seen += int(inputs["attention_mask"].sum())
                 self.samples_seen += int(inputs["input_ids"].shape[0])
@@ -654,6 +650,11 @@ def run_sft(cfg, run=None, *, output_dir: str | os.PathLike, resume_from: str | 
     device = resolve_device(cfg.model.device)
     if device.type == "cuda" and os.environ.get("LOCAL_RANK") is not None:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    from transformers import set_seed
+
+    # LoRA's initial adapters are drawn here, before the Trainer seeds: from run.seed, not from whatever the
+    # DeepSpeed set-up happened to draw first (two identical ZeRO-2 LoRA runs started from different adapters).
+    set_seed(cfg.run.seed)
     model = load_model(cfg.model, device=device, for_training=True)
     if cfg.model.lora.enabled:
         model = apply_lora(model, cfg.model.lora)
