@@ -482,7 +482,11 @@ def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
         if not problems:
             return p
         if (p / "trainer_state.json").is_file():  # a finished-looking save that lacks a file: say so
-            log.warning("passing over incomplete checkpoint %s (%s)", p, "; ".join(problems))
+            import sys
+
+            msg = f"passing over incomplete checkpoint {p} ({'; '.join(problems)})"
+            log.warning(msg)
+            print(f"warning: {msg}", file=sys.stderr, flush=True)
     return None
 
 
@@ -687,17 +691,26 @@ def run_sft(cfg, run=None, *, output_dir: str | os.PathLike, resume_from: str | 
     if eval_ds is not None:
         eval_end = trainer.evaluate().get("eval_loss")
     # Final model: merged weights (LoRA folded in) + processor, loadable by every other command.
+    from pipelines.errors import storage_errors
+    from pipelines.launch import deepspeed_zero_stage
+
     final = trainer.model
-    if cfg.model.lora.enabled and hasattr(final, "merge_and_unload"):
+    zero3_lora = cfg.model.lora.enabled and deepspeed_zero_stage(cfg) == 3
+    if cfg.model.lora.enabled and hasattr(final, "merge_and_unload") and not zero3_lora:
         final = final.merge_and_unload()
-    if trainer.is_world_process_zero():
-        if cfg.model.lora.enabled:
-            final.save_pretrained(out)
+    with storage_errors(out, "model"):
+        if zero3_lora:  # partitioned weights: gathered, merged, written by rank 0
+            from pipelines.rl.checkpoint import save_merged_lora_zero3
+
+            save_merged_lora_zero3(final, processor, out, is_main=trainer.is_world_process_zero())
+        elif trainer.is_world_process_zero():
+            if cfg.model.lora.enabled:
+                final.save_pretrained(out)
+            else:
+                trainer.save_model(str(out))
+            processor.save_pretrained(out)
         else:
-            trainer.save_model(str(out))
-        processor.save_pretrained(out)
-    else:
-        trainer.save_model(str(out))  # collective under DeepSpeed; writes nothing on other ranks
+            trainer.save_model(str(out))  # collective under DeepSpeed; writes nothing on other ranks
     skipped = {k: dict(v.counts) for k, v in trainer.skips.items()}
     for split, st in trainer.skips.items():
         for reason, ids in st.ids.items():

@@ -12,9 +12,10 @@ What is covered, and why this set (a full cross product of ranks x engine x LoRA
   of two factors appears in some cell (with the 1-rank cells above and tests/test_deepspeed.py's 2-rank ZeRO-3 full
   T-GRPO resume):
     SFT  2 ranks DDP full (bug 1 on two ranks: a missing-keys warning, then the base weights),
-         2 ranks ZeRO-2 LoRA, 2 ranks ZeRO-3 full;
-    RL   2 ranks DDP full (bug 2: `map_location='cpu:0'`), 2 ranks ZeRO-3 LoRA.
-  Each cell is three launches (uninterrupted, killed, resumed), ~1 min on 2 idle cores.
+         2 ranks ZeRO-2 LoRA (two identical runs started from different adapters before the seed fix),
+         2 ranks ZeRO-3 full, 2 ranks ZeRO-3 LoRA (the merged final model is gathered: it failed before);
+    RL   2 ranks DDP full (bug 2: `map_location='cpu:0'`), 2 ranks ZeRO-3 LoRA (its final merge failed before).
+  Each cell is three launches (uninterrupted, killed, resumed).
 - slow suite, every other family (Qwen2-VL, Qwen3-VL, Qwen3-VL-MoE, Qwen3.5, Qwen3.5-MoE), 1 rank, full fine-tuning
   SFT: the family-specific part of a resume is the weight layout (transformers' per-family key renaming and MoE
   expert fusion), so there the resumed run starts from a copy of the uninterrupted run's checkpoint (what a SIGKILL
@@ -205,8 +206,8 @@ LORA = ["--set", "model.lora.enabled=true", "--set", "model.lora.r=4"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine,lora", [("ddp", False), ("zero2", True), ("zero3", False)],
-                         ids=["ddp-full", "zero2-lora", "zero3-full"])
+@pytest.mark.parametrize("engine,lora", [("ddp", False), ("zero2", True), ("zero3", False), ("zero3", True)],
+                         ids=["ddp-full", "zero2-lora", "zero3-full", "zero3-lora"])
 def test_sft_two_ranks_sigkill_resume_equals_uninterrupted(tiny_model_dir, synth_world, tmp_path, engine, lora):
     if engine != "ddp":
         pytest.importorskip("deepspeed")

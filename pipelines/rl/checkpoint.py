@@ -436,29 +436,34 @@ def save_model(trainer, out: Path, merge_lora: bool = False) -> None:
 
 
 def _save_merged_lora_zero3(trainer, out: Path) -> None:
-    """ZeRO-3 partitions every weight: peft's merge_and_unload on rank 0 alone would merge shards ("size of tensor a
-    (0) must match ..."). All ranks gather the weights (collective); inside, the adapters are merged into the base
+    save_merged_lora_zero3(trainer.unwrapped, trainer.processor, out, is_main=trainer.is_main)
+
+
+def save_merged_lora_zero3(model, processor, out: Path, *, is_main: bool) -> None:
+    """A PEFT model under ZeRO-3, saved with its adapters merged (every rank calls it; rank 0 writes).
+
+    ZeRO-3 partitions every weight: peft's merge_and_unload on one rank would merge shards ("size of tensor a (0)
+    must match ..."). All ranks gather the weights (collective); inside, the adapters are merged into the base
     weights, rank 0 copies them out under the base model's names, and the merge is undone before the gather ends."""
     from pipelines.generation.vllm import gathered
 
-    model = trainer.unwrapped
     base = model.get_base_model()
     state: dict[str, torch.Tensor] = {}
     with gathered(list(model.parameters())):
         model.merge_adapter()
         try:
-            if trainer.is_main:
+            if is_main:
                 for name, p in base.named_parameters():
                     if "lora_" in name:
                         continue
                     state[name.replace(".base_layer.", ".")] = p.detach().to("cpu").clone()
         finally:
             model.unmerge_adapter()
-    if trainer.is_main:
+    if is_main:
         with storage_errors(out, "model"):
             out.mkdir(parents=True, exist_ok=True)
             base.save_pretrained(out, state_dict=state, safe_serialization=True)
-            trainer.processor.save_pretrained(out)
+            processor.save_pretrained(out)
 
 
 def _rank_state(trainer) -> dict[str, Any]:
