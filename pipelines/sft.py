@@ -325,6 +325,8 @@ def _trainer_cls():
 
             lora = _is_peft_model(self.model)
             if self.is_deepspeed_enabled:
+                if not lora and not C.weight_files(Path(checkpoint)):
+                    return  # only DeepSpeed's engine checkpoint holds the weights: its strict load restored them
                 state = self.accelerator.get_state_dict(self.deepspeed)
                 bad = C.weight_mismatches(self.model, checkpoint, state, adapters=lora) \
                     if self.is_world_process_zero() else []

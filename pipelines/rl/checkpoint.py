@@ -169,7 +169,7 @@ def saved_layout(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return revert_weight_conversion(model, {k: v for k, v in state.items() if k not in tied})
 
 
-def _weight_files(ckpt: Path) -> list[Path]:
+def weight_files(ckpt: Path) -> list[Path]:
     index = ckpt / "model.safetensors.index.json"
     if index.is_file():
         names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -182,7 +182,7 @@ def read_weights(ckpt: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Every tensor of a save_pretrained checkpoint (single file or sharded), on the CPU, keyed as on disk."""
     from safetensors.torch import load_file
 
-    files = _weight_files(Path(ckpt))
+    files = weight_files(Path(ckpt))
     if not files:
         raise CheckpointError(f"{ckpt}: no model.safetensors (or index) to load weights from")
     out: dict[str, torch.Tensor] = {}
@@ -273,7 +273,7 @@ def weight_mismatches(model, ckpt: str | os.PathLike, state: dict[str, torch.Ten
         files = [ckpt / ADAPTERS]
     else:
         mine = saved_layout(model, state)
-        files = _weight_files(ckpt)
+        files = weight_files(ckpt)
     if not files or not all(f.is_file() for f in files):
         return [f"no {'adapter' if adapters else 'model'} weights in {ckpt}"]
     out: list[str] = []
@@ -393,7 +393,7 @@ def check_rl_checkpoint(path: str | os.PathLike, expect: dict[str, Any]) -> dict
     elif "zero_stage" not in state:
         state["zero_stage"] = 0
     missing = [f for f in rl_checkpoint_files(state) if not (path / f).exists()]
-    if not state["lora"] and not _weight_files(path):
+    if not state["lora"] and not weight_files(path):
         missing.append("model.safetensors")
     if missing:
         raise CheckpointError(f"cannot resume from {path}: incomplete checkpoint, missing {', '.join(missing)}",
@@ -630,7 +630,9 @@ def sft_checkpoint_problems(ckpt: str | os.PathLike, expect: dict[str, Any] | No
         if _deepspeed_tag(ckpt) and not layout["zero_stage"]:
             layout["zero_stage"] = 1
     missing = [f for f in sft_checkpoint_files(layout, ckpt) if not (ckpt / f).exists()]
-    if not layout.get("lora") and not _weight_files(ckpt):
+    # Under DeepSpeed the engine's checkpoint holds the module too (ZeRO-3 without stage3_gather_16bit_weights_on_
+    # model_save writes no model.safetensors); elsewhere the weights file is the only copy.
+    if not layout.get("lora") and not weight_files(ckpt) and not layout.get("zero_stage"):
         missing.append("model.safetensors")
     return [f"missing {', '.join(missing)}"] if missing else []
 
