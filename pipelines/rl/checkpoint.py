@@ -61,7 +61,6 @@ CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
 SFT_MANIFEST = "videor1_checkpoint.json"
 FORMAT = 2
-WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 ADAPTERS = "adapter_model.safetensors"
 # What a resume must find unchanged; anything else in the config may change (e.g. more max_steps).
 _IDENTITY_KEYS = ("world_size", "lora", "zero_stage")
@@ -119,7 +118,7 @@ def _same_base(saved: dict | None, now: dict) -> bool:
     return saved.get("path") == now.get("path")
 
 
-def _check_identity(path: Path, saved: dict, expect: dict, *, resume_hint: str) -> None:
+def _check_identity(path: Path, saved: dict, expect: dict, *, resume_hint: str, reference: bool = False) -> None:
     """Refuse a checkpoint written by another set-up (what it holds cannot be restored into this one)."""
     problems = []
 
@@ -134,8 +133,8 @@ def _check_identity(path: Path, saved: dict, expect: dict, *, resume_hint: str) 
         if key in saved and key in expect and saved[key] != expect[key]:
             problems.append(f"{said(key, saved[key])} (this run: {said(key, expect[key])})")
     if "base_model" in expect and not _same_base(saved.get("base_model"), expect["base_model"]):
-        problems.append(f"base model {saved['base_model'].get('path')} (this run: {expect['base_model']['path']}; "
-                        "it is also the frozen reference)")
+        problems.append(f"base model {saved['base_model'].get('path')} (this run: {expect['base_model']['path']}"
+                        + ("; it is also the frozen reference)" if reference else ")"))
     if saved.get("records") and expect.get("records"):
         diff = [k for k in ("records", "shuffle", "seed", "max_samples") if saved["records"].get(k) !=
                 expect["records"].get(k)]
@@ -401,10 +400,11 @@ def check_rl_checkpoint(path: str | os.PathLike, expect: dict[str, Any]) -> dict
     saved = dict(state)
     if saved.get("format", 1) < 2 and (saved["zero_stage"] > 0) == (expect.get("zero_stage", 0) > 0):
         saved["zero_stage"] = expect.get("zero_stage", 0)  # format 1 recorded DeepSpeed on/off only
-    _check_identity(path, saved, expect, resume_hint=(
-        f"resume with the set-up it was written with (--nproc {saved.get('world_size')}, the same --model, "
-        "model.lora and distributed.deepspeed); to train on from its weights in another set-up, start a new run "
-        f"with --model {path}" + (" (full fine-tuning checkpoints are models)" if not saved.get("lora") else "")))
+    hint = (f"resume with the set-up it was written with (--nproc {saved.get('world_size')}, the same --model, "
+            "model.lora and distributed.deepspeed)")
+    if not saved.get("lora"):  # a full fine-tuning checkpoint is a model
+        hint += f"; to train on from its weights in another set-up, start a new run with --model {path}"
+    _check_identity(path, saved, expect, resume_hint=hint, reference=True)
     return state
 
 
