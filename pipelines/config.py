@@ -514,7 +514,10 @@ class DistributedConfig(Section):
     nnodes: int = Field(1, ge=1, description="Number of nodes.")
     node_rank: int = Field(0, ge=0, description="Rank of this node.")
     master_addr: str = Field("127.0.0.1", description="Address of the rank-0 node.")
-    master_port: int = Field(29500, ge=1, le=65535, description="Port of the rank-0 node.")
+    master_port: int | None = Field(
+        None, ge=1, le=65535,
+        description="Port of the rank-0 node. Default: a free port chosen at launch, so jobs sharing a machine never "
+        "collide; a multi-node run must set it (the same on every node).")
     launcher: Literal["torchrun", "accelerate"] = Field("torchrun", description="How --nproc > 1 is launched.")
     deepspeed: str | None = Field(
         None, description="DeepSpeed: zero2, zero3, zero3_offload (shipped configs) or a path to a JSON config."
@@ -700,7 +703,7 @@ def load_config(
     try:
         cfg = Config.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_errors(e, origin), hint="`videor1 config show` lists every key") from None
+        raise ConfigError(_format_errors(e, origin), hint="`videor1 config keys` lists every key with its help") from None
     if cfg.eval.frames is not None and not (shortcuts or {}).get("video.max_frames"):
         # The eval frame protocol sets the sampler's ceiling: one place to say "32 frames".
         cfg.video.max_frames = cfg.eval.frames

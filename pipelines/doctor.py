@@ -40,6 +40,10 @@ def collect(cfg: Config) -> dict[str, Any]:
     try:
         import torch
 
+        # The build, not only the release: 2.14.1+cu130 and 2.14.1+cpu are different wheels (metadata drops "+...").
+        info["torch"] = str(torch.__version__)
+        if torch.version.cuda:
+            info["torch"] += f" (CUDA {torch.version.cuda})"
         info["cuda"] = (
             f"{torch.cuda.device_count()} device(s): "
             + ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
@@ -61,6 +65,23 @@ def collect(cfg: Config) -> dict[str, Any]:
     probe = reg.parent if reg.parent.exists() else Path.cwd()
     usage = shutil.disk_usage(probe)
     info["free disk"] = f"{usage.free / 2**30:.1f} GiB free at {probe.resolve()}"
-    info["model"] = cfg.model.name_or_path
+    info["model"] = model_status(cfg)
     info.update(stage_plan(cfg))  # how many processes x torch threads each stage will use
     return info
+
+
+def model_status(cfg: Config) -> str:
+    """model.name_or_path, flagged when no command could load it (a default path that was never built, a typo, a Hub
+    id that is neither cached nor reachable)."""
+    from pipelines.errors import VideoR1Error
+    from pipelines.models import check_model_path
+
+    name = cfg.model.name_or_path
+    try:
+        check_model_path(name, cfg.model.revision)
+    except VideoR1Error as e:
+        hint = e.hint or ""
+        if "videor1 model tiny" not in hint:
+            hint = (hint + "; " if hint else "") + f"a local directory? `videor1 model tiny --out {name}` builds one"
+        return f"{name}: PROBLEM: {e} ({hint})"
+    return name

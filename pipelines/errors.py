@@ -7,6 +7,9 @@ class VideoR1Error(Exception):
     """Base of user-facing errors; `hint` says what to do next."""
 
     exit_code = 1
+    # Whether `--resume auto` can get past this failure (a crash, a full disk once space is freed): the launcher only
+    # then suggests it. A bad record, a bad setting or a checkpoint that cannot be restored fail the same way again.
+    resumable = False
 
     def __init__(self, message: str, hint: str | None = None):
         super().__init__(message)
@@ -41,6 +44,33 @@ class MediaError(VideoR1Error):
 class TrainingError(VideoR1Error):
     """Training stopped for a reason the user must look at (NaN loss, diverged)."""
 
+    resumable = True
+
+
+class CheckpointError(VideoR1Error):
+    """A checkpoint that cannot be fully restored (a file missing, written by another number of ranks, another base
+    model or adapter layout, weights that do not load as saved): refused before anything is half-loaded."""
+
+
+class StorageError(VideoR1Error):
+    """Writing or reading a file failed in the operating system (disk full, permission, read-only): names the path."""
+
+    resumable = True
+
+    def __init__(self, path: str, error: OSError, what: str = "file", verb: str = "write", hint: str | None = None):
+        import errno as _errno
+        import os as _os
+
+        reason = error.strerror or str(error)
+        code = f" (errno {error.errno}: {_errno.errorcode.get(error.errno, '?')})" if error.errno else ""
+        if hint is None:
+            if error.errno == _errno.ENOSPC:
+                hint = f"free space on the disk holding {path} (or point run.output_dir at another disk)"
+            elif error.errno in (_errno.EACCES, _errno.EPERM, _errno.EROFS):
+                hint = f"make {_os.path.dirname(str(path)) or path} writable, or point run.output_dir elsewhere"
+        super().__init__(f"cannot {verb} {what} {path}: {reason}{code}", hint)
+        self.path, self.errno = str(path), error.errno
+
 
 # Samples seen before the skip rate is judged: a handful of broken records at the start of a big set is not a trend.
 SKIP_CHECK_MIN_SAMPLES = 64
@@ -74,3 +104,20 @@ def check_skip_rate(skipped: int, seen: int, max_fraction: float, *, dataset_siz
         file=file,
         hint=hint,
     )
+
+
+def storage_errors(path, what: str = "file", verb: str = "write"):
+    """A context manager turning an OSError (ENOSPC, EACCES, EROFS...) raised inside into a StorageError naming the
+    path: a bare ``OSError [Errno 28]`` from a write says neither which file nor which disk."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def cm():
+        try:
+            yield
+        except StorageError:
+            raise
+        except OSError as e:
+            raise StorageError(str(e.filename or path), e, what, verb) from e
+
+    return cm()

@@ -177,11 +177,37 @@ def resolve_deepspeed_config(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Ports
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on now (the OS picks it): each launch on a machine gets its own, so a second
+    `--nproc 2` job does not die with EADDRINUSE on a fixed 29500."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def master_port(cfg) -> int:
+    """distributed.master_port when set; else a free port on this machine (one node only: every node of a
+    multi-node job must be told the same port, which no node can choose for the others)."""
+    d = cfg.distributed
+    if d.master_port is not None:
+        return int(d.master_port)
+    if d.nnodes > 1:
+        raise VideoR1Error(
+            f"a {d.nnodes}-node run needs distributed.master_port set explicitly (the same on every node)",
+            hint="add --master-port PORT (e.g. 29500, free on the rank-0 node) to the command on every node")
+    return free_port()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # The command line
 def build_launch_command(cfg, argv: Sequence[str], python: str | None = None, module: str = APP_MODULE) -> list[str]:
     """The launcher command that re-runs `videor1 <argv>` (`python -m <module> <argv>`) on every rank of this node."""
     d = cfg.distributed
     py = python or sys.executable
+    port = master_port(cfg)
     if d.launcher == "accelerate":
         cmd = [py, "-m", "accelerate.commands.launch"]
         if d.deepspeed:
@@ -197,7 +223,7 @@ def build_launch_command(cfg, argv: Sequence[str], python: str | None = None, mo
             "--num_machines", str(d.nnodes),
             "--machine_rank", str(d.node_rank),
             "--main_process_ip", d.master_addr,
-            "--main_process_port", str(d.master_port),
+            "--main_process_port", str(port),
             "--mixed_precision", "no",  # the command's own config decides (bf16 flags), not accelerate's
             "--dynamo_backend", "no",
         ]
@@ -208,7 +234,7 @@ def build_launch_command(cfg, argv: Sequence[str], python: str | None = None, mo
             "--nnodes", str(d.nnodes),
             "--node_rank", str(d.node_rank),
             "--master_addr", d.master_addr,
-            "--master_port", str(d.master_port),
+            "--master_port", str(port),
         ]
     return cmd + ["-m", module, *worker_argv([str(a) for a in argv])]
 
@@ -251,12 +277,13 @@ def launch_env(run_id: str | None, run_dir: str | os.PathLike | None, base: dict
 
 
 def launch(cfg, argv: Sequence[str], run=None, run_dir: str | os.PathLike | None = None, *,
-           python: str | None = None, module: str = APP_MODULE) -> int:
+           python: str | None = None, module: str = APP_MODULE, errors_dir: str | os.PathLike | None = None) -> int:
     """Re-run this command under torchrun / accelerate; stream the workers' output; return the exit code.
 
-    The caller (inside `registered_run`) turns a non-zero code into a failed run. SIGINT / SIGTERM are forwarded to
-    the launcher's process group; when the workers have stopped, KeyboardInterrupt is raised so the run is marked
-    interrupted.
+    The caller (inside `registered_run`) turns a non-zero code into a failed run (`run_workers` does it, with the
+    workers' own errors). SIGINT / SIGTERM are forwarded to the launcher's process group; when the workers have
+    stopped, KeyboardInterrupt is raised so the run is marked interrupted. If this process dies (kill -9), torchrun
+    gets SIGTERM and stops the workers: no orphans training on.
     """
     if is_distributed_worker():
         raise RuntimeError("launch() called inside a distributed worker; check needs_launch(cfg) first")
@@ -268,6 +295,8 @@ def launch(cfg, argv: Sequence[str], run=None, run_dir: str | os.PathLike | None
             run_dir = None
     cmd = build_launch_command(cfg, argv, python=python, module=module)
     env = launch_env(run_id, run_dir)
+    if errors_dir is not None:
+        env[ERROR_DIR_ENV] = str(errors_dir)
     if cfg.distributed.deepspeed and not _model_on_cuda(cfg):
         env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator (gloo), also on a machine with GPUs
     if os.environ.get("VIDEOR1_QUIET") != "1":
@@ -281,8 +310,13 @@ def launch(cfg, argv: Sequence[str], run=None, run_dir: str | os.PathLike | None
         pipe = False
     except (AttributeError, OSError, ValueError):  # stdout replaced (pytest capsys, CliRunner): pump lines into it
         pipe = True
+    # torchrun / accelerate run inside pipelines._launcher, which hides their traceback on a worker's failure (the
+    # worker's error is printed once, by run_workers); the command printed above is the one a user can rerun by hand.
+    quiet = [cmd[0], "-m", "pipelines._launcher", *cmd[2:]] if cmd[1:2] == ["-m"] else cmd
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).resolve().parent.parent),
+                                                    env.get("PYTHONPATH", "")) if p)
     proc = subprocess.Popen(
-        cmd, env=env, start_new_session=True,
+        quiet, env=env, start_new_session=True, preexec_fn=_die_with_parent,
         stdout=subprocess.PIPE if pipe else None, stderr=subprocess.STDOUT if pipe else None,
         text=pipe, bufsize=1 if pipe else -1,
     )
@@ -324,6 +358,133 @@ def launch(cfg, argv: Sequence[str], run=None, run_dir: str | os.PathLike | None
     if interrupted:
         raise KeyboardInterrupt(f"signal {interrupted[0]} forwarded to the workers")
     return code
+
+
+def _die_with_parent() -> None:
+    """In the launcher's child (torchrun), before exec: SIGTERM it when the launching process dies (Linux)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Worker failures: each failing rank writes its error; the launching process prints it once, as one line
+ERROR_DIR_ENV = "VIDEOR1_ERROR_DIR"
+
+
+class WorkerError(VideoR1Error):
+    """One or more ranks failed; the message is theirs (rank, message), the hint theirs plus, when a resume can get
+    past the failure and a checkpoint exists, how to resume."""
+
+
+def report_worker_error(exc: BaseException, hint: str | None) -> bool:
+    """In a worker started by `launch`: record `exc` for the launching process (rank, type, message, hint, whether
+    a resume can get past it). True when recorded (the worker then prints nothing: the launcher will)."""
+    d = os.environ.get(ERROR_DIR_ENV)
+    if not d or not is_distributed_worker():
+        return False
+    from pipelines.config import ConfigError
+
+    known = isinstance(exc, (VideoR1Error, ConfigError))
+    import time
+
+    record = {"rank": rank(), "type": type(exc).__name__, "known": known, "time": time.time(),
+              "message": str(exc) if known else f"{type(exc).__name__}: {exc}",
+              "hint": hint if known else None, "resumable": _resumable(exc)}
+    try:
+        path = Path(d) / f"rank-{record['rank']}.json"
+        path.write_text(json.dumps(record))
+    except OSError:
+        return False
+    return True
+
+
+# Failures of the machine rather than of the run (they need not recur after a restart): out of memory, a collective
+# that timed out or lost its peer, an OS error (disk full, once space is freed).
+_TRANSIENT = ("OutOfMemoryError", "DistBackendError", "DistNetworkError", "DistStoreError", "DistError")
+
+
+def _resumable(exc: BaseException) -> bool:
+    if isinstance(exc, VideoR1Error):
+        return bool(exc.resumable)
+    return isinstance(exc, (OSError, MemoryError)) or type(exc).__name__ in _TRANSIENT
+
+
+def _secondary(e: dict[str, Any]) -> bool:
+    """A rank that failed because another one did (its peer vanished from a collective)."""
+    msg = str(e.get("message", ""))
+    return not e.get("known") and ("Connection closed by peer" in msg or "remote worker" in msg
+                                   or "Connection reset by peer" in msg)
+
+
+def read_worker_errors(errors_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    out = []
+    for f in sorted(Path(errors_dir).glob("rank-*.json")):
+        try:
+            out.append(json.loads(f.read_text()))
+        except (OSError, ValueError):
+            continue
+    return sorted(out, key=lambda r: int(r.get("rank", 0)))
+
+
+def worker_failure(code: int, errors: list[dict[str, Any]], *, what: str = "workers",
+                   checkpoint: Any = None) -> WorkerError:
+    """The error a launch that exited with `code` raises: the ranks' own errors (one line each distinct message), or
+    the exit code when no rank reported one (killed by a signal, out of memory). `checkpoint()` -> the checkpoint a
+    `--resume auto` would continue from (or None): only then, and only when a resume can get past the failure, the
+    hint says to resume."""
+    primary = [e for e in errors if not _secondary(e)]
+    if primary:  # the ranks that failed first; the others lost a peer in a collective because of them
+        errors = sorted(primary, key=lambda e: (e.get("time", 0), int(e.get("rank", 0))))
+    if errors:
+        groups: dict[tuple[str, str | None], list[int]] = {}
+        for e in errors:
+            groups.setdefault((e.get("message", "?"), e.get("hint")), []).append(int(e.get("rank", 0)))
+        lines = []
+        for (msg, _hint), ranks in groups.items():
+            who = f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
+            lines.append(f"{who}: {msg}")
+        message = "; ".join(lines)
+        hints = [h for (_m, h) in groups if h]
+        hint = hints[0] if hints else None
+        if not all(e.get("known") for e in errors):
+            extra = "run again with --debug for the workers' tracebacks"
+            hint = f"{hint}; {extra}" if hint else extra
+        resumable = all(e.get("resumable") for e in errors)
+        if len(errors) > 1 and all(_secondary(e) for e in errors):
+            resumable = True  # only lost peers are known: the first failure left no report (killed)
+    else:
+        how = (f"killed by signal {code - 128}" if code > 128 else f"exit code {code}")
+        message = f"{what} stopped ({how}) without reporting an error (out of memory? killed?)"
+        hint = "run again with --debug to see the workers' output in full"
+        resumable = True
+    ck = checkpoint() if (checkpoint is not None and resumable) else None
+    if ck is not None:
+        resume = f"resume with --resume auto (latest checkpoint: {ck})"
+        hint = f"{hint}; then {resume}" if hint else resume
+    err = WorkerError(message, hint=hint)
+    err.resumable = resumable
+    return err
+
+
+def run_workers(cfg, argv: Sequence[str], run=None, run_dir: str | os.PathLike | None = None, *,
+                what: str = "workers", checkpoint: Any = None, module: str = APP_MODULE) -> None:
+    """`launch` the command on every rank; a failure raises `worker_failure` (the ranks' errors as one line)."""
+    import shutil
+    import tempfile
+
+    errors_dir = Path(tempfile.mkdtemp(prefix="videor1-worker-errors-"))
+    try:
+        code = launch(cfg, argv, run, run_dir, module=module, errors_dir=errors_dir)
+        if code:
+            raise worker_failure(code, read_worker_errors(errors_dir), what=what, checkpoint=checkpoint)
+    finally:
+        shutil.rmtree(errors_dir, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -248,7 +248,7 @@ def eval_rows(e: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
             for bench, b in (results.get("benchmarks") or {}).items():
                 rows.append({"bench": bench, "video-r1": (b.get("video-r1") or {}).get("overall"),
                              "official": (b.get("official") or {}).get("overall"), "n": b.get("n"),
-                             "errors": b.get("errors")})
+                             "errors": b.get("errors"), "chance": b.get("chance_overall")})
             return results.get("scoring") or headline, rows
         except (OSError, ValueError):
             pass
@@ -297,11 +297,15 @@ def build_card(reg: Registry, model_dir: Path, run: dict | None, repo_id: str, l
              f"tags: [video-r1, videor1, t-grpo, {(label or 'qwen2.5-vl').lower()}, video-reasoning]"]
     if base["source"] == "hub" and base["name"]:
         lines.append(f"base_model: {base['name']}")
-    lines += ["---", "", f"# {repo_id.split('/')[-1]}", ""]
+    stages = stage_names(by_kind)
+    params = parameter_count(model_dir)
+    lines += ["---", "", f"# {repo_id.split('/')[-1]}: {label or 'a vision-language model'} trained for video "
+              f"reasoning ({stages or 'Video-R1 recipe'})", ""]
     lines.append(
         "Trained with [videor1](https://pypi.org/project/videor1/), a re-implementation of the Video-R1 recipe "
         "(arXiv 2503.21776): supervised cold start on chain-of-thought data, then T-GRPO reinforcement learning."
     )
+    lines += ["", what_it_is(base, label, params, stages)]
     lines += ["", f"- Model family: {label or 'unknown'} (`{family or '?'}`, the `model_type` of config.json)"]
     if base["source"] == "hub":
         lines.append(f"- Base model: [`{base['name']}`](https://huggingface.co/{base['name']})")
@@ -314,6 +318,7 @@ def build_card(reg: Registry, model_dir: Path, run: dict | None, repo_id: str, l
         lines.append(f"- Base model: `{base['name']}` (a local model directory, not on the Hub"
                      + (f"; `{base['hash'][:23]}`" if base.get("hash") else "") + ")")
 
+    lines += usage_section(repo_id, cfg0)
     lines += ["", "## Lineage", ""]
     lines.append("| stage | run | status | steps | config hash | git commit |")
     lines.append("|---|---|---|---|---|---|")
@@ -363,13 +368,17 @@ def build_card(reg: Registry, model_dir: Path, run: dict | None, repo_id: str, l
         lines.append(f"Run `{e['id']}` (frames: {_get(e['config'], 'video.max_frames')}, "
                      f"temperature {_get(e['config'], 'eval.temperature')}; headline scoring: `{headline}`, "
                      "docs/eval.md):")
-        lines += ["", "| benchmark | video-r1 scoring | official scoring | n | errors |", "|---|---|---|---|---|"]
+        lines += ["", "| benchmark | video-r1 scoring | official scoring | chance | n | errors |",
+                  "|---|---|---|---|---|---|"]
         for row in rows:
             lines.append(f"| {row['bench']} | {_fmt('-' if row.get('video-r1') is None else row['video-r1'])} | "
                          f"{_fmt('-' if row.get('official') is None else row['official'])} | "
+                         f"{_fmt('-' if row.get('chance') is None else row['chance'])} | "
                          f"{'-' if row.get('n') is None else row['n']} | "
                          f"{'-' if row.get('errors') is None else row['errors']} |")
-        lines.append("")
+        lines += ["", "Scores and chance are percentages. Chance is what guessing scores on the same items: a uniform "
+                  "guess among a multiple-choice item's options (0 on numeric and free-text items); for the "
+                  "synthetic world, its own per-question-kind chance levels (world.json).", ""]
 
     lines += ["", "## Reproduce", "",
               "Each stage's recorded config, as the preset it is closest to plus the keys that differ. Names stand "
@@ -384,6 +393,88 @@ def build_card(reg: Registry, model_dir: Path, run: dict | None, repo_id: str, l
             lines.append(cmd)
     lines += ["```", "", "## License", "", f"{license}", "", "## Citation", "", "```bibtex", CITATION, "```", ""]
     return "\n".join(lines)
+
+
+def stage_names(by_kind: dict[str, list[dict]]) -> str:
+    """"SFT + T-GRPO" from the training stages of the lineage (the RL algorithm as recorded)."""
+    out = []
+    if by_kind.get("train-sft"):
+        out.append("SFT")
+    for r in by_kind.get("train-rl", [])[-1:]:
+        algo = str(_get(r.get("config") or {}, "rl.algo") or "tgrpo")
+        out.append({"tgrpo": "T-GRPO", "grpo": "GRPO"}.get(algo, algo))
+    return " + ".join(out)
+
+
+def parameter_count(model_dir: Path) -> int | None:
+    """Parameters in the model's safetensors files (read from their headers, no tensor loaded)."""
+    try:
+        from safetensors import safe_open
+    except ImportError:
+        return None
+    total = 0
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        return None
+    try:
+        for f in files:
+            with safe_open(str(f), framework="pt") as fh:
+                for k in fh.keys():
+                    n = 1
+                    for d in fh.get_slice(k).get_shape():
+                        n *= int(d)
+                    total += n
+    except Exception:  # noqa: BLE001 - safetensors' own error for a broken header: the count is a courtesy
+        return None
+    return total
+
+
+def _human(n: int | None) -> str:
+    if n is None:
+        return "an unknown number of"
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return str(n)
+
+
+def what_it_is(base: dict[str, Any], label: str | None, params: int | None, stages: str) -> str:
+    """One plain paragraph: what the base model is and what was done to it (a toy says it is a toy)."""
+    fam = label or "vision-language model"
+    done = f", then trained here ({stages})" if stages else ""
+    if base["source"] == "tiny":
+        return (f"**What this is: a toy.** The base model is a ~{_human(params)}-parameter {fam} with random "
+                f"weights, built by `videor1 model tiny` to exercise the pipeline end to end{done}. It is not a "
+                "useful video model: its scores below show that the pipeline ran, not what the recipe achieves.")
+    if base["source"] == "hub":
+        return (f"**What this is:** [`{base['name']}`](https://huggingface.co/{base['name']}) ({_human(params)} "
+                f"parameters){done}.")
+    return (f"**What this is:** the local model `{base['name']}` ({_human(params)} parameters, not on the Hub)"
+            f"{done}.")
+
+
+def usage_section(repo_id: str, cfg: dict[str, Any]) -> list[str]:
+    """How to use it: transformers directly (frames decoded with PyAV: transformers' own video loading needs
+    torchcodec), and `videor1 eval`, which samples frames and renders the prompt as in training."""
+    frames = _get(cfg, "video.max_frames") or 16
+    return ["", "## How to use", "", "```python",
+            "import av, numpy as np",
+            "from transformers import AutoModelForImageTextToText, AutoProcessor", "",
+            f'model = AutoModelForImageTextToText.from_pretrained("{repo_id}", dtype="auto", device_map="auto")',
+            f'processor = AutoProcessor.from_pretrained("{repo_id}")',
+            'with av.open("clip.mp4") as container:  # (T, H, W, 3) uint8 frames',
+            '    frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])',
+            f"video = frames[np.linspace(0, len(frames) - 1, min(len(frames), {frames})).astype(int)]",
+            'messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text":',
+            '    "What happens first in the video? Think in <think></think>, then answer in <answer></answer>."}]}]',
+            "text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)",
+            'inputs = processor(text=[text], videos=[video], return_tensors="pt").to(model.device)',
+            "out = model.generate(**inputs, max_new_tokens=1024)",
+            'print(processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0])',
+            "```", "",
+            "With the frame sampling and prompt it was trained with (see `Frames and prompt` below), on a benchmark "
+            "or on the synthetic world:", "", "```bash",
+            f"videor1 eval --model {repo_id} --bench synthetic --data videor1-synth/test.json", "```"]
 
 
 def reproduce_command(reg: Registry, r: dict[str, Any], names: dict[str, str]) -> str | None:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -318,16 +317,11 @@ class QuickstartResult:
     eval_results: list[Path]              # every results.json (the quickstart run's inputs)
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on now: each data-parallel stage gets its own, so seeds run side by side (and other
-    torchrun jobs on the machine) do not collide on distributed.master_port."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def stage_argv(st: Stage) -> list[str]:
-    """The command line a stage runs with: data-parallel ones get a free master port at the moment they start."""
+    """The command line a stage runs with: data-parallel ones get a free master port at the moment they start (the
+    launcher would pick one too; naming it keeps the stage's command line complete in the log)."""
+    from pipelines.launch import free_port
+
     return [*st.argv, "--set", f"distributed.master_port={free_port()}"] if st.ranks > 1 else list(st.argv)
 
 

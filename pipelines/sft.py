@@ -294,6 +294,73 @@ def _trainer_cls():
                 return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                             num_items_in_batch=num_items_in_batch)
 
+        # -- checkpoints: saved by transformers, restored through pipelines.rl.checkpoint and checked complete --------
+        checkpoint_identity: dict[str, Any] | None = None  # written into each checkpoint's manifest (run_sft sets it)
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            # transformers 5.20 loads a full model's checkpoint with load_state_dict(strict=False) on keys in the hub
+            # layout: nothing matches and the run goes on from the base weights. Adapters (peft) load by their own
+            # names; FSDP/DeepSpeed have their own loaders. All are verified in _load_optimizer_and_scheduler.
+            from transformers.trainer import _is_peft_model
+
+            from pipelines.rl import checkpoint as C
+
+            model = self.model if model is None else model
+            if _is_peft_model(model) or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+                return super()._load_from_checkpoint(resume_from_checkpoint, model)
+            C.load_hf_weights(model, resume_from_checkpoint)
+
+        def _load_optimizer_and_scheduler(self, checkpoint):
+            super()._load_optimizer_and_scheduler(checkpoint)
+            if checkpoint is not None:
+                self._verify_restored(checkpoint)
+
+        def _verify_restored(self, checkpoint) -> None:
+            """After every loader ran: the weights equal the checkpoint's (laid out as saved) and the optimizer
+            state is there. Every rank raises together (DeepSpeed's gather is collective; rank 0 compares)."""
+            from transformers.trainer import _is_peft_model
+
+            from pipelines.errors import CheckpointError
+            from pipelines.rl import checkpoint as C
+
+            lora = _is_peft_model(self.model)
+            if self.is_deepspeed_enabled:
+                if not lora and not C.weight_files(Path(checkpoint)):
+                    return  # only DeepSpeed's engine checkpoint holds the weights: its strict load restored them
+                state = self.accelerator.get_state_dict(self.deepspeed)
+                bad = C.weight_mismatches(self.model, checkpoint, state, adapters=lora) \
+                    if self.is_world_process_zero() else []
+                if self.args.world_size > 1:
+                    import torch.distributed as dist
+
+                    box = [bad]
+                    dist.broadcast_object_list(box, src=0)
+                    bad = box[0]
+            else:
+                bad = C.weight_mismatches(self.model, checkpoint, adapters=lora)
+                if not bad and not self.optimizer.state_dict().get("state"):
+                    bad = ["optimizer.pt: no optimizer state was loaded"]
+            if bad:
+                raise CheckpointError(f"resume from {checkpoint} did not restore what it holds: {len(bad)} "
+                                      f"problem(s), e.g. {bad[0]}",
+                                      hint="resume with the settings the checkpoint was written with")
+
+        def _save_rng_state(self, output_dir):
+            # Called on every rank after its weights/optimizer/RNG parts: once all are written, rank 0 writes the
+            # manifest (before trainer_state.json, the Trainer's last file): a checkpoint with both is complete.
+            from pipelines.rl import checkpoint as C
+
+            super()._save_rng_state(output_dir)
+            self.accelerator.wait_for_everyone()
+            if self.is_world_process_zero() and self.checkpoint_identity is not None:
+                C.write_sft_manifest(output_dir, self.checkpoint_identity, self.state.global_step)
+
+        def _save_checkpoint(self, model, trial):
+            from pipelines.errors import storage_errors
+
+            with storage_errors(Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}", "checkpoint"):
+                return super()._save_checkpoint(model, trial)
+
         def _save(self, output_dir=None, state_dict=None):
             # DeepSpeed ZeRO-1/2 hand over a cloned state dict, where a tied lm_head no longer shares storage with
             # embed_tokens and would be written a second time.
@@ -399,19 +466,30 @@ def _callbacks():
 # ---------------------------------------------------------------------------------------------------------------------
 # Checkpoints and resume
 def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
-    """The `checkpoint-N` sub-directory with the largest N (holding trainer_state.json), or None."""
+    """The complete `checkpoint-N` sub-directory with the largest N, or None. An incomplete one (a save killed
+    half-way: no trainer_state.json, a rank's file missing) is passed over, with a warning when it is the newest."""
+    from pipelines.rl.checkpoint import sft_checkpoint_problems
+
     d = Path(directory)
     if not d.is_dir():
         return None
-    best: tuple[int, Path] | None = None
+    found: list[tuple[int, Path]] = []
     for p in d.glob("checkpoint-*"):
         try:
-            n = int(p.name.split("-", 1)[1])
+            found.append((int(p.name.split("-", 1)[1]), p))
         except ValueError:
             continue
-        if (p / "trainer_state.json").is_file() and (best is None or n > best[0]):
-            best = (n, p)
-    return best[1] if best else None
+    for _n, p in sorted(found, reverse=True):
+        problems = sft_checkpoint_problems(p)
+        if not problems:
+            return p
+        if (p / "trainer_state.json").is_file():  # a finished-looking save that lacks a file: say so
+            import sys
+
+            msg = f"passing over incomplete checkpoint {p} ({'; '.join(problems)})"
+            log.warning(msg)
+            print(f"warning: {msg}", file=sys.stderr, flush=True)
+    return None
 
 
 def find_resume_checkpoint(resume: str | None, cfg, registry=None) -> Path | None:
@@ -570,9 +648,19 @@ def run_sft(cfg, run=None, *, output_dir: str | os.PathLike, resume_from: str | 
 
     init_deepspeed_distributed(cfg)  # ZeRO-3's zero.Init (in from_pretrained) partitions over DeepSpeed's world
     args = training_arguments(cfg, out, has_eval=eval_ds is not None)  # before the model: ZeRO-3 init needs it
+    from pipelines.rl import checkpoint as C
+
+    identity = C.sft_expectations(cfg, args.world_size)
+    if resume_from is not None:  # refused before anything is loaded when it cannot be restored in full
+        C.check_sft_checkpoint(resume_from, identity)
     device = resolve_device(cfg.model.device)
     if device.type == "cuda" and os.environ.get("LOCAL_RANK") is not None:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    from transformers import set_seed
+
+    # LoRA's initial adapters are drawn here, before the Trainer seeds: from run.seed, not from whatever the
+    # DeepSpeed set-up happened to draw first (two identical ZeRO-2 LoRA runs started from different adapters).
+    set_seed(cfg.run.seed)
     model = load_model(cfg.model, device=device, for_training=True)
     if cfg.model.lora.enabled:
         model = apply_lora(model, cfg.model.lora)
@@ -591,6 +679,7 @@ def run_sft(cfg, run=None, *, output_dir: str | os.PathLike, resume_from: str | 
         max_skip_fraction=cfg.data.max_skip_fraction,
         records_file=str(cfg.data.file),
     )
+    trainer.checkpoint_identity = identity
     trainer_box.append(trainer)
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
@@ -604,17 +693,26 @@ def run_sft(cfg, run=None, *, output_dir: str | os.PathLike, resume_from: str | 
     if eval_ds is not None:
         eval_end = trainer.evaluate().get("eval_loss")
     # Final model: merged weights (LoRA folded in) + processor, loadable by every other command.
+    from pipelines.errors import storage_errors
+    from pipelines.launch import deepspeed_zero_stage
+
     final = trainer.model
-    if cfg.model.lora.enabled and hasattr(final, "merge_and_unload"):
+    zero3_lora = cfg.model.lora.enabled and deepspeed_zero_stage(cfg) == 3
+    if cfg.model.lora.enabled and hasattr(final, "merge_and_unload") and not zero3_lora:
         final = final.merge_and_unload()
-    if trainer.is_world_process_zero():
-        if cfg.model.lora.enabled:
-            final.save_pretrained(out)
+    with storage_errors(out, "model"):
+        if zero3_lora:  # partitioned weights: gathered, merged, written by rank 0
+            from pipelines.rl.checkpoint import save_merged_lora_zero3
+
+            save_merged_lora_zero3(final, processor, out, is_main=trainer.is_world_process_zero())
+        elif trainer.is_world_process_zero():
+            if cfg.model.lora.enabled:
+                final.save_pretrained(out)
+            else:
+                trainer.save_model(str(out))
+            processor.save_pretrained(out)
         else:
-            trainer.save_model(str(out))
-        processor.save_pretrained(out)
-    else:
-        trainer.save_model(str(out))  # collective under DeepSpeed; writes nothing on other ranks
+            trainer.save_model(str(out))  # collective under DeepSpeed; writes nothing on other ranks
     skipped = {k: dict(v.counts) for k, v in trainer.skips.items()}
     for split, st in trainer.skips.items():
         for reason, ids in st.ids.items():

@@ -26,6 +26,7 @@ def _threads():
 def _isolated_home(tmp_path, monkeypatch, tmp_path_factory):
     """Each test gets its own registry (VIDEOR1_HOME) and working directory, so nothing lands in the repo."""
     monkeypatch.setenv("VIDEOR1_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("COLUMNS", raising=False)  # piped tables follow $COLUMNS; tests must not depend on it
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path_factory.getbasetemp() / "hf-datasets-cache"))
     monkeypatch.chdir(tmp_path)
 

@@ -60,7 +60,8 @@ def test_card_evaluation_table_is_filled_from_the_eval_run(chain):
     assert row, card
     cells = [c.strip() for c in row[0].strip("|").split("|")]
     assert cells == ["synthetic", f"{results['video-r1']['overall']:.4g}", f"{results['official']['overall']:.4g}",
-                     str(results["n"]), str(results["errors"])]
+                     f"{results['chance_overall']:.4g}", str(results["n"]), str(results["errors"])]
+    assert 0 < results["chance_overall"] < 100
     assert "headline scoring: `video-r1`" in card
 
 

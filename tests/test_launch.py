@@ -101,7 +101,7 @@ def test_accelerate_command_multi_node_never_cpu_flag():
 
 
 def test_accelerate_command_deepspeed():
-    cfg = cfg_with(nproc=2, nnodes=2, launcher="accelerate", deepspeed="zero3")
+    cfg = cfg_with(nproc=2, nnodes=2, launcher="accelerate", deepspeed="zero3", master_port=29511)
     cmd = L.build_launch_command(cfg, ["train", "rl"])
     assert "--use_deepspeed" in cmd and "--multi_gpu" not in cmd
     assert cmd[cmd.index("--deepspeed_config_file") + 1] == str(L.LAUNCH_CONFIG_DIR / "zero3.json")
@@ -221,9 +221,12 @@ def test_deepspeed_is_allowed_without_a_gpu(monkeypatch, no_worker_env, tmp_path
     assert L.deepspeed_zero_stage(cfg_with()) == 0
     assert L.needs_launch(cfg_with(deepspeed="zero2"))  # DeepSpeed needs a process group: torchrun, 1 process too
     # The CLI gets past the DeepSpeed check and launches; the worker then fails on the missing model.
-    r = run_cli("train", "rl", "--model", tmp_path / "no-model", "--data", tmp_path / "no.json",
-                "--set", "distributed.deepspeed=zero2", "--set", f"run.output_dir={tmp_path / 'runs'}", check=False)
-    assert r.exit_code != 0 and "CUDA" not in r.output and "workers exited" in r.output, r.output
+    args = ["train", "rl", "--model", str(tmp_path / "no-model"), "--data", str(tmp_path / "no.json"),
+            "--set", "distributed.deepspeed=zero2", "--set", f"run.output_dir={tmp_path / 'runs'}"]
+    monkeypatch.setattr(sys, "argv", ["videor1", *args])  # what the launcher re-runs on each rank
+    r = run_cli(*args, check=False)
+    assert r.exit_code != 0 and "CUDA" not in r.output, r.output
+    assert "error: rank 0: " in r.output and "not found" in r.output, r.output  # the worker's own error, once
 
 
 def test_init_distributed_outside_worker_is_noop(no_worker_env):

@@ -15,6 +15,14 @@ from pipelines.config import ConfigError
 from pipelines.errors import VideoR1Error
 from videor1_cli.common import err_console
 
+try:  # typer 0.29 vendors click: its usage errors are typer's classes, not click's
+    from typer import exceptions as _te
+
+    _TYPER_CLICK: tuple[type[BaseException], ...] = (_te.TyperException, _te.Abort, _te.Exit)
+except (ImportError, AttributeError):  # pragma: no cover - an older typer on plain click
+    _TYPER_CLICK = ()
+
+
 class VideoR1Group(TyperGroup):
     """Maps errors to one readable line and an exit code, for the real CLI and for CliRunner in tests alike."""
 
@@ -22,12 +30,12 @@ class VideoR1Group(TyperGroup):
         try:
             return super().invoke(ctx)
         except ConfigError as e:
-            _fail(e, 2, e.hint or "`videor1 config show` prints every key with its help")
+            _fail(e, 2, e.hint or "`videor1 config keys` lists every key with its value and help")
         except VideoR1Error as e:
             _fail(e, e.exit_code, e.hint)
         except (click.exceptions.Exit, typer.Exit, click.ClickException, click.exceptions.Abort, SystemExit,
-                KeyboardInterrupt):
-            raise
+                KeyboardInterrupt, *_TYPER_CLICK):
+            raise  # usage errors (no such option...) print click's usage line and `--help` pointer, exit 2
         except Exception as e:  # noqa: BLE001 - one readable line for anything unexpected
             _fail(e, 1, "run again with --debug for the full traceback")
 
@@ -70,6 +78,9 @@ def _load() -> None:
     for module in COMMANDS:
         mod = importlib.import_module(f"videor1_cli.{module}")
         mod.register(app)
+    from videor1_cli.examples import attach
+
+    attach(app)
 
 
 _load()
@@ -93,6 +104,13 @@ def _fail(e: BaseException, code: int, hint: str | None) -> None:
         traceback.print_exc()
     from rich.text import Text
 
+    from pipelines.launch import report_worker_error
+
+    if isinstance(e, OSError) and not isinstance(e, VideoR1Error):
+        e, hint = _os_error(e, hint)
+    if report_worker_error(e, hint) and not _debug():
+        sys.exit(code)  # a rank of a launched job: the launching process prints it once, for every rank
+
     msg = str(e) if isinstance(e, (ConfigError, VideoR1Error)) else f"{type(e).__name__}: {e}"
     # Plain Text, never markup: messages quote paths and library errors (gloo's "[/__w/...pair.cc:464]" made rich
     # raise MarkupError and hid the real error).
@@ -102,5 +120,16 @@ def _fail(e: BaseException, code: int, hint: str | None) -> None:
     sys.exit(code)
 
 
+def _os_error(e: OSError, hint: str | None) -> tuple[BaseException, str | None]:
+    """An OSError as a StorageError naming its path (the message of a failed write often has none)."""
+    from pipelines.errors import StorageError
+
+    if not e.filename:
+        return e, hint
+    err = StorageError(str(e.filename), e, "file", "access")
+    return err, err.hint or hint
+
+
 if __name__ == "__main__":
     main()
+

@@ -30,8 +30,8 @@ RULE_WIDTH = 100
 class ReadableConsole(Console):
     """rich's Console, deciding per print whether its stream is a terminal (CliRunner and redirects swap streams).
 
-    On a terminal: rich's own width and wrapping. Elsewhere: no wrapping, no cropping, tables as wide as their content,
-    rules 100 columns wide."""
+    On a terminal: rich's own width and wrapping. Elsewhere: no wrapping, no cropping, rules 100 columns wide, and
+    tables as wide as their content, or as $COLUMNS when it is set."""
 
     def __init__(self, *args: Any, **kwargs: Any):
         self._fixed_width = kwargs.get("width")  # rich turns $COLUMNS into a fixed width: only a given one counts
@@ -41,7 +41,8 @@ class ReadableConsole(Console):
     def size(self) -> ConsoleDimensions:
         size = Console.size.fget(self)  # type: ignore[attr-defined]
         if self._fixed_width is None and not self.is_terminal:
-            return ConsoleDimensions(NON_TTY_WIDTH, size.height)
+            # A width the user asked for ($COLUMNS) sizes tables; lines are still printed whole (soft wrap).
+            return ConsoleDimensions(env_columns() or NON_TTY_WIDTH, size.height)
         return size
 
     @size.setter
@@ -57,12 +58,32 @@ class ReadableConsole(Console):
     def soft_wrap(self, value: bool) -> None:
         self._soft_wrap = value
 
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        if not self.is_terminal and self._fixed_width is None and env_columns():
+            from rich.table import Table
+
+            for obj in objects:  # at $COLUMNS a long word folds onto the next line instead of ending in "…"
+                if isinstance(obj, Table):
+                    for col in obj.columns:
+                        if col.overflow == "ellipsis":
+                            col.overflow = "fold"
+        return super().print(*objects, **kwargs)
+
     def rule(self, *args: Any, **kwargs: Any) -> None:
         if self.is_terminal:
             return super().rule(*args, **kwargs)
         from rich.rule import Rule
 
         self.print(Rule(*args, **kwargs), width=RULE_WIDTH)
+
+
+def env_columns() -> int | None:
+    """$COLUMNS when set to a usable width (a pipe has no width of its own; `COLUMNS=120 videor1 ... | less`)."""
+    try:
+        n = int(os.environ.get("COLUMNS", ""))
+    except ValueError:
+        return None
+    return n if n >= 20 else None
 
 
 console = ReadableConsole(stderr=False, highlight=False)
@@ -129,6 +150,14 @@ DISTRIBUTED = (
 )
 
 
+def preset_help() -> str:
+    """The --preset help, listing every preset file in pipelines/presets/ (so a new preset is never left out)."""
+    from pipelines.config import DEFAULT_PRESET, list_presets
+
+    names = [f"{n} (default)" if n == DEFAULT_PRESET else n for n in list_presets()]
+    return f"Preset: {', '.join(names)}."
+
+
 def _param(name: str, default: Any, annotation: Any) -> inspect.Parameter:
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
 
@@ -147,8 +176,8 @@ def config_command(*shortcuts: Shortcut, default_preset: Optional[Callable[[dict
         extra = [
             _param("config_file", typer.Option(None, "--config", "-c", help="YAML config file (overrides the preset).",
                                                rich_help_panel="Config", metavar="FILE"), Optional[Path]),
-            _param("preset", typer.Option(None, "--preset", "-p", help="Preset: cpu-tiny (default), video-r1-7b, "
-                                          "video-r1-eval.", rich_help_panel="Config", metavar="NAME"), Optional[str]),
+            _param("preset", typer.Option(None, "--preset", "-p", help=preset_help(), rich_help_panel="Config",
+                                          metavar="NAME"), Optional[str]),
             _param("set_", typer.Option(None, "--set", "-s", help="Override one key: dotted.key=value (repeatable).",
                                         rich_help_panel="Config", metavar="KEY=VALUE"), Optional[list[str]]),
         ]
@@ -204,13 +233,52 @@ def registered_run(cfg: Config, kind: str, run_dir: Optional[Path] = None) -> It
         yield _NullRun(), Path(run_dir or Path(cfg.run.output_dir) / f"{kind}-rank{os.environ['RANK']}")
         return
     command = "videor1 " + " ".join(sys.argv[1:]) if sys.argv and "videor1" in Path(sys.argv[0]).name else None
-    with reg.run(kind, cfg, command=command, name=cfg.run.name, tags=cfg.run.tags) as run:
-        d = Path(run_dir) if run_dir else run_dir_for(cfg, kind, run)
-        d.mkdir(parents=True, exist_ok=True)
-        run.set_run_dir(d)
-        if os.environ.get("VIDEOR1_QUIET") != "1":
-            err_console.print(f"[dim]run {run.id} ({kind}) -> {d}[/dim]")
-        yield run, d
+    from pipelines.config import ConfigError
+    from pipelines.errors import VideoR1Error
+
+    no_work: tuple[str, Path] | None = None
+    try:
+        with reg.run(kind, cfg, command=command, name=cfg.run.name, tags=cfg.run.tags) as run:
+            fresh = run_dir is None or not Path(run_dir).exists()  # run_dir_for makes a new one, named by run id
+            d = Path(run_dir) if run_dir else run_dir_for(cfg, kind, run)
+            d.mkdir(parents=True, exist_ok=True)
+            run.set_run_dir(d)
+            if os.environ.get("VIDEOR1_QUIET") != "1":
+                err_console.print(f"[dim]run {run.id} ({kind}) -> {d}[/dim]")
+            try:
+                yield run, d
+            except (VideoR1Error, ConfigError):
+                if _did_no_work(reg, run.id, d):
+                    no_work = (run.id, d if fresh else None)
+                raise
+    finally:
+        if no_work is not None:
+            _forget_run(reg, *no_work)
+
+
+def _did_no_work(reg: Registry, run_id: str, run_dir: Path) -> bool:
+    """A run that failed on the user's input before doing anything (no metric, no output, no file written): a
+    missing --data, a model path with a typo, a checkpoint refused. Such a failure is an error message, not a run."""
+    try:
+        if reg.metrics(run_id):
+            return False
+        if any(not a.kind.startswith("external:") for a in reg.artifacts_of(run_id)["outputs"]):
+            return False
+    except Exception:  # noqa: BLE001 - when in doubt, keep the record
+        return False
+    return not (run_dir.is_dir() and any(p.is_file() for p in run_dir.rglob("*")))
+
+
+def _forget_run(reg: Registry, run_id: str, run_dir: Optional[Path]) -> None:
+    """Remove the row of a run that did no work, and the empty directory made for it."""
+    try:
+        reg.delete_run(run_id, force=True)
+    except Exception:  # noqa: BLE001 - a failed clean-up must not hide the user's error
+        return
+    if run_dir is not None and run_dir.is_dir() and not any(p.is_file() for p in run_dir.rglob("*")):
+        import shutil
+
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 # run.report_to name -> the module that must import (transformers' and accelerate's integrations load these)

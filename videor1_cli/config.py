@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from pipelines.config import Config, describe, json_schema, list_presets, validate_file
-from videor1_cli.common import config_command, console
+from videor1_cli.common import config_command, console, preset_help
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -23,10 +23,36 @@ def show(cfg: Config) -> None:
 
 
 @app.command("validate")
-def validate(file: Path = typer.Argument(..., help="Config YAML file to check.")) -> None:
-    """Check a config file against the schema; names every unknown key and bad value."""
-    validate_file(file)
-    console.print(f"[green]ok[/green] {file}")
+def validate(
+    file: Optional[Path] = typer.Argument(None, help="Config YAML file to check (the same as --config FILE).",
+                                          metavar="FILE"),
+    config_file: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file (overrides the preset).",
+                                               rich_help_panel="Config", metavar="FILE"),
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", help=preset_help(), rich_help_panel="Config",
+                                         metavar="NAME"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", "-s", help="Override one key: dotted.key=value "
+                                             "(repeatable).", rich_help_panel="Config", metavar="KEY=VALUE"),
+) -> None:
+    """Check a configuration against the schema; names every unknown key and bad value.
+
+    A file alone (FILE or --config FILE) is checked on its own, on the schema's defaults. With --preset or --set,
+    what a command given the same --preset / --config / --set would run with is checked.
+    """
+    from pipelines.config import ConfigError, load_config
+
+    if file is not None and config_file is not None and file != config_file:
+        raise ConfigError(f"two config files given ({file} and --config {config_file})", hint="give one")
+    path = file or config_file
+    if path is not None and preset is None and not set_:
+        validate_file(path)
+        console.print(f"[green]ok[/green] {path}")
+        return
+    if path is None and preset is None and not set_:
+        raise ConfigError("nothing to validate", hint="videor1 config validate FILE (or --preset NAME / --set KEY=VALUE)")
+    load_config(preset=preset, file=path, overrides=set_ or [])
+    what = " + ".join(x for x in (f"preset {preset}" if preset else "", str(path) if path else "",
+                                  " ".join(f"--set {s}" for s in set_ or [])) if x)
+    console.print(f"[green]ok[/green] {what}")
 
 
 @app.command("schema")

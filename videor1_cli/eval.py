@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 
 from pipelines.config import Config
-from videor1_cli.common import DATA, MODEL, ROOT, Shortcut, config_command, console, err_console, registered_run
+from videor1_cli.common import MODEL, ROOT, Shortcut, config_command, console, err_console, registered_run
 
 BENCH = Shortcut("eval.bench", ["--bench", "-b"], Optional[str],
                  "Benchmarks, comma-separated: vsi, videommmu, mmvu, mvbench, tempcompass, videomme, synthetic "
@@ -75,6 +75,8 @@ def eval_command(
 
     out = runner.output_dir(cfg)
     inputs = runner.resolve_inputs(cfg.eval.bench, cfg.data.file, cfg.data.root)  # fail fast on missing files
+    for bi in inputs:  # and on a file of another benchmark, before any model or engine is loaded
+        runner.check_format(bi, runner.load_eval_records(bi.file, cfg.eval.limit))
     distributed = cfg.distributed.nproc > 1 or cfg.distributed.nnodes > 1
     worker = _is_worker()
     from contextlib import nullcontext
@@ -86,13 +88,9 @@ def eval_command(
             for bi in inputs:
                 run.use_path("data", bi.file, role=f"data:{bi.bench.name}")
         if distributed and not worker:
-            from pipelines.launch import launch
+            from pipelines.launch import run_workers
 
-            code = launch(cfg, _worker_argv(sys.argv[1:]), run, run_dir)
-            if code != 0:
-                from pipelines.errors import VideoR1Error
-
-                raise VideoR1Error(f"eval workers exited with code {code}", hint="see the workers' output above")
+            run_workers(cfg, _worker_argv(sys.argv[1:]), run, run_dir, what="eval workers")
             results = runner.load_results(out)
         else:
             results = runner.evaluate(cfg, out, run=run, progress_factory=_progress_factory,
@@ -251,6 +249,7 @@ def print_results(results: dict[str, Any]) -> None:
     mode = results.get("scoring") or "video-r1"
     for name, b in results["benchmarks"].items():
         console.print(bench_table(name, b, mode))
+        print_errors(b)
     if len(results["benchmarks"]) > 1 or any("paper" in b for b in results["benchmarks"].values()):
         console.print(combined_table(results))
     if (results.get("paper") or {}).get("model") and not results["paper"].get("found"):
@@ -259,6 +258,23 @@ def print_results(results: dict[str, Any]) -> None:
     elif results.get("paper") and not results["paper"].get("model"):
         console.print("[yellow]--compare paper: no paper model matches this model path; "
                       "set --set eval.paper_model=NAME[/yellow]")
+
+
+def print_errors(b: dict[str, Any]) -> None:
+    """The samples counted in errors=N, each with its reason (an unreadable video names its file)."""
+    from rich.text import Text
+
+    examples = b.get("error_examples") or []
+    if not b.get("errors"):
+        return
+    more = b["errors"] - len(examples)
+    console.print(Text(f"{b['errors']} {b['title']} sample(s) not scored (score 0):", style="yellow"), soft_wrap=True)
+    for e in examples:
+        console.print(Text(f"  id {e.get('id')}: {e.get('error')}"), soft_wrap=True)
+    if more > 0 or not examples:
+        console.print(Text(f"  ... {more if examples else b['errors']} more: the rows with an \"error\" in "
+                           f"{b['benchmark']}.samples.jsonl (ids: {', '.join(map(str, b.get('error_ids') or []))})",
+                           style="dim"), soft_wrap=True)
 
 
 def _json(results: dict[str, Any]) -> str:  # pragma: no cover - debugging aid

@@ -200,10 +200,17 @@ def gc(cfg: Config,
        keep_files: bool = typer.Option(False, "--keep-files", help="Keep run directories on disk."),
        ckpts: bool = typer.Option(False, "--checkpoints", help="Also delete the intermediate checkpoints of finished "
                                   "runs (each run's newest checkpoint and its model stay).")) -> None:
-    """Delete failed/interrupted runs that have nothing to resume, with their files. Of a failed/interrupted run that a
-    later --resume continued only the checkpoints go (the run stays for the lineage). Kept: a run whose outputs
-    another run uses, and a failed or interrupted run with checkpoints no later run resumed from (a killed run's only
-    copy of its work: resume it with --resume, or remove it with `runs rm ID --files`)."""
+    """Delete failed and interrupted runs that have nothing left to resume, with their files.
+
+    Removed: a failed or interrupted run without checkpoints (the registry entry and its directory).
+
+    Trimmed: a run that a later --resume continued loses its checkpoints; the run stays, for the lineage.
+
+    Kept: a run with checkpoints that no run resumed (a killed run's only copy of its work: resume it with
+    --resume, or remove it with `videor1 runs rm ID --files`), and a run whose outputs another run uses.
+
+    --dry-run lists the paths and sizes first.
+    """
     res = R.gc(_reg(cfg), tuple(status), dry_run=dry_run, delete_files=not keep_files, intermediate_checkpoints=ckpts)
     verb = "would remove" if dry_run else "removed"
 

@@ -41,8 +41,7 @@ def sft(
 
     from rich.table import Table
 
-    from pipelines.errors import TrainingError
-    from pipelines.launch import check_deepspeed, is_distributed_worker, is_main_process, launch, needs_launch
+    from pipelines.launch import check_deepspeed, is_distributed_worker, is_main_process, needs_launch, run_workers
     from pipelines.registry import Registry
     from pipelines.sft import find_resume_checkpoint, run_sft
     from videor1_cli.common import console, err_console, registered_run
@@ -65,9 +64,9 @@ def sft(
                 run.continues(ckpt)  # lineage: this run continues the one that wrote the checkpoint
         summary: dict = {}
         if needs_launch(cfg):
-            code = launch(cfg, sys.argv[1:], run)
-            if code != 0:
-                raise TrainingError(f"training workers exited with code {code}")
+            from pipelines.sft import latest_checkpoint
+
+            run_workers(cfg, sys.argv[1:], run, what="training workers", checkpoint=lambda: latest_checkpoint(out))
             summary = dict(run.info.get("summary") or {})  # written by the rank-0 worker
         else:
             def on_skip(rid: str, reason: str, detail: str, train: bool) -> None:
@@ -123,17 +122,19 @@ def rl(
     """GRPO / T-GRPO on video and image records (Video-R1's RL stage); the model is saved to <run dir>/model."""
     import sys
 
-    from pipelines.errors import TrainingError
-    from pipelines.launch import check_deepspeed, is_distributed_worker, launch, needs_launch, rank
+    from pipelines.launch import check_deepspeed, is_distributed_worker, needs_launch, rank, run_workers
     from videor1_cli.common import console, err_console, registered_run
 
     check_deepspeed(cfg)
     with registered_run(cfg, "train-rl") as (run, run_dir):
         if needs_launch(cfg):
-            code = launch(cfg, sys.argv[1:], run, run_dir)
-            if code:
-                raise TrainingError(f"training workers exited with code {code}",
-                                    hint="see the workers' output above; resume with --resume auto")
+            from pipelines.rl.checkpoint import checkpoint_steps
+
+            def latest():
+                steps = checkpoint_steps(run_dir)
+                return steps[-1][1] if steps else None
+
+            run_workers(cfg, sys.argv[1:], run, run_dir, what="training workers", checkpoint=latest)
             _print_rl_summary(console, run.info.get("summary") or {})
             return
         from pipelines.rl.trainer import RLTrainer
@@ -146,7 +147,7 @@ def rl(
                 summary = trainer.train()
             finally:
                 trainer.cleanup()
-        if show:
+        if show and not is_distributed_worker():  # under a launcher, the launching process prints the summary
             _print_rl_summary(console, summary)
 
 

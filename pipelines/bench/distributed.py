@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -24,12 +23,6 @@ from typing import Any, Callable
 
 MODES = ("ddp", "zero2", "zero3", "zero3_offload")
 STAGES = ("sft", "rl")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RankMemory:
@@ -88,7 +81,7 @@ def _world(work: Path, model_dir: str | None) -> tuple[str, dict[str, str]]:
 def _command(stage: str, mode: str, model: str, world: dict[str, str], steps: int, out: Path, name: str,
              sft_batch: int) -> list[str]:
     cmd = [sys.executable, "-m", "videor1_cli.app", "train", stage, "--model", model, "--data", world[stage],
-           "--root", world["root"], "--nproc", "2", "--master-port", str(_free_port()),
+           "--root", world["root"], "--nproc", "2",  # the launcher picks a free master port
            "--set", f"run.output_dir={out}", "--set", f"run.name={name}", "--set", "data.max_skip_fraction=1"]
     if stage == "sft":
         cmd += ["--set", f"sft.max_steps={steps}", "--set", f"sft.per_device_batch_size={sft_batch}",

@@ -86,6 +86,40 @@ def resolve_inputs(benches: Sequence[str], data: str | None, root: str | None) -
     return [BenchInput(names[0], path.resolve(), base)]
 
 
+# VSI-Bench's question types (its 8 tasks, rel_direction in three levels): a record carrying one is a VSI record.
+VSI_QUESTION_TYPES = frozenset({
+    "object_counting", "object_abs_distance", "object_size_estimation", "room_size_estimation",
+    "object_rel_distance", "object_rel_direction_easy", "object_rel_direction_medium", "object_rel_direction_hard",
+    "route_planning", "obj_appearance_order"})
+
+
+def recognised_benchmark(records: Sequence[dict[str, Any]]) -> str | None:
+    """The benchmark a file's records unmistakably belong to, or None when they do not say: the synthetic world
+    marks every record `data_source: synthetic/...`; VSI-Bench records carry its question types."""
+    if not records:
+        return None
+    sources = [str(r.get("data_source") or "") for r in records]
+    if all(s.startswith("synthetic/") for s in sources):
+        return "synthetic"
+    qtypes = {str(r.get("question_type") or "") for r in records} - {""}
+    if qtypes and qtypes <= VSI_QUESTION_TYPES:
+        return "vsi"
+    return None
+
+
+def check_format(bench_input: BenchInput, records: Sequence[dict[str, Any]]) -> None:
+    """Refuse a file of another benchmark (scored by the wrong convention it would give a number that means
+    nothing): e.g. the synthetic world's test.json given to --bench vsi."""
+    found = recognised_benchmark(records)
+    if found is not None and found != bench_input.bench.name:
+        other = get_benchmark(found)
+        said = ", ".join(f"{k} {records[0][k]!r}" for k in ("data_source", "question_type") if records[0].get(k))
+        raise EvalError(f"{bench_input.file} holds {other.title} records (record 0: {said}), "
+                        f"not {bench_input.bench.title}",
+                        hint=f"evaluate it with --bench {other.name}, or give --bench {bench_input.bench.name} its "
+                             f"own file ({', '.join(bench_input.bench.files)})")
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Protocol and directories
 def protocol(cfg) -> dict[str, Any]:
@@ -445,6 +479,8 @@ def summarise(bench: Benchmark, rows: Sequence[dict[str, Any]], file: str | None
     res: dict[str, Any] = {
         "benchmark": bench.name, "title": bench.title, "file": file, "n": len(rows), "errors": len(errors),
         "error_ids": [r.get("id") for r in errors][:100],
+        # what went wrong, per sample (the media path of an unreadable video is in its message)
+        "error_examples": [{"id": r.get("id"), "error": str(r.get("error"))} for r in errors][:5],
         "video-r1": _mode_summary(bench, rows, "video-r1"),
         "official": _mode_summary(bench, rows, "official"),
     }
@@ -452,9 +488,24 @@ def summarise(bench: Benchmark, rows: Sequence[dict[str, Any]], file: str | None
         res["reward"] = M.pct(M.mean(float(r.get("reward") or 0.0) for r in rows))
         if world:
             res["chance"] = {k: v.get("chance") for k, v in (world.get("chance") or {}).items()}
+    res["chance_overall"], res["chance_label"] = chance_baseline(rows, res.get("chance"))
     if bench.notes:
         res["notes"] = bench.notes
     return res
+
+
+def chance_baseline(rows: Sequence[dict[str, Any]], per_source: dict[str, Any] | None = None
+                    ) -> tuple[float | None, str]:
+    """What guessing scores on these rows, in percent, beside the model's score: the synthetic world's own chance
+    level per data_source (world.json) when known, else a uniform guess among a multiple-choice item's options
+    (other items count 0: a guess of a number or a text is almost never right)."""
+    if not rows:
+        return None, ""
+    if per_source and all(per_source.get(r.get("data_source")) is not None for r in rows):
+        return M.pct(M.mean(float(per_source[r["data_source"]]) for r in rows)), "chance (world.json, per data_source)"
+    vals = [1.0 / len(r["options"]) if r.get("problem_type") == "multiple choice" and r.get("options") else 0.0
+            for r in rows]
+    return M.pct(M.mean(vals)), "chance (uniform guess on multiple choice, 0 elsewhere)"
 
 
 def _world_manifest(file: Path) -> dict[str, Any] | None:
@@ -567,6 +618,8 @@ def evaluate(
     proto = protocol(cfg)
     check_protocol(out, proto)
     per_bench_records = {bi.bench.name: load_eval_records(bi.file, cfg.eval.limit) for bi in inputs}
+    for bi in inputs:
+        check_format(bi, per_bench_records[bi.bench.name])
     todo_of = {}
     for bi in inputs:
         done = finished_rows(out, bi.bench.name)

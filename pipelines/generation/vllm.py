@@ -99,14 +99,6 @@ def resolve_max_model_len(requested: int | None, model_len: int | None, key: str
     return int(requested), None
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def engine_environment(rank: int, local_rank: int, world_size: int, env: dict[str, str] | None = None
                        ) -> dict[str, str]:
     """The variables vLLM's ``external_launcher`` executor reads (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR,
@@ -121,6 +113,8 @@ def engine_environment(rank: int, local_rank: int, world_size: int, env: dict[st
         raise VideoR1Error(f"MASTER_PORT is not set in a {world_size}-process run",
                            hint="start distributed runs with `videor1 ... --nproc N` (torchrun sets it)")
     else:
+        from pipelines.launch import free_port
+
         out["MASTER_PORT"] = str(free_port())
     return out
 

@@ -209,17 +209,44 @@ def resolve_dtype(dtype: str, device) -> Any:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
-def resolve_attn(attn: str, device) -> str:
-    if attn != "auto":
-        return attn
-    if getattr(device, "type", str(device)) == "cuda":
-        try:
-            import flash_attn  # noqa: F401
+def _flash_attn_available(device) -> str | None:
+    """None when FlashAttention-2 can run on `device`, else why not."""
+    if getattr(device, "type", str(device)) != "cuda":
+        return f"it runs on CUDA GPUs only (the model is on {getattr(device, 'type', device)})"
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return "the flash_attn package is not installed"
+    return None
 
-            return "flash_attention_2"
-        except ImportError:
-            pass
-    return "sdpa"
+
+def resolve_attn(attn: str, device) -> str:
+    """model.attn_implementation -> what transformers gets. auto: flash_attention_2 where it can run, else sdpa.
+    An explicit flash_attention_2 (the video-r1 presets) where it cannot run falls back to sdpa with one warning
+    line instead of transformers' ImportError: the same attention, computed by torch's kernel."""
+    if attn == "auto":
+        return "flash_attention_2" if _flash_attn_available(device) is None else "sdpa"
+    if attn == "flash_attention_2":
+        why = _flash_attn_available(device)
+        if why is not None:
+            _warn_once(f"model.attn_implementation=flash_attention_2 cannot run here ({why}): using sdpa "
+                       "(set model.attn_implementation=sdpa to silence this)")
+            return "sdpa"
+    return attn
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(msg: str) -> None:
+    import logging
+    import sys
+
+    if msg in _WARNED:
+        return
+    _WARNED.add(msg)
+    logging.getLogger("videor1.models").warning(msg)
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
 def _hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:

@@ -29,7 +29,6 @@ import logging
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -42,14 +41,14 @@ import torch
 from pipelines.errors import DataError, TrainingError, VideoR1Error, check_skip_rate
 from pipelines.generation import Sampling
 from pipelines.rl import advantages as A
+from pipelines.rl import checkpoint as C
+from pipelines.rl.checkpoint import CHECKPOINT_DIR, STATE_FILE, checkpoint_steps  # noqa: F401 - their old home
 from pipelines.rl import losses as L
 from pipelines.rl import rollout as R
-from pipelines.zero3 import deepspeed_lockstep, drop_tied_duplicates
+from pipelines.zero3 import deepspeed_lockstep
 
 log = logging.getLogger("videor1.rl")
 
-CHECKPOINT_DIR = "checkpoints"
-STATE_FILE = "trainer_state.json"
 # A group counts as informative for dynamic sampling when its rewards spread by more than this (float noise).
 DYNAMIC_SAMPLING_EPS = 1e-6
 
@@ -57,57 +56,6 @@ DYNAMIC_SAMPLING_EPS = 1e-6
 def _warn(msg: str) -> None:
     log.warning(msg)
     print(f"warning: {msg}", file=sys.stderr, flush=True)
-
-
-def checkpoint_steps(run_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints of a run dir, oldest first (in-progress ones are named .step-N.tmp and never listed)."""
-    d = Path(run_dir) / CHECKPOINT_DIR
-    out = []
-    if d.is_dir():
-        for p in d.iterdir():
-            if p.is_dir() and p.name.startswith("step-") and (p / STATE_FILE).exists():
-                try:
-                    out.append((int(p.name[5:]), p))
-                except ValueError:
-                    pass
-    return sorted(out)
-
-
-def find_resume_checkpoint(resume: str | None, cfg, run_id: str | None = None) -> Path | None:
-    """`--resume PATH` (a step-N dir, or a run dir: its latest checkpoint) or `auto`: the latest checkpoint of the
-    newest other train-rl run in the registry (falling back to a scan of run.output_dir). None = start fresh."""
-    if not resume:
-        return None
-    if resume != "auto":
-        p = Path(resume)
-        if (p / STATE_FILE).exists():
-            return p
-        steps = checkpoint_steps(p)
-        if steps:
-            return steps[-1][1]
-        raise VideoR1Error(f"--resume {resume}: no checkpoint there",
-                           hint="pass a <run dir>/checkpoints/step-N directory, a run directory, or 'auto'")
-    candidates: list[Path] = []
-    try:
-        from pipelines.registry import Registry
-
-        for r in Registry(cfg.registry_path()).list_runs(kind="train-rl"):
-            if r.get("id") != run_id and r.get("run_dir"):
-                candidates.append(Path(r["run_dir"]))
-    except Exception:  # noqa: BLE001 - the registry is a convenience here; fall back to the directory scan
-        pass
-    out_dir = Path(cfg.run.output_dir)
-    if out_dir.is_dir():
-        candidates += sorted((p for p in out_dir.glob("train-rl-*") if run_id is None or run_id not in p.name),
-                             key=lambda p: p.stat().st_mtime, reverse=True)
-    best: tuple[float, Path] | None = None
-    for d in candidates:
-        steps = checkpoint_steps(d)
-        if steps:
-            mt = (steps[-1][1] / STATE_FILE).stat().st_mtime
-            if best is None or mt > best[0]:
-                best = (mt, steps[-1][1])
-    return best[1] if best else None
 
 
 class RLTrainer:
@@ -143,6 +91,10 @@ class RLTrainer:
             from types import SimpleNamespace
 
             from transformers import AutoConfig
+
+            from pipelines.models import check_model_path
+
+            check_model_path(self.cfg.model.name_or_path, self.cfg.model.revision)  # one line, not AutoConfig's OSError
 
             hidden = model_hidden_size(SimpleNamespace(config=AutoConfig.from_pretrained(
                 self.cfg.model.name_or_path)))
@@ -200,14 +152,18 @@ class RLTrainer:
         self.pool = pool
         self.shard_len = len(pool) // self.world
         if self.shard_len == 0:
-            raise DataError(f"{len(pool)} records cannot feed {self.world} ranks", file=cfg.data.file)
+            raise DataError(f"{len(pool)} records cannot feed {self.world} ranks", file=cfg.data.file,
+                            hint=f"run on at most {max(1, len(pool))} rank(s) (--nproc), or give more records")
         self.steps_per_epoch = math.ceil(self.shard_len / self.prompts_per_step)
         self.total_steps = max(1, min(rl.max_steps, int(rl.num_epochs * self.steps_per_epoch)))
 
         # resume point (the policy starts from its weights; the reference from the original model)
-        self.resumed_from = find_resume_checkpoint(self.resume, cfg, getattr(self.run, "id", None))
+        self.lora = cfg.model.lora.enabled
+        self.resumed_from = C.find_rl_checkpoint(self.resume, cfg, getattr(self.run, "id", None))
         if self.resume == "auto" and self.resumed_from is None and self.is_main:
             _warn("--resume auto: no checkpoint found, starting from step 0")
+        if self.resumed_from:  # refused here, before any of it is loaded, when it cannot be restored in full
+            C.check_rl_checkpoint(self.resumed_from, C.rl_expectations(self))
         base = cfg.model.name_or_path
         policy_path = str(self.resumed_from) if self.resumed_from else base
 
@@ -219,7 +175,6 @@ class RLTrainer:
                                  revision=cfg.model.revision, backend_key="rl.backend")
         self.processor = load_processor(policy_path)
         self.template = load_template(cfg.prompt.template)
-        self.lora = cfg.model.lora.enabled
         # A LoRA checkpoint holds the adapters only: the policy is the base model plus the checkpoint's adapters.
         model = load_model(cfg.model, path=base if self.lora else policy_path, device=self.device, for_training=True)
         if self.lora:
@@ -228,8 +183,8 @@ class RLTrainer:
                 try:
                     load_lora_adapters(model, self.resumed_from)
                 except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: tensor shapes (another lora.r)
-                    raise TrainingError(f"cannot resume from {self.resumed_from}: {e}",
-                                        hint="resume a LoRA run with the same model.lora settings") from None
+                    raise C.CheckpointError(f"cannot resume from {self.resumed_from}: {e}",
+                                            hint="resume a LoRA run with the same model.lora settings") from None
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=rl.learning_rate, betas=(rl.adam_beta1, rl.adam_beta2),
                                       weight_decay=rl.weight_decay)
@@ -766,7 +721,7 @@ class RLTrainer:
         if self.world > 1:
             bad = self.accelerator.reduce(bad, reduction="sum")
         if float(bad.item()) > 0:
-            steps = checkpoint_steps(self.run_dir)
+            steps = C.checkpoint_steps(self.run_dir)
             kept = f"; last checkpoint kept: {steps[-1][1]}" if steps else "; no checkpoint was saved yet"
             raise TrainingError(
                 f"non-finite {what} at step {self.step + 1}{kept}",
@@ -774,94 +729,16 @@ class RLTrainer:
             )
 
     # ------------------------------------------------------------------------------------------------ checkpoints
-    def _model_state_dict(self):
-        return self.accelerator.get_state_dict(self.model)
-
-    def _save_model(self, out: Path, merge_lora: bool = False) -> None:
-        state = self._model_state_dict()  # collective under ZeRO-3: every rank calls it
-        if state is not None and not self.lora:
-            state = drop_tied_duplicates(self.unwrapped, state)
-        if self.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            model = self.unwrapped
-            if self.lora and merge_lora:
-                model = model.merge_and_unload()
-                model.save_pretrained(out)
-            else:
-                model.save_pretrained(out, state_dict=state, safe_serialization=True)
-            self.processor.save_pretrained(out)
-
+    # Save / check / restore live in pipelines.rl.checkpoint; the trainer only says when.
     def save_checkpoint(self) -> Path:
-        """<run dir>/checkpoints/step-N: HF model + processor, optimizer, scheduler, RNG (per rank), data position.
-
-        Written to .step-N.tmp and renamed when complete, so a run killed mid-save never leaves a checkpoint that
-        --resume would pick up half-written. Older ones beyond rl.save_total_limit are deleted."""
-        acc, rl = self.accelerator, self.cfg.rl
-        root = self.run_dir / CHECKPOINT_DIR
-        final = root / f"step-{self.step}"
-        tmp = root / f".step-{self.step}.tmp"
-        if self.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        self._save_model(tmp)
-        if self.deepspeed:
-            acc.save_state(str(tmp / "accelerate"))
-        elif self.is_main:
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-        rng = {
-            "python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "shuffle": self.shuffle_gen.get_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        }
-        torch.save(rng, tmp / f"rng-rank{self.rank}.pt")
-        if self.is_main:
-            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
-            state = {"step": self.step, "epoch": self.epoch, "position": self.position, "world_size": self.world,
-                     "total_steps": self.total_steps, "skipped": self.skipped_total, "config_hash": self.cfg.hash(),
-                     "run_id": getattr(self.run, "id", None), "algo": rl.algo}
-            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
-        acc.wait_for_everyone()
-        if self.is_main:
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-            if rl.save_total_limit:
-                for _, old in checkpoint_steps(self.run_dir)[: -rl.save_total_limit]:
-                    shutil.rmtree(old, ignore_errors=True)
-        acc.wait_for_everyone()
-        return final
+        return C.save_rl_checkpoint(self)
 
     def load_checkpoint(self, path: Path) -> None:
-        """Restore optimizer, scheduler, RNG and data position (the weights were loaded from `path` in setup)."""
-        path = Path(path)
-        state = json.loads((path / STATE_FILE).read_text())
-        self.step, self.epoch, self.position = int(state["step"]), int(state["epoch"]), int(state["position"])
-        self.skipped_total = int(state.get("skipped", 0))
-        if state.get("world_size") != self.world and self.is_main:
-            _warn(f"checkpoint was written by {state.get('world_size')} ranks, resuming on {self.world}: "
-                  "data position and RNG streams are approximate")
-        if self.deepspeed:
-            self.accelerator.load_state(str(path / "accelerate"))
-        else:
-            self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device,
-                                                      weights_only=False))
-        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-        rng_file = path / f"rng-rank{self.rank}.pt"
-        if rng_file.exists():
-            rng = torch.load(rng_file, weights_only=False)
-            random.setstate(rng["python"])
-            np.random.set_state(rng["numpy"])
-            torch.set_rng_state(rng["torch"])
-            self.shuffle_gen.set_state(rng["shuffle"])
-            if rng.get("cuda") is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
-        if self.is_main:
-            _info(f"resumed from {path} at step {self.step} (epoch {self.epoch}, position {self.position})")
+        C.restore_rl_checkpoint(self, path)
 
     def save_final(self, register: bool = True) -> Path:
         out = Path(self.cfg.rl.output_dir) if self.cfg.rl.output_dir else self.run_dir / "model"
-        self._save_model(out, merge_lora=True)
+        C.save_model(self, out, merge_lora=True)
         self.accelerator.wait_for_everyone()
         if self.is_main and register:
             self.run.log_artifact("model", out, meta={"step": self.step, "algo": self.cfg.rl.algo})
