@@ -10,8 +10,9 @@ rank has nothing to train (all samples skipped, an empty RL step) and runs a tex
 
 1. all-reduces (MAX) which modalities are present over the ranks -- one tiny collective per forward, and
 2. where this rank lacks a modality another rank has, runs the vision tower on a minimal dummy input (one merged
-   token of zeros) right before the language model, and adds ``0 * dummy.sum()`` to the language model's input
-   embeddings.
+   token of zeros) right before the language model, and adds ``0 * sum(every vision output)`` to the language
+   model's input embeddings: the merged features AND the side outputs (Qwen3-VL's deepstack features), so every
+   module the tower ran takes part in backward exactly as on a rank with real media.
 
 So every rank runs: embeddings, vision tower x (number of modalities present anywhere), language model -- the same
 module sequence in forward and (the dummy joins the graph) in backward. The dummy's contribution is an exact zero:
@@ -69,16 +70,22 @@ def _all_reduce_max(flags: torch.Tensor) -> torch.Tensor:
     return flags
 
 
-def _first_tensor(out) -> torch.Tensor:
-    """The merged vision features (what the language model consumes), whatever the tower returns."""
+def vision_outputs(out) -> list[torch.Tensor]:
+    """Every floating tensor the vision tower returned: the merged features AND the side outputs the language model
+    also consumes (Qwen3-VL's deepstack features, one per deepstack merger), whatever container holds them.
+
+    A dummy call must join all of them into the graph: a module whose output is dropped gets no backward, so under
+    ZeRO-3 its parameters are not re-gathered in backward and its gradient is missing from the reduction on the dummy
+    rank (Qwen3-VL's deepstack mergers made gloo abort with "collective mismatch")."""
     if torch.is_tensor(out):
-        return out
-    pooled = getattr(out, "pooler_output", None)
-    if torch.is_tensor(pooled):
-        return pooled
-    if isinstance(out, (tuple, list)):
-        return next(t for t in out if torch.is_tensor(t))
-    return out.last_hidden_state
+        return [out] if out.is_floating_point() else []
+    if isinstance(out, dict):  # ModelOutput is a dict of its non-None fields
+        values = [v for k, v in out.items() if k != "last_hidden_state"]
+    elif isinstance(out, (tuple, list)):
+        values = list(out)
+    else:
+        return []
+    return [t for v in values for t in vision_outputs(v)]
 
 
 class VisionLockstep:
@@ -144,8 +151,8 @@ class VisionLockstep:
         pixels, grid = dummy_vision_input(visual)
         zero = None
         for _ in self._pending:
-            out = _first_tensor(visual(pixels.to(embeds.device), grid_thw=grid.to(embeds.device)))
-            term = out.float().sum() * 0.0
+            outs = vision_outputs(visual(pixels.to(embeds.device), grid_thw=grid.to(embeds.device)))
+            term = sum(t.float().sum() for t in outs) * 0.0
             zero = term if zero is None else zero + term
             self.dummy_calls += 1
         self._pending = []

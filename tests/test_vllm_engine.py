@@ -183,9 +183,9 @@ def test_transformers_own_positions_disagree_on_video(engine, hf):
     try:
         per_kind, diffs, _, _ = agreement(hf, engine, items)
     finally:
-        from pipelines.models.mrope import install_reference_rope
+        from pipelines.models.families import adapter_for
 
-        install_reference_rope(hf.model)
+        adapter_for(hf.model).install_rope(hf.model)
     figures = {"agree": sum(per_kind["video"]), "n": len(per_kind["video"]),
                "max_first_logprob_diff": max(diffs["video"])}
     print("\nHF (transformers' own M-RoPE) vs vLLM on video:", json.dumps(figures))
