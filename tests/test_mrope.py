@@ -147,6 +147,10 @@ def test_the_adapter_decides_which_families_get_the_binding():
     class Fake(torch.nn.Module):
         visual = None
 
+        def __init__(self):
+            super().__init__()
+            self.language_model = torch.nn.Identity()
+
         def get_rope_index(self):
             return "own"
 

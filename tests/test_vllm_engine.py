@@ -175,9 +175,9 @@ def test_transformers_own_positions_disagree_on_video(engine, hf):
     start + max(h, w) // merge) disagrees with vLLM on sparsely sampled videos."""
     import types
 
-    from pipelines.models.mrope import rope_owner
+    from pipelines.models.families import model_core
 
-    owner = rope_owner(hf.model)
+    owner = model_core(hf.model)
     items = [x for x in make_media(seed=10) if x[0] == "video"]
     owner.get_rope_index = types.MethodType(type(owner).get_rope_index, owner)
     try:

@@ -93,6 +93,10 @@ def eval_command(
                 from pipelines.errors import VideoR1Error
 
                 raise VideoR1Error(f"eval workers exited with code {code}", hint="see the workers' output above")
+            from videor1_cli.common import results_on_node0
+
+            if results_on_node0(cfg, run, "eval"):
+                return
             results = runner.load_results(out)
         else:
             results = runner.evaluate(cfg, out, run=run, progress_factory=_progress_factory,

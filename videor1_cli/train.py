@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from pipelines.config import Config
-from videor1_cli.common import DATA, DISTRIBUTED, MODEL, ROOT, Shortcut, config_command
+from videor1_cli.common import DATA, DISTRIBUTED, MODEL, ROOT, Shortcut, config_command, results_on_node0
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -68,6 +68,8 @@ def sft(
             code = launch(cfg, sys.argv[1:], run)
             if code != 0:
                 raise TrainingError(f"training workers exited with code {code}")
+            if results_on_node0(cfg, run, "train sft"):
+                return
             summary = dict(run.info.get("summary") or {})  # written by the rank-0 worker
         else:
             def on_skip(rid: str, reason: str, detail: str, train: bool) -> None:
@@ -134,6 +136,8 @@ def rl(
             if code:
                 raise TrainingError(f"training workers exited with code {code}",
                                     hint="see the workers' output above; resume with --resume auto")
+            if results_on_node0(cfg, run, "train rl"):
+                return
             _print_rl_summary(console, run.info.get("summary") or {})
             return
         from pipelines.rl.trainer import RLTrainer

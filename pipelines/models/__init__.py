@@ -149,6 +149,19 @@ def _rng_untouched():
     return torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else [])
 
 
+def _zero3_loading():
+    """`pipelines.zero3.full_shape_conversions` when transformers will load under ZeRO-3 (zero.Init), else nothing."""
+    import contextlib
+
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return contextlib.nullcontext()
+    from pipelines.zero3 import full_shape_conversions
+
+    return full_shape_conversions()
+
+
 def load_model(model_cfg, path: str | Path | None = None, device=None, for_training: bool = False):
     """Load a Qwen2.5-VL model from model_cfg.name_or_path (or `path`), on `device`, in the configured dtype."""
     from transformers import AutoModelForImageTextToText
@@ -172,7 +185,7 @@ def load_model(model_cfg, path: str | Path | None = None, device=None, for_train
         # inside `deepspeed.zero.Init` on real tensors, whose `__init__` draws random numbers (Qwen3.5's A_log is
         # `uniform_`), while other loads build on the meta device and draw none. Without the fork, a ZeRO-3 run
         # sampled other rollouts than the same DDP run from its first step.
-        with _rng_untouched():
+        with _rng_untouched(), _zero3_loading():
             model = AutoModelForImageTextToText.from_pretrained(
                 name, revision=model_cfg.revision, dtype=dtype, attn_implementation=resolve_attn(
                     model_cfg.attn_implementation, device)

@@ -63,6 +63,13 @@ class Adapter(abc.ABC):
     timestamps: ClassVar[bool] = False  # "<t seconds>" text before each temporal patch
     second_per_grid_ts: ClassVar[bool] = False  # the forward takes second_per_grid_ts (Qwen2.5-VL)
     vllm_architecture: ClassVar[str] = ""
+    # M-RoPE rule bound over transformers 5's (pipelines/models/mrope.py): "time" spaces a video's temporal grid steps
+    # by tokens_per_second * second_per_grid_t (Qwen2.5-VL), "grid" by one position each (Qwen2-VL); None keeps
+    # transformers' rule, which equals the reference for the family (one grid per frame between timestamp texts).
+    reference_rope: ClassVar[str | None] = None
+    # The family's part of its tiny model's configs (pipelines.models.tiny): M-RoPE sections, hybrid layers, experts.
+    tiny_text: ClassVar[dict[str, Any]] = {}
+    tiny_vision: ClassVar[dict[str, Any]] = {}
     # Fields of config.json the family's code reads (checked on the file: transformers would silently fill in its
     # defaults, e.g. a 2304-entry position table that then fails to load); a checkpoint missing one is refused.
     required_config: ClassVar[tuple[str, ...]] = (
@@ -77,13 +84,6 @@ class Adapter(abc.ABC):
     hub_example: ClassVar[str] = ""
     eval_preset: ClassVar[str] = "video-r1-eval"  # Video-R1's eval protocol in this family's pixel terms
     train_preset: ClassVar[str] = "video-r1-7b"
-    # M-RoPE rule bound over transformers 5's (pipelines/models/mrope.py): "time" spaces a video's temporal grid steps
-    # by tokens_per_second * second_per_grid_t (Qwen2.5-VL), "grid" by one position each (Qwen2-VL); None keeps
-    # transformers' rule, which equals the reference for the family (one grid per frame between timestamp texts).
-    reference_rope: ClassVar[str | None] = None
-    # The family's part of its tiny model's configs (pipelines.models.tiny): M-RoPE sections, hybrid layers, experts.
-    tiny_text: ClassVar[dict[str, Any]] = {}
-    tiny_vision: ClassVar[dict[str, Any]] = {}
 
     # -- sizes ---------------------------------------------------------------------------------------------------------
     @property
@@ -161,12 +161,7 @@ class Adapter(abc.ABC):
         return install_reference_rope(model, uses_time=self.reference_rope == "time")
 
     def vision_tower(self, model):
-        base = model
-        for attr in ("module", "base_model", "model"):  # DDP / peft wrappers
-            while hasattr(base, attr) and not hasattr(base, "visual") and getattr(base, attr) is not base:
-                base = getattr(base, attr)
-        base = getattr(base, "model", base)
-        tower = getattr(base, "visual", None) or getattr(model, "visual", None)
+        tower = getattr(model_core(model), "visual", None)
         if tower is None:
             raise FamilyError(f"{type(model).__name__}: no vision tower found ({self.label})")
         return tower
@@ -300,11 +295,11 @@ class Qwen3VLMoeAdapter(Qwen3VLAdapter):
     model_class_name = "Qwen3VLMoeForConditionalGeneration"
     vllm_architecture = "Qwen3VLMoeForConditionalGeneration"
     hub_example = "Qwen/Qwen3-VL-30B-A3B-Instruct"
-    # Experts are fused 3-D parameters (not nn.Linear): LoRA adapts attention only, as EasyR1 / verl do for MoE.
-    lora_target_modules = ("q_proj", "k_proj", "v_proj", "o_proj")
     # transformers always renormalises the top-k router weights; vLLM reads the flag from the config.
     tiny_text = Qwen3VLAdapter.tiny_text | _TINY_EXPERTS | {"decoder_sparse_step": 1, "mlp_only_layers": [],
                                                             "norm_topk_prob": True}
+    # Experts are fused 3-D parameters (not nn.Linear): LoRA adapts attention only, as EasyR1 / verl do for MoE.
+    lora_target_modules = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 class Qwen35Adapter(Qwen3VLAdapter):
@@ -313,9 +308,6 @@ class Qwen35Adapter(Qwen3VLAdapter):
     model_class_name = "Qwen3_5ForConditionalGeneration"
     vllm_architecture = "Qwen3_5ForConditionalGeneration"
     hub_example = "Qwen/Qwen3.5-27B"
-    # Hybrid layers: full attention (q/k/v/o_proj) and Gated DeltaNet (in_proj_qkv/z, out_proj) + MLPs.
-    lora_target_modules = ("q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z", "out_proj",
-                           "gate_proj", "up_proj", "down_proj")
     # Hybrid: one Gated DeltaNet layer, one full-attention layer; rotary on a quarter of head_dim (8 -> 4 pairs).
     tiny_text = {"layer_types": ["linear_attention", "full_attention"], "linear_conv_kernel_dim": 4,
                  "linear_key_head_dim": 32, "linear_value_head_dim": 32, "linear_num_key_heads": 1,
@@ -323,6 +315,9 @@ class Qwen35Adapter(Qwen3VLAdapter):
                  "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1],
                                      "mrope_interleaved": True, "partial_rotary_factor": 0.25}}
     tiny_vision = {}  # no deepstack
+    # Hybrid layers: full attention (q/k/v/o_proj) and Gated DeltaNet (in_proj_qkv/z, out_proj) + MLPs.
+    lora_target_modules = ("q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z", "out_proj",
+                           "gate_proj", "up_proj", "down_proj")
 
 
 class Qwen35MoeAdapter(Qwen35Adapter):
@@ -331,9 +326,9 @@ class Qwen35MoeAdapter(Qwen35Adapter):
     model_class_name = "Qwen3_5MoeForConditionalGeneration"
     vllm_architecture = "Qwen3_5MoeForConditionalGeneration"
     hub_example = "Qwen/Qwen3.5-35B-A3B"
+    tiny_text = Qwen35Adapter.tiny_text | _TINY_EXPERTS | {"shared_expert_intermediate_size": 32}
     # Routed experts are fused 3-D parameters; the shared expert's MLP is nn.Linear and keeps its adapters.
     lora_target_modules = ("q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z", "out_proj")
-    tiny_text = Qwen35Adapter.tiny_text | _TINY_EXPERTS | {"shared_expert_intermediate_size": 32}
 
 
 ADAPTERS: dict[str, Adapter] = {a.family: a() for a in (Qwen2VLAdapter, Qwen25VLAdapter, Qwen3VLAdapter,
@@ -460,3 +455,15 @@ def check_pair(model, processor, where: str = "") -> Adapter:
                           f"does not match the {a.label} model",
                           hint=f"load the processor saved with the model ({a.processor_class_name})")
     return a
+
+
+def model_core(model) -> Any | None:
+    """The module that owns ``visual`` and ``language_model`` (Qwen*VLModel: the vision tower, the M-RoPE rule's
+    `get_rope_index`, the language model), through DDP / DeepSpeed / PEFT wrappers; None for a model without one.
+    The one way the project unwraps to it (the vision lockstep, the M-RoPE binding, `Adapter.vision_tower`)."""
+    import torch
+
+    for m in model.modules():  # registration order: the wrappers, then the ForConditionalGeneration, then its core
+        if hasattr(m, "visual") and isinstance(getattr(m, "language_model", None), torch.nn.Module):
+            return m
+    return None

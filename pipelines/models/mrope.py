@@ -113,28 +113,14 @@ def _bound_get_rope_index(self, input_ids, mm_token_type_ids=None, image_grid_th
     )
 
 
-def rope_owner(model: Any):
-    """The sub-module whose `get_rope_index` computes M-RoPE positions (through peft / DeepSpeed wrappers)."""
-    seen = set()
-    stack = [model]
-    while stack:
-        m = stack.pop()
-        if id(m) in seen or m is None:
-            continue
-        seen.add(id(m))
-        if hasattr(type(m), "get_rope_index") and hasattr(m, "visual"):
-            return m
-        for attr in ("module", "base_model", "model"):
-            stack.append(getattr(m, attr, None))
-    return None
-
-
 def install_reference_rope(model: Any, *, uses_time: bool) -> bool:
     """Bind the reference rule onto the model's `get_rope_index` (through wrappers); True if bound, False when the
     model has none. `uses_time`: videos spaced by tokens_per_second * second_per_grid_t (Qwen2.5-VL), else one
     position per temporal grid step (Qwen2-VL). Called by `Adapter.install_rope` for the families that need it."""
-    owner = rope_owner(model)
-    if owner is None:
+    from pipelines.models.families import model_core
+
+    owner = model_core(model)
+    if owner is None or not hasattr(type(owner), "get_rope_index"):
         return False
     owner.get_rope_index = types.MethodType(functools.partial(_bound_get_rope_index, uses_time=uses_time), owner)
     owner._videor1_reference_rope = True
