@@ -200,31 +200,34 @@ class _FullShapes:
         return getattr(self._model, name)
 
 
-@contextlib.contextmanager
-def full_shape_conversions() -> Iterator[None]:
-    """While a checkpoint loads under ZeRO-3 (transformers builds the model inside `zero.Init`): transformers' weight
-    conversions that compare a checkpoint tensor with the model's parameter see its full shape, not the partition.
+def full_shape_transpose(convert):
+    """`convert` (transformers' `Transpose.convert`) comparing with a ZeRO-3 parameter's full shape (`ds_shape`)."""
+
+    def full_shape_convert(self, input_dict, source_patterns, target_patterns, **kwargs):
+        if kwargs.get("model") is not None:
+            kwargs["model"] = _FullShapes(kwargs["model"])
+        return convert(self, input_dict, source_patterns, target_patterns, **kwargs)
+
+    full_shape_convert._videor1_full_shape = True
+    return full_shape_convert
+
+
+def install_full_shape_conversions() -> None:
+    """Make transformers' weight conversions compare a checkpoint tensor with a ZeRO-3 parameter's full shape, for the
+    rest of the process; `load_model` calls it before the first load under ZeRO-3. Idempotent. Without ZeRO-3 nothing
+    changes: a parameter without `ds_shape` is compared as before.
 
     Why: transformers 5.20's `Transpose(check_dims=True)`, Qwen3-VL-MoE's conversion of its fused experts
     (gate_up_proj, down_proj), keeps a tensor already in the model's layout and transposes one in the released
-    checkpoints' layout, by comparing shapes. Under ZeRO-3 the parameter it compares with is partitioned (empty), so
-    it transposed every tensor: a checkpoint that transformers 5 wrote (the tiny model, every SFT / RL output) failed
-    to load with a size mismatch, or, with square experts (the tiny model's gate_up_proj), loaded transposed without
-    a word. With the full shape, the ZeRO-3 load keeps exactly what the load without ZeRO-3 keeps."""
+    checkpoints' layout, by comparing shapes; saving runs the reverse with the same comparison. Under ZeRO-3 the
+    parameter it compares with is partitioned (empty), so it transposed every tensor: a checkpoint that transformers
+    5 wrote (the tiny model, every SFT / RL output) failed to load with a size mismatch, or, with square experts (the
+    tiny model's gate_up_proj), loaded transposed without a word; and a ZeRO-3 run saved its experts transposed
+    (square ones then reloaded wrong). With the full shape, ZeRO-3 loads and saves exactly what DDP does."""
     from transformers.core_model_loading import Transpose
 
-    original = Transpose.convert
-
-    def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
-        if kwargs.get("model") is not None:
-            kwargs["model"] = _FullShapes(kwargs["model"])
-        return original(self, input_dict, source_patterns, target_patterns, **kwargs)
-
-    Transpose.convert = convert
-    try:
-        yield
-    finally:
-        Transpose.convert = original
+    if not getattr(Transpose.convert, "_videor1_full_shape", False):
+        Transpose.convert = full_shape_transpose(Transpose.convert)
 
 
 def drop_tied_duplicates(model, state: dict[str, Any]) -> dict[str, Any]:

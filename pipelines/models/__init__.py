@@ -149,17 +149,14 @@ def _rng_untouched():
     return torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else [])
 
 
-def _zero3_loading():
-    """`pipelines.zero3.full_shape_conversions` when transformers will load under ZeRO-3 (zero.Init), else nothing."""
-    import contextlib
-
+def _full_shapes_under_zero3() -> None:
+    """Under ZeRO-3 (transformers loads inside zero.Init): `pipelines.zero3.install_full_shape_conversions`."""
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    if not is_deepspeed_zero3_enabled():
-        return contextlib.nullcontext()
-    from pipelines.zero3 import full_shape_conversions
+    if is_deepspeed_zero3_enabled():
+        from pipelines.zero3 import install_full_shape_conversions
 
-    return full_shape_conversions()
+        install_full_shape_conversions()
 
 
 def load_model(model_cfg, path: str | Path | None = None, device=None, for_training: bool = False):
@@ -185,7 +182,8 @@ def load_model(model_cfg, path: str | Path | None = None, device=None, for_train
         # inside `deepspeed.zero.Init` on real tensors, whose `__init__` draws random numbers (Qwen3.5's A_log is
         # `uniform_`), while other loads build on the meta device and draw none. Without the fork, a ZeRO-3 run
         # sampled other rollouts than the same DDP run from its first step.
-        with _rng_untouched(), _zero3_loading():
+        _full_shapes_under_zero3()  # Qwen3-VL-MoE's experts: loaded and saved as without ZeRO-3
+        with _rng_untouched():
             model = AutoModelForImageTextToText.from_pretrained(
                 name, revision=model_cfg.revision, dtype=dtype, attn_implementation=resolve_attn(
                     model_cfg.attn_implementation, device)
