@@ -10,9 +10,10 @@ rank has nothing to train (all samples skipped, an empty RL step) and runs a tex
 
 1. all-reduces (MAX) which modalities are present over the ranks -- one tiny collective per forward, and
 2. where this rank lacks a modality another rank has, runs the vision tower on a minimal dummy input (one merged
-   token of zeros) right before the language model, and adds ``0 * sum(every vision output)`` to the language
-   model's input embeddings: the merged features AND the side outputs (Qwen3-VL's deepstack features), so every
-   module the tower ran takes part in backward exactly as on a rank with real media.
+   token of zeros) right before the language model, and adds ``0 * sum(...)`` of exactly the outputs a real call
+   feeds the language model (`vision_outputs`: the merged features AND Qwen3-VL's deepstack features) to the
+   language model's input embeddings, so the tower's modules take part in backward exactly as on a rank with real
+   media.
 
 So every rank runs: embeddings, vision tower x (number of modalities present anywhere), language model -- the same
 module sequence in forward and (the dummy joins the graph) in backward. The dummy's contribution is an exact zero:
