@@ -19,6 +19,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from pipelines.models.families import DEFAULT_FAMILY, FAMILIES, families_help
+
 PRESET_DIR = Path(__file__).parent / "presets"
 DEFAULT_PRESET = "cpu-tiny"
 
@@ -444,9 +446,10 @@ class QuickstartConfig(Section):
         "the reference M-RoPE positions and 2 ranks, over 3 seeds (BENCHMARKS.md): 100 steps add +2.6 to SFT "
         "(goal +3), 125 steps +3.07.",
     )
-    family: Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"] = Field(
-        "qwen2_5_vl",
-        description="Model family of the tiny model (`videor1 model tiny --family`). Shortcut: --family. Pixel "
+    family: Literal[FAMILIES] = Field(  # the adapter registry's families (pipelines.models.families)
+        DEFAULT_FAMILY,
+        description=f"Model family of the tiny model (`videor1 model tiny --family`): {families_help()}. "
+        "Shortcut: --family. Pixel "
         "budgets are converted to the family's patches (x (32/28)^2 for Qwen3-VL / Qwen3.5: the same tokens per "
         "frame). The measured learning figures are Qwen2.5-VL's.",
     )

@@ -36,6 +36,7 @@ from typing import Any, Callable, Sequence
 import yaml
 
 from pipelines.errors import VideoR1Error
+from pipelines.models.families import DEFAULT_FAMILY
 
 MARKER = ".videor1-quickstart"
 PROBLEM_TYPES = ("multiple choice", "numerical", "OCR", "free-form", "regression")
@@ -115,9 +116,9 @@ def plan_seed(cfg, seed: int, out: Path, config_file: Path, tag: str) -> SeedPla
         ["data", "synth", *common, *named("data"), "--out", str(world), "--train", str(q.train), "--sft", str(q.sft),
          "--test", str(q.test), "--seed", str(seed), *([] if q.shuffle_options else ["--fixed-options"])], world)
     tiny = d / "tiny-model"
-    add("tiny", "model tiny" + (f" --family {q.family}" if q.family != "qwen2_5_vl" else ""),
-        ["model", "tiny", *common, *named("model"), "--out", str(tiny), "--seed", str(seed),
-         *(["--family", q.family] if q.family != "qwen2_5_vl" else [])], tiny)
+    family = ["--family", q.family] if q.family != DEFAULT_FAMILY else []
+    add("tiny", " ".join(["model tiny", *family]),
+        ["model", "tiny", *common, *named("model"), "--out", str(tiny), "--seed", str(seed), *family], tiny)
 
     def evaluate(label: str, model: Path, background: bool = False) -> None:
         e = d / f"eval-{label}"

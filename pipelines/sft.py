@@ -234,20 +234,10 @@ class SkipStats:
         return sum(self.counts.values())
 
 
-def deepspeed_lockstep(model, args):
-    """A `pipelines.zero3.VisionLockstep` on `model` when the Trainer runs DeepSpeed (any ZeRO stage), else None."""
-    if not getattr(args, "deepspeed", None):
-        return None
-    from pipelines.zero3 import VisionLockstep
-
-    lock = VisionLockstep(model)
-    return lock if lock.installed else None
-
-
 def _trainer_cls():
     from transformers import Trainer
 
-    from pipelines.zero3 import drop_tied_duplicates, text_dummy_forward
+    from pipelines.zero3 import deepspeed_lockstep, drop_tied_duplicates, text_dummy_forward
 
     class SftTrainer(Trainer):
         """transformers.Trainer that counts skipped samples and tokens; forward gets every visual input."""
@@ -260,7 +250,7 @@ def _trainer_cls():
             self.tokens_seen = 0  # non-pad tokens (text + visual placeholders) of this process's training batches
             self.samples_seen = 0
             self._on_skip = on_skip
-            self._lockstep = deepspeed_lockstep(self.model, self.args)
+            self._lockstep = deepspeed_lockstep(self.model, bool(getattr(self.args, "deepspeed", None)))
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             skipped = inputs.pop(SKIP_KEY, None) or []

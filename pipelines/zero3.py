@@ -10,8 +10,10 @@ rank has nothing to train (all samples skipped, an empty RL step) and runs a tex
 
 1. all-reduces (MAX) which modalities are present over the ranks -- one tiny collective per forward, and
 2. where this rank lacks a modality another rank has, runs the vision tower on a minimal dummy input (one merged
-   token of zeros) right before the language model, and adds ``0 * dummy.sum()`` to the language model's input
-   embeddings.
+   token of zeros) right before the language model, and adds ``0 * sum(...)`` of exactly the outputs a real call
+   feeds the language model (`vision_outputs`: the merged features AND Qwen3-VL's deepstack features) to the
+   language model's input embeddings, so the tower's modules take part in backward exactly as on a rank with real
+   media.
 
 So every rank runs: embeddings, vision tower x (number of modalities present anywhere), language model -- the same
 module sequence in forward and (the dummy joins the graph) in backward. The dummy's contribution is an exact zero:
@@ -31,19 +33,14 @@ Qwen2.5-VL, Qwen3-VL in transformers 5); a model without them is left as is.
 from __future__ import annotations
 
 import contextlib
+import types
 from typing import Any, Callable, Iterator
 
 import torch
 
+from pipelines.models.families import model_core
+
 MODALITIES = (("image", "pixel_values"), ("video", "pixel_values_videos"))
-
-
-def find_vl_core(model) -> Any | None:
-    """The module that owns ``visual`` and ``language_model`` (Qwen*VLModel), through PEFT/DeepSpeed wrappers."""
-    for m in model.modules():
-        if hasattr(m, "visual") and hasattr(m, "language_model") and isinstance(m.language_model, torch.nn.Module):
-            return m
-    return None
 
 
 def dummy_vision_input(visual) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,23 +66,38 @@ def _all_reduce_max(flags: torch.Tensor) -> torch.Tensor:
     return flags
 
 
-def _first_tensor(out) -> torch.Tensor:
-    """The merged vision features (what the language model consumes), whatever the tower returns."""
+# Fields of a vision tower's output that the language model never reads: the un-merged last hidden state (and the
+# per-layer captures, when asked for).
+_UNUSED_VISION_FIELDS = ("last_hidden_state", "hidden_states", "attentions")
+
+
+def vision_outputs(out) -> list[torch.Tensor]:
+    """The tensors of a vision-tower output that a real call feeds the language model: the merged features AND the
+    side outputs (Qwen3-VL's deepstack features, one per deepstack merger), whatever container holds them; not the
+    un-merged last hidden state.
+
+    A dummy call must join exactly these into the graph, no fewer and no more. Fewer: a module whose output is
+    dropped gets no backward, so under ZeRO-3 its parameters are not gathered again in backward and its gradient is
+    missing from the reduction on the dummy rank (Qwen3-VL's deepstack mergers made gloo abort with "collective
+    mismatch"). More: ZeRO-3 hooks every tensor a module returns and fetches the module's parameters once per output
+    that receives a gradient, so an extra joined output is an extra fetch on this rank only (DeepSpeed's trace check:
+    "disagreement on list length"). tests/test_deepspeed_units.py counts both, per family."""
     if torch.is_tensor(out):
-        return out
-    pooled = getattr(out, "pooler_output", None)
-    if torch.is_tensor(pooled):
-        return pooled
-    if isinstance(out, (tuple, list)):
-        return next(t for t in out if torch.is_tensor(t))
-    return out.last_hidden_state
+        return [out] if out.is_floating_point() else []
+    if isinstance(out, dict):  # ModelOutput is a dict of its non-None fields
+        values = [v for k, v in out.items() if k not in _UNUSED_VISION_FIELDS]
+    elif isinstance(out, (tuple, list)):
+        values = list(out)
+    else:
+        return []
+    return [t for v in values for t in vision_outputs(v)]
 
 
 class VisionLockstep:
     """Hooks that keep the vision tower's call count identical on every rank (see the module docstring)."""
 
     def __init__(self, model, reduce_max: Callable[[torch.Tensor], torch.Tensor] | None = None):
-        self.core = find_vl_core(model)
+        self.core = model_core(model)
         self.reduce_max = reduce_max or _all_reduce_max
         self._active = 0
         self._pending: list[str] = []
@@ -144,8 +156,8 @@ class VisionLockstep:
         pixels, grid = dummy_vision_input(visual)
         zero = None
         for _ in self._pending:
-            out = _first_tensor(visual(pixels.to(embeds.device), grid_thw=grid.to(embeds.device)))
-            term = out.float().sum() * 0.0
+            outs = vision_outputs(visual(pixels.to(embeds.device), grid_thw=grid.to(embeds.device)))
+            term = sum(t.float().sum() for t in outs) * 0.0
             zero = term if zero is None else zero + term
             self.dummy_calls += 1
         self._pending = []
@@ -163,14 +175,60 @@ def text_dummy_forward(model, pad_token_id: int, device) -> Any:
     return model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
 
 
-def deepspeed_lockstep(engine, module=None) -> VisionLockstep | None:
-    """A `VisionLockstep` on `module` (default: `engine`) when `engine` is a DeepSpeed engine (any ZeRO stage), else
-    None. ZeRO-1/2 need it too, for the text-only dummy forward: their gradient reduction expects the same parameters
-    to hold gradients on every rank, and a rank whose step left the vision tower out made gloo abort."""
-    if not hasattr(engine, "zero_optimization_stage"):
+def deepspeed_lockstep(model, deepspeed: bool) -> VisionLockstep | None:
+    """A `VisionLockstep` on `model` (any wrapper: the hooks go on its core) when the run uses DeepSpeed (`deepspeed`,
+    any ZeRO stage), else None; None too for a model without a vision core. ZeRO-1/2 need it as well, for the
+    text-only dummy forward: their gradient reduction expects the same parameters to hold gradients on every rank,
+    and a rank whose step left the vision tower out made gloo abort. The SFT and RL trainers both build theirs here."""
+    if not deepspeed:
         return None
-    lock = VisionLockstep(module if module is not None else engine)
+    lock = VisionLockstep(model)
     return lock if lock.installed else None
+
+
+class _FullShapes:
+    """A model whose `get_parameter(name).shape` is the full shape of a ZeRO-3-partitioned parameter (`ds_shape`)."""
+
+    def __init__(self, model):
+        self._model = model
+
+    def get_parameter(self, name: str):
+        p = self._model.get_parameter(name)
+        shape = getattr(p, "ds_shape", None)
+        return p if shape is None else types.SimpleNamespace(shape=torch.Size(shape))
+
+    def __getattr__(self, name: str):
+        return getattr(self._model, name)
+
+
+def full_shape_transpose(convert):
+    """`convert` (transformers' `Transpose.convert`) comparing with a ZeRO-3 parameter's full shape (`ds_shape`)."""
+
+    def full_shape_convert(self, input_dict, source_patterns, target_patterns, **kwargs):
+        if kwargs.get("model") is not None:
+            kwargs["model"] = _FullShapes(kwargs["model"])
+        return convert(self, input_dict, source_patterns, target_patterns, **kwargs)
+
+    full_shape_convert._videor1_full_shape = True
+    return full_shape_convert
+
+
+def install_full_shape_conversions() -> None:
+    """Make transformers' weight conversions compare a checkpoint tensor with a ZeRO-3 parameter's full shape, for the
+    rest of the process; `load_model` calls it before the first load under ZeRO-3. Idempotent. Without ZeRO-3 nothing
+    changes: a parameter without `ds_shape` is compared as before.
+
+    Why: transformers 5.20's `Transpose(check_dims=True)`, Qwen3-VL-MoE's conversion of its fused experts
+    (gate_up_proj, down_proj), keeps a tensor already in the model's layout and transposes one in the released
+    checkpoints' layout, by comparing shapes; saving runs the reverse with the same comparison. Under ZeRO-3 the
+    parameter it compares with is partitioned (empty), so it transposed every tensor: a checkpoint that transformers
+    5 wrote (the tiny model, every SFT / RL output) failed to load with a size mismatch, or, with square experts (the
+    tiny model's gate_up_proj), loaded transposed without a word; and a ZeRO-3 run saved its experts transposed
+    (square ones then reloaded wrong). With the full shape, ZeRO-3 loads and saves exactly what DDP does."""
+    from transformers.core_model_loading import Transpose
+
+    if not getattr(Transpose.convert, "_videor1_full_shape", False):
+        Transpose.convert = full_shape_transpose(Transpose.convert)
 
 
 def drop_tied_duplicates(model, state: dict[str, Any]) -> dict[str, Any]:

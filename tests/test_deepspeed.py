@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("deepspeed")
+pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install -e '.[deepspeed]'; CI installs it)")
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent

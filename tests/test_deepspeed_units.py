@@ -12,6 +12,9 @@ import torch
 
 from pipelines.config import load_config
 
+# The lockstep tests need no DeepSpeed (the vision hooks and the dummy call are plain torch); these do.
+NO_DEEPSPEED = "DeepSpeed is not installed (pip install -e '.[deepspeed]'; CI installs it)"
+
 
 @pytest.fixture(scope="module")
 def mixed_batch(tiny_model_dir, tmp_path_factory):
@@ -101,6 +104,86 @@ def test_lockstep_call_counts_follow_the_agreed_modalities(tiny_model_dir, mixed
     assert seen == [[1.0, 1.0], [1.0, 0.0], [0.0, 0.0]]
 
 
+class _OutputGrads(torch.autograd.Function):
+    """Identity whose backward records that a vision output received a gradient: what DeepSpeed's ZeRO-3 pre-backward
+    hook does on every tensor a module returns (each firing fetches the module's parameters again, and the order of
+    fetches must be the same on every rank)."""
+
+    @staticmethod
+    def forward(ctx, t, call, log):
+        ctx.call, ctx.log = call, log
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.log.append(ctx.call)
+        return grad, None, None
+
+
+def _wrap_outputs(out, call, log):
+    if torch.is_tensor(out):
+        return _OutputGrads.apply(out, call, log) if out.requires_grad else out
+    if isinstance(out, dict):
+        for k in list(out.keys()):
+            out[k] = _wrap_outputs(out[k], call, log)
+        return out
+    if isinstance(out, (list, tuple)):
+        return type(out)(_wrap_outputs(v, call, log) for v in out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def family_model_dirs(tmp_path_factory):
+    from pipelines.models.families import ADAPTERS
+
+    root = tmp_path_factory.mktemp("lockstep-families")
+    return lambda family: ADAPTERS[family].build_tiny(root / family, seed=0)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"])
+def test_lockstep_dummy_call_feeds_backward_like_a_real_call(family, family_model_dirs):
+    """A rank without images runs the dummy image call; in backward it must look like a real image call of another
+    rank: the same number of tower outputs receive a gradient (Qwen3-VL: the merged features AND each deepstack
+    feature; the dummy kept only the merged one and ZeRO-3 aborted with a collective mismatch) and the same vision
+    parameters get a gradient (the deepstack mergers included), an exact zero."""
+    import numpy as np
+
+    from pipelines.config import load_config
+    from pipelines.models import Media, encode_batch, load_model, load_processor
+    from pipelines.models.families import adapter_for
+    from pipelines.zero3 import VisionLockstep, text_dummy_forward
+
+    path = family_model_dirs(family)
+    torch.manual_seed(0)
+    model = load_model(load_config(shortcuts={"model.name_or_path": str(path)}).model, for_training=True)
+    proc = load_processor(path)
+    side = 2 * adapter_for(model).factor
+    img = Media(image=np.random.default_rng(0).integers(0, 255, (side, side, 3), dtype=np.uint8))
+    image = dict(encode_batch(proc, ["<|vision_start|><|image_pad|><|vision_end|>what colour?"], [img]))
+    visual = adapter_for(model).vision_tower(model)
+    calls, fired = [], []
+    visual.register_forward_hook(lambda m, a, out: _wrap_outputs(out, len(calls) - 1, fired))
+    visual.register_forward_pre_hook(lambda m, a: calls.append(1))
+
+    def backward(run) -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        calls.clear(), fired.clear()
+        run().logits.float().square().mean().backward()
+        return {n: p.grad for n, p in visual.named_parameters() if p.grad is not None}
+
+    real = backward(lambda: model(**image, use_cache=False))
+    per_real_call = len(fired)
+    assert len(calls) == 1 and per_real_call >= 1
+    lock = VisionLockstep(model, reduce_max=lambda flags: torch.maximum(flags, torch.tensor([1.0, 0.0])))
+    with lock.active():  # nothing to train here; another rank has an image
+        dummy = backward(lambda: text_dummy_forward(model, proc.tokenizer.pad_token_id, "cpu"))
+    assert lock.dummy_calls == 1 and len(calls) == 1
+    assert len(fired) == per_real_call, f"{family}: {len(fired)} tower outputs in backward, a real call has " \
+                                        f"{per_real_call}"
+    assert dummy.keys() == real.keys()
+    assert all(not g.any() for g in dummy.values())
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # 1: the RL trainer's accelerator keeps DeepSpeed on the CPU
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
@@ -108,6 +191,7 @@ def test_rl_accelerator_keeps_deepspeed_without_a_gpu(tiny_model_dir, tmp_path, 
     """Accelerator(cpu=True) silently drops a DeepSpeed plugin (DDP ran; TRL's prepare_deepspeed then failed): without
     CUDA the RL trainer's accelerator is built with cpu=False, the plugin and a named gloo backend (a real 2-rank run
     of it: tests/test_deepspeed.py)."""
+    pytest.importorskip("deepspeed", reason=NO_DEEPSPEED)  # accelerate's DeepSpeedPlugin imports it
     import accelerate
 
     from pipelines.rl.trainer import RLTrainer
@@ -155,6 +239,7 @@ def test_error_line_prints_bracketed_library_messages_verbatim(capsys):
 def test_sft_save_of_a_cloned_state_dict_keeps_embeddings_tied(tiny_model_dir, tmp_path):
     """DeepSpeed ZeRO-2 hands Trainer._save a cloned state dict (deepspeed's clone_tensors_for_torch_save), whose
     lm_head no longer shares storage with embed_tokens: it must not be saved a second time."""
+    pytest.importorskip("deepspeed", reason=NO_DEEPSPEED)
     from deepspeed.checkpoint.utils import clone_tensors_for_torch_save
     from safetensors import safe_open
     from transformers import AutoModelForImageTextToText, TrainingArguments
@@ -214,3 +299,40 @@ def test_sft_inits_deepspeed_distributed_before_building_the_model(tiny_model_di
     with pytest.raises(Stop):
         S.run_sft(cfg, None, output_dir=tmp_path / "out")
     assert order == ["init_deepspeed_distributed", "training_arguments"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Qwen3-VL-MoE's fused experts load and save under ZeRO-3 as without it
+def test_zero3_expert_conversions_compare_with_the_full_shape():
+    """transformers' `Transpose(check_dims=True)` keeps a tensor already in the model's layout (load) and its reverse
+    keeps one already in the model's layout (save); under ZeRO-3 the parameter is an empty partition (its shape is
+    `ds_shape`), so transformers alone transposed the model's own layout both ways (a size mismatch, or silently
+    transposed square experts). The real 2-rank runs: tests/test_deepspeed_families.py (Qwen3-VL-MoE under ZeRO-3
+    equals DDP, weights included)."""
+    from transformers.core_model_loading import Transpose
+
+    from pipelines.zero3 import full_shape_transpose
+
+    class Partitioned(torch.nn.Module):
+        def __init__(self, shape):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.empty(0))
+            self.w.ds_shape = torch.Size(shape)
+
+    ours_convert = full_shape_transpose(Transpose.convert)
+
+    def run(convert, op, shape, tensor):
+        return convert(op, {"w": tensor}, ["w"], ["w"], full_layer_name="w", model=Partitioned(shape))["w"]
+
+    load, save = Transpose(1, 2, check_dims=True), Transpose(2, 1, check_dims=True)
+    mine = torch.randn(4, 64, 32)  # the model's layout (what transformers 5 saves without ZeRO-3)
+    released = mine.transpose(1, 2).contiguous()  # the released checkpoints' layout
+    square = torch.randn(4, 64, 64)
+    assert torch.equal(run(ours_convert, load, (4, 64, 32), mine), mine)
+    assert torch.equal(run(ours_convert, load, (4, 64, 32), released), mine)
+    assert torch.equal(run(ours_convert, load, (4, 64, 64), square), square)
+    assert torch.equal(run(ours_convert, save, (4, 64, 32), mine), mine)
+    assert torch.equal(run(ours_convert, save, (4, 64, 64), square), square)
+    if not getattr(Transpose.convert, "_videor1_full_shape", False):  # transformers alone (not installed here)
+        assert torch.equal(run(Transpose.convert, load, (4, 64, 64), square), square.transpose(1, 2))
+        assert torch.equal(run(Transpose.convert, save, (4, 64, 32), mine), released)

@@ -1,4 +1,9 @@
-"""Reference M-RoPE positions (pipelines/models/mrope.py) against hand-computed cases and the HF forward."""
+"""Reference M-RoPE positions (pipelines/models/mrope.py) against hand-computed cases and the HF forward.
+
+`test_forward_and_cached_generation_use_the_reference_positions` is the one that fails when the binding is bypassed
+(checked by skipping `Adapter.install_rope` in `load_model`): it reads the positions the language model's rotary
+embedding actually receives, in the prompt forward and in every cached decoding step, and compares them with
+hand-computed reference values that transformers' own rule does not give."""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.models.mrope import install_reference_rope, reference_rope_index
+from pipelines.models.mrope import reference_rope_index
 
 
 def _types(*runs):
@@ -135,23 +140,65 @@ def test_loaded_model_uses_reference_positions_and_cached_generation_matches_ful
         torch.testing.assert_close(logits[0, n_prompt - 1 + i], score[0], atol=1e-4, rtol=1e-4)
 
 
-def test_other_families_are_left_alone():
+def test_the_adapter_decides_which_families_get_the_binding():
+    """Qwen2.5-VL binds the time rule, Qwen2-VL the grid rule, the timestamped families keep transformers' own."""
+    from pipelines.models.families import ADAPTERS
+
     class Fake(torch.nn.Module):
         visual = None
+
+        def __init__(self):
+            super().__init__()
+            self.language_model = torch.nn.Identity()
 
         def get_rope_index(self):
             return "own"
 
-    f = Fake()
-    f.config = type("C", (), {"model_type": "qwen3_vl"})()
-    assert install_reference_rope(f) is False
-    assert f.get_rope_index() == "own"
+    for family, expected in (("qwen3_vl", False), ("qwen3_5", False), ("qwen2_5_vl", True), ("qwen2_vl", True)):
+        f = Fake()
+        assert ADAPTERS[family].install_rope(f) is expected, family
+        assert (f.get_rope_index.__func__ is Fake.get_rope_index) is not expected, family
 
 
-@pytest.mark.parametrize("bad", ["grid", "count"])
-def test_mismatched_grids_raise(bad):
-    tt = _types((2, 4))
-    grid = torch.tensor([[2, 4, 4]]) if bad == "count" else None
-    with pytest.raises(ValueError):
-        reference_rope_index(torch.zeros_like(tt), tt, None, grid, torch.tensor([1.0]), spatial_merge_size=2,
-                             tokens_per_second=2)
+def test_forward_and_cached_generation_use_the_reference_positions(tiny_model_dir):
+    """A sparse video (4 frames at 0.25 fps: 8 s per temporal grid step) where the two rules differ. The positions
+    the rotary embedding receives must be the hand-computed reference ones, in the forward and in each cached
+    decoding step, and must differ from transformers' own (which resumes the text at 1 + max(h, w) / merge = 3)."""
+    from pipelines.config import Config
+    from pipelines.models import Media, encode_batch, load_model, load_processor
+
+    proc = load_processor(tiny_model_dir)
+    model = load_model(Config().model, tiny_model_dir, device=torch.device("cpu"))
+    video = np.random.default_rng(2).integers(0, 255, (4, 56, 56, 3), dtype=np.uint8)
+    batch = encode_batch(proc, ["<|vision_start|><|video_pad|><|vision_end|>go"], [Media(video=video, fps=0.25)])
+    assert batch["video_grid_thw"].tolist() == [[2, 4, 4]]  # 2 x 2 x 2 = 8 merged tokens
+    n = batch["input_ids"].shape[1]
+    after = n - 9  # <|vision_end|> and the text
+    # Hand-computed reference: <|vision_start|> at 0; the video from 1, time step 8 s x tokens_per_second 2 = 16;
+    # the text resumes at max(vision) + 1 = 18.
+    expected = torch.tensor([
+        [0, 1, 1, 1, 1, 17, 17, 17, 17] + list(range(18, 18 + after)),
+        [0, 1, 1, 2, 2, 1, 1, 2, 2] + list(range(18, 18 + after)),
+        [0, 1, 2, 1, 2, 1, 2, 1, 2] + list(range(18, 18 + after)),
+    ])
+    seen: list[torch.Tensor] = []
+    rotary = model.model.language_model.rotary_emb
+    handle = rotary.register_forward_pre_hook(lambda m, args: seen.append(args[1][:, 0].clone()))
+    try:
+        with torch.no_grad():
+            model(**batch, use_cache=False)
+            forward = seen.pop()
+            model.generate(**batch, max_new_tokens=3, do_sample=False, eos_token_id=None)
+    finally:
+        handle.remove()
+    assert torch.equal(forward, expected)
+    theirs, _ = type(model.model).get_rope_index(
+        model.model, input_ids=batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
+        video_grid_thw=batch["video_grid_thw"], second_per_grid_ts=batch["second_per_grid_ts"],
+        attention_mask=batch["attention_mask"])
+    assert not torch.equal(theirs[:, 0], expected)  # the case discriminates between the two rules
+    prefill, *steps = seen
+    assert torch.equal(prefill, expected) and len(steps) == 2
+    last = 18 + after - 1
+    for k, pos in enumerate(steps, start=1):  # each new token one position after the last: the reference's deltas
+        assert pos.tolist() == [[last + k]] * 3

@@ -179,17 +179,17 @@ def test_transformers_own_positions_disagree_on_video(engine, hf):
     start + max(h, w) // merge) disagrees with vLLM on sparsely sampled videos."""
     import types
 
-    from pipelines.models.mrope import rope_owner
+    from pipelines.models.families import model_core
 
-    owner = rope_owner(hf.model)
+    owner = model_core(hf.model)
     items = [x for x in make_media(seed=10) if x[0] == "video"]
     owner.get_rope_index = types.MethodType(type(owner).get_rope_index, owner)
     try:
         per_kind, diffs, _, _ = agreement(hf, engine, items)
     finally:
-        from pipelines.models.mrope import install_reference_rope
+        from pipelines.models.families import adapter_for
 
-        install_reference_rope(hf.model)
+        adapter_for(hf.model).install_rope(hf.model)
     figures = {"agree": sum(per_kind["video"]), "n": len(per_kind["video"]),
                "max_first_logprob_diff": max(diffs["video"])}
     print("\nHF (transformers' own M-RoPE) vs vLLM on video:", json.dumps(figures))

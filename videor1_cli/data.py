@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from pipelines.config import Config
+from pipelines.models.families import DEFAULT_FAMILY, families_help
 from videor1_cli.common import DATA, ROOT, config_command
 
 app = typer.Typer(no_args_is_help=True)
@@ -342,8 +343,8 @@ def probe(
     media: Path = typer.Argument(..., help="A video or image file."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     family: str = typer.Option(
-        None, "--family", help="Model family whose patch size sizes the frames (qwen2_5_vl, qwen3_vl, ...); "
-        "default: the family of model.name_or_path when it is a local model, else qwen2_5_vl."),
+        None, "--family", help=f"Model family whose patch size sizes the frames ({families_help(None)}); "
+        f"default: the family of model.name_or_path when it is a local model, else {DEFAULT_FAMILY}."),
 ) -> None:
     """Show how a video or image would be sampled and sized (video.* / image.* settings): frame count, indices,
     resized size, sampled fps and visual tokens (in the model family's patches). Decodes nothing but the stream

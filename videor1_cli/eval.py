@@ -91,6 +91,10 @@ def eval_command(
             from pipelines.launch import run_workers
 
             run_workers(cfg, _worker_argv(sys.argv[1:]), run, run_dir, what="eval workers")
+            from videor1_cli.common import results_on_node0
+
+            if results_on_node0(cfg, run, "eval"):
+                return
             results = runner.load_results(out)
         else:
             results = runner.evaluate(cfg, out, run=run, progress_factory=_progress_factory,

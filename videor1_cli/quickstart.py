@@ -20,6 +20,7 @@ import typer
 from rich.table import Table
 
 from pipelines.config import Config
+from pipelines.models.families import families_help
 from videor1_cli.common import Shortcut, config_command, console, err_console, registered_run
 
 OUT = Shortcut("quickstart.out_dir", ["--out"], Optional[str],
@@ -36,8 +37,8 @@ RL_STEPS = Shortcut("quickstart.rl_steps", ["--rl-steps"], Optional[int], "RL st
 ALGO = Shortcut("rl.algo", ["--algo"], Optional[str], "RL algorithm: tgrpo (default) or grpo (rl.algo).")
 COMPARE = Shortcut("quickstart.compare_algos", ["--compare-algos"], Optional[bool],
                    "Also train GRPO from the same SFT model; report both (quickstart.compare_algos).")
-FAMILY = Shortcut("quickstart.family", ["--family"], Optional[str], "Model family of the tiny model: qwen2_5_vl "
-                  "(default), qwen2_vl, qwen3_vl, qwen3_vl_moe, qwen3_5, qwen3_5_moe (quickstart.family).")
+FAMILY = Shortcut("quickstart.family", ["--family"], Optional[str], "Model family of the tiny model: "
+                  f"{families_help()} (quickstart.family).")
 
 _SHORTCUTS = (OUT, TRAIN, SFT, TEST, SEED, SEEDS, SFT_STEPS, RL_STEPS, ALGO, COMPARE, FAMILY)
 

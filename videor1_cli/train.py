@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from pipelines.config import Config
-from videor1_cli.common import DATA, DISTRIBUTED, MODEL, ROOT, Shortcut, config_command
+from videor1_cli.common import DATA, DISTRIBUTED, MODEL, ROOT, Shortcut, config_command, results_on_node0
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -67,6 +67,8 @@ def sft(
             from pipelines.sft import latest_checkpoint
 
             run_workers(cfg, sys.argv[1:], run, what="training workers", checkpoint=lambda: latest_checkpoint(out))
+            if results_on_node0(cfg, run, "train sft"):
+                return
             summary = dict(run.info.get("summary") or {})  # written by the rank-0 worker
         else:
             def on_skip(rid: str, reason: str, detail: str, train: bool) -> None:
@@ -135,6 +137,8 @@ def rl(
                 return steps[-1][1] if steps else None
 
             run_workers(cfg, sys.argv[1:], run, run_dir, what="training workers", checkpoint=latest)
+            if results_on_node0(cfg, run, "train rl"):
+                return
             _print_rl_summary(console, run.info.get("summary") or {})
             return
         from pipelines.rl.trainer import RLTrainer

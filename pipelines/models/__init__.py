@@ -8,8 +8,9 @@ What differs between model families lives in `pipelines.models.families` (one ad
   ``second_per_grid_ts`` (what M-RoPE's time axis uses) is recomputed per video here;
 - ``mm_token_type_ids`` must cover prompt + completion for a forward on both, or the model silently falls back to
   1-D positions (``extend_for_completion``).
-The tiny model is the recipe from ``environment.md``: real Qwen2.5-VL classes at toy sizes with a byte-level BPE
-tokenizer trained offline, so every test and the CPU quickstart exercise the same code as the 7B path.
+The tiny models (every family's, built by `pipelines.models.tiny`; `build_tiny_model` and friends are re-exported
+here) are the recipe from ``environment.md``: real classes at toy sizes with a byte-level BPE tokenizer trained
+offline, so every test and the CPU quickstart exercise the same code as the 7B path.
 """
 
 from __future__ import annotations
@@ -17,178 +18,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import numpy as np
+if TYPE_CHECKING:  # numpy stays out of the CLI's start-up (pipelines.config reads the family registry from here)
+    import numpy as np
 
 QWEN_SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
     "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
     "<|image_pad|>", "<|video_pad|>",
 ]
-
-# A Qwen2.5-VL chat template (identical to the one the released checkpoints ship, as vendored by trl).
-CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
-    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in "
-    "content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
-    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] "
-    "== 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
-    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content "
-    "%}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
-    "<|im_start|>assistant\n{% endif %}"
-)
-
-# Text the tiny tokenizer is trained on: the shipped prompt templates, answer formats, and the synthetic world's words.
-_TINY_CORPUS = [
-    "You are a helpful assistant.",
-    "<think> </think> <answer> </answer> <think>The square is red in every frame.</think>\n<answer>A</answer>",
-    "Please think about this question as if you were a human pondering deeply. Engage in an internal dialogue using "
-    "expressions such as 'let me think', 'wait', 'Hmm', 'oh, I see', 'let's break it down', etc, or other natural "
-    "language thought expressions It's encouraged to include self-reflection or verification in the reasoning "
-    "process. Provide your detailed reasoning between the <think> </think> tags, and then give your final answer "
-    "between the <answer> </answer> tags.",
-    "Provide your detailed reasoning between the <think> and </think> tags, and then give your final answer between "
-    "the <answer> and </answer> tags.",
-    " Please provide only the single option letter (e.g., A, B, C, D, etc.) within the <answer> </answer> tags.",
-    " Please provide the numerical value (e.g., 42 or 3.14) within the <answer> </answer> tags.",
-    " Please transcribe text from the image/video clearly and provide your text answer within the <answer> </answer> "
-    "tags.",
-    " Please provide your text answer within the <answer> </answer> tags.",
-    "Options:\nA. red\nB. green\nC. blue\nD. yellow\nE. F. G. H.",
-    "What colour is the square? Which direction does the square move? left right up down. Which colour appears "
-    "first? How many frames is the square red? How many squares are in the image? What word is written? Describe "
-    "the motion of the square. How many pixels wide is the square? How far does the square travel? The square moves "
-    "from the left to the right. It starts on the right and ends on the left. The word is CAT SUN BOX RED DOG HAT.",
-    "0 1 2 3 4 5 6 7 8 9 10 12 16 20 24 28 32 40 48 56 64 0.5 1.5 3.14 42 100",
-    "the a an in on of to is it first then after before every frame frames video image square squares colour color",
-]
-
-
-@dataclass
-class TinySpec:
-    """Sizes of the tiny Qwen2.5-VL (defaults: ~0.19 M parameters, measured learnable on 2 CPU cores)."""
-
-    vocab_size: int = 1024
-    hidden_size: int = 64
-    intermediate_size: int = 128
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    mrope_section: tuple[int, int, int] = (2, 3, 3)
-    rope_theta: float = 10000.0
-    vision_depth: int = 2
-    vision_hidden_size: int = 32
-    vision_heads: int = 2
-    vision_intermediate_size: int = 64
-    max_position_embeddings: int = 4096
-
-
-# The tiny model for vLLM: vLLM's CPU attention kernels take head sizes 32, 64, 80, ... (not the default spec's 16), so
-# 2 heads / 1 kv head on the same hidden 64 (head_dim 32, mrope_section summing to 16). The default spec stays as is:
-# the quickstart's measured figures depend on it.
-TINY_VLLM_SPEC = TinySpec(num_attention_heads=2, num_key_value_heads=1, mrope_section=(4, 6, 6))
-
-
-def train_tiny_tokenizer(vocab_size: int = 1024, extra_corpus: Sequence[str] = ()):
-    """A byte-level BPE with Qwen's special tokens by name, trained offline in milliseconds."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=QWEN_SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    corpus = list(_TINY_CORPUS) + list(extra_corpus)
-    tok.train_from_iterator(corpus * 4, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        padding_side="left",
-        chat_template=CHAT_TEMPLATE,
-        model_max_length=32768,
-        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
-    )
-
-
-def build_processor(tokenizer, min_pixels: int = 28 * 28, max_pixels: int = 16384 * 28 * 28):
-    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
-
-    size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
-    return Qwen2_5_VLProcessor(
-        image_processor=Qwen2VLImageProcessor(size=size),
-        video_processor=Qwen2VLVideoProcessor(size=size),
-        tokenizer=tokenizer,
-        chat_template=CHAT_TEMPLATE,
-    )
-
-
-def build_tiny_model(out_dir: str | Path, seed: int = 0, spec: TinySpec | None = None) -> Path:
-    """Write a tiny random Qwen2.5-VL (model + tokenizer + processor) to out_dir; from_pretrained round-trips it."""
-    import torch
-    from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    spec = spec or TinySpec()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    tokenizer = train_tiny_tokenizer(spec.vocab_size)
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
-    head_dim = spec.hidden_size // spec.num_attention_heads
-    if sum(spec.mrope_section) * 2 != head_dim:
-        raise ValueError(f"mrope_section {spec.mrope_section} must sum to head_dim/2 = {head_dim // 2}")
-    config = Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer),
-            hidden_size=spec.hidden_size,
-            intermediate_size=spec.intermediate_size,
-            num_hidden_layers=spec.num_hidden_layers,
-            num_attention_heads=spec.num_attention_heads,
-            num_key_value_heads=spec.num_key_value_heads,
-            max_position_embeddings=spec.max_position_embeddings,
-            rope_parameters={"rope_type": "default", "rope_theta": spec.rope_theta,
-                             "mrope_section": list(spec.mrope_section)},
-            bos_token_id=ids["<|endoftext|>"],
-            eos_token_id=ids["<|im_end|>"],
-            pad_token_id=ids["<|endoftext|>"],
-            tie_word_embeddings=True,
-        ),
-        vision_config=dict(
-            depth=spec.vision_depth,
-            hidden_size=spec.vision_hidden_size,
-            intermediate_size=spec.vision_intermediate_size,
-            num_heads=spec.vision_heads,
-            patch_size=14,
-            temporal_patch_size=2,
-            spatial_merge_size=2,
-            out_hidden_size=spec.hidden_size,
-            window_size=112,
-            fullatt_block_indexes=[spec.vision_depth - 1],
-            tokens_per_second=2,
-        ),
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True,
-    )
-    model = Qwen2_5_VLForConditionalGeneration(config)
-    model.generation_config = GenerationConfig(
-        eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], bos_token_id=ids["<|endoftext|>"]
-    )
-    model.save_pretrained(out)
-    build_processor(tokenizer).save_pretrained(out)
-    (out / "videor1_tiny.json").write_text(json.dumps({"seed": seed, "spec": spec.__dict__}, default=list))
-    return out
-
 
 # ---------------------------------------------------------------------------------------------------------------------
 def resolve_device(device: str = "auto"):
@@ -330,6 +169,23 @@ def load_processor(path: str | Path, revision: str | None = None):
     return proc
 
 
+def _rng_untouched():
+    """torch.random.fork_rng over the CPU stream and the current CUDA device's: the caller's RNG state is restored."""
+    import torch
+
+    return torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else [])
+
+
+def _full_shapes_under_zero3() -> None:
+    """Under ZeRO-3 (transformers loads inside zero.Init): `pipelines.zero3.install_full_shape_conversions`."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        from pipelines.zero3 import install_full_shape_conversions
+
+        install_full_shape_conversions()
+
+
 def load_model(model_cfg, path: str | Path | None = None, device=None, for_training: bool = False):
     """Load a Qwen2.5-VL model from model_cfg.name_or_path (or `path`), on `device`, in the configured dtype."""
     from transformers import AutoModelForImageTextToText
@@ -349,10 +205,16 @@ def load_model(model_cfg, path: str | Path | None = None, device=None, for_train
         adapter_for(name).check_config(json.loads((Path(name) / "config.json").read_text()),
                                        where=str(Path(name) / "config.json"))
     try:
-        model = AutoModelForImageTextToText.from_pretrained(
-            name, revision=model_cfg.revision, dtype=dtype, attn_implementation=resolve_attn(
-                model_cfg.attn_implementation, device)
-        )
+        # Loading draws nothing from the run's random streams: under DeepSpeed ZeRO-3 transformers builds the model
+        # inside `deepspeed.zero.Init` on real tensors, whose `__init__` draws random numbers (Qwen3.5's A_log is
+        # `uniform_`), while other loads build on the meta device and draw none. Without the fork, a ZeRO-3 run
+        # sampled other rollouts than the same DDP run from its first step.
+        _full_shapes_under_zero3()  # Qwen3-VL-MoE's experts: loaded and saved as without ZeRO-3
+        with _rng_untouched():
+            model = AutoModelForImageTextToText.from_pretrained(
+                name, revision=model_cfg.revision, dtype=dtype, attn_implementation=resolve_attn(
+                    model_cfg.attn_implementation, device)
+            )
     except OSError as e:
         raise VideoR1Error(
             f"cannot load model '{name}': {str(e).splitlines()[0]}",
@@ -596,3 +458,14 @@ def suppressed_token_ids(tokenizer) -> list[int]:
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     return [tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS if t != "<|im_end|>"
             and tokenizer.convert_tokens_to_ids(t) != eos]
+
+
+# The tiny builders live in pipelines.models.tiny (one module); these names stay importable from here.
+from pipelines.models.tiny import (  # noqa: E402  (tiny reads QWEN_SPECIAL_TOKENS above)
+    CHAT_TEMPLATE,
+    TINY_VLLM_SPEC,
+    TinySpec,
+    build_processor,
+    build_tiny_model,
+    train_tiny_tokenizer,
+)

@@ -64,6 +64,13 @@ class Adapter(abc.ABC):
     timestamps: ClassVar[bool] = False  # "<t seconds>" text before each temporal patch
     second_per_grid_ts: ClassVar[bool] = False  # the forward takes second_per_grid_ts (Qwen2.5-VL)
     vllm_architecture: ClassVar[str] = ""
+    # M-RoPE rule bound over transformers 5's (pipelines/models/mrope.py): "time" spaces a video's temporal grid steps
+    # by tokens_per_second * second_per_grid_t (Qwen2.5-VL), "grid" by one position each (Qwen2-VL); None keeps
+    # transformers' rule, which equals the reference for the family (one grid per frame between timestamp texts).
+    reference_rope: ClassVar[str | None] = None
+    # The family's part of its tiny model's configs (pipelines.models.tiny): M-RoPE sections, hybrid layers, experts.
+    tiny_text: ClassVar[dict[str, Any]] = {}
+    tiny_vision: ClassVar[dict[str, Any]] = {}
     # Fields of config.json the family's code reads (checked on the file: transformers would silently fill in its
     # defaults, e.g. a 2304-entry position table that then fails to load); a checkpoint missing one is refused.
     required_config: ClassVar[tuple[str, ...]] = (
@@ -152,10 +159,13 @@ class Adapter(abc.ABC):
 
     # -- model ---------------------------------------------------------------------------------------------------------
     def install_rope(self, model) -> bool:
-        """Bind the reference M-RoPE rule where transformers 5 differs from it (see mrope.py)."""
+        """Bind the reference M-RoPE rule where transformers 5 differs from it (see mrope.py); False where the family
+        keeps transformers' rule (`reference_rope` None)."""
+        if self.reference_rope is None:
+            return False
         from pipelines.models.mrope import install_reference_rope
 
-        return install_reference_rope(model)
+        return install_reference_rope(model, uses_time=self.reference_rope == "time")
 
     # -- one encoder call per distinct media item (issue 22; see "Shared vision" below) --------------------------------
     def install_shared_vision(self, model) -> bool:
@@ -181,12 +191,7 @@ class Adapter(abc.ABC):
         return 0
 
     def vision_tower(self, model):
-        base = model
-        for attr in ("module", "base_model", "model"):  # DDP / peft wrappers
-            while hasattr(base, attr) and not hasattr(base, "visual") and getattr(base, attr) is not base:
-                base = getattr(base, attr)
-        base = getattr(base, "model", base)
-        tower = getattr(base, "visual", None) or getattr(model, "visual", None)
+        tower = getattr(model_core(model), "visual", None)
         if tower is None:
             raise FamilyError(f"{type(model).__name__}: no vision tower found ({self.label})")
         return tower
@@ -231,11 +236,15 @@ class Adapter(abc.ABC):
 
     # -- tiny models ---------------------------------------------------------------------------------------------------
     @abc.abstractmethod
-    def build_tiny(self, out_dir: str | Path, seed: int = 0) -> Path:
-        """Write a tiny random model of this family (real classes, offline tokenizer and processor) to out_dir."""
+    def build_tiny(self, out_dir: str | Path, seed: int = 0, vllm: bool = False) -> Path:
+        """Write a tiny random model of this family (real classes, offline tokenizer and processor) to out_dir;
+        `vllm`: a spec vLLM's CPU attention accepts (head_dim >= 32), where the default one is not."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+_TINY_EXPERTS = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}  # the tiny MoE families'
+
+
 class Qwen2VLAdapter(Adapter):
     family = "qwen2_vl"
     label = "Qwen2-VL"
@@ -243,11 +252,12 @@ class Qwen2VLAdapter(Adapter):
     processor_class_name = "Qwen2VLProcessor"
     vllm_architecture = "Qwen2VLForConditionalGeneration"
     hub_example = "Qwen/Qwen2-VL-7B-Instruct"
+    reference_rope = "grid"
 
-    def build_tiny(self, out_dir, seed=0):
+    def build_tiny(self, out_dir, seed=0, vllm=False):
         from pipelines.models import tiny
 
-        return tiny.build_qwen2(self, out_dir, seed)
+        return tiny.build_qwen2(self, out_dir, seed)  # head_dim 32 already
 
 
 class Qwen25VLAdapter(Qwen2VLAdapter):
@@ -258,6 +268,7 @@ class Qwen25VLAdapter(Qwen2VLAdapter):
     second_per_grid_ts = True
     vllm_architecture = "Qwen2_5_VLForConditionalGeneration"
     hub_example = "Qwen/Qwen2.5-VL-7B-Instruct"
+    reference_rope = "time"
 
     def finish_batch(self, processor, batch, media):
         # The processor takes one scalar fps; a batch mixes videos of different sampled fps, so the time scale of
@@ -270,10 +281,10 @@ class Qwen25VLAdapter(Qwen2VLAdapter):
             batch["second_per_grid_ts"] = torch.tensor([tp / (m.fps or 2.0) for m in videos], dtype=torch.float32)
         return batch
 
-    def build_tiny(self, out_dir, seed=0):
-        from pipelines.models import build_tiny_model
+    def build_tiny(self, out_dir, seed=0, vllm=False):
+        from pipelines.models import tiny
 
-        return build_tiny_model(out_dir, seed=seed)
+        return tiny.build_tiny_model(out_dir, seed=seed, spec=tiny.TINY_VLLM_SPEC if vllm else None)
 
 
 class Qwen3VLAdapter(Adapter):
@@ -288,6 +299,12 @@ class Qwen3VLAdapter(Adapter):
     vllm_architecture = "Qwen3VLForConditionalGeneration"
     hub_example = "Qwen/Qwen3-VL-8B-Instruct"
     required_config = Adapter.required_config + ("vision_config.num_position_embeddings",)
+    # reference_rope None: each frame is its own grid (t = 1) between timestamp texts, so transformers' "resume at
+    # start + max(h, w) / merge" equals the reference "resume at max(vision positions) + 1" (tested in
+    # tests/test_families.py against mrope.reference_rope_index): nothing to bind.
+    tiny_text = {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [6, 5, 5],
+                                     "mrope_interleaved": True}}
+    tiny_vision = {"deepstack_visual_indexes": [0]}
 
     def video_kwargs(self, processor, media):
         from transformers.video_utils import VideoMetadata
@@ -307,12 +324,6 @@ class Qwen3VLAdapter(Adapter):
         return sum(len(tok(f"<{s:.1f} seconds>", add_special_tokens=False)["input_ids"]) + 2 + per_patch
                    for s in times[: -(-t // self.temporal_patch_size)])
 
-    def install_rope(self, model) -> bool:
-        # Each frame is its own grid (t = 1) between timestamp texts, so transformers' "resume at start +
-        # max(h, w) / merge" equals the reference "resume at max(vision positions) + 1" (tested in
-        # tests/test_families.py against mrope.reference_rope_index): nothing to patch.
-        return False
-
     def vllm_video_metadata(self, media) -> dict[str, Any]:
         # The same metadata the HF processor gets (video_kwargs), so both write the same timestamps.
         md = video_metadata(media)
@@ -322,10 +333,10 @@ class Qwen3VLAdapter(Adapter):
     def vllm_mm_kwargs(self, media) -> dict[str, Any]:
         return {"do_resize": False, "do_sample_frames": False}
 
-    def build_tiny(self, out_dir, seed=0):
+    def build_tiny(self, out_dir, seed=0, vllm=False):
         from pipelines.models import tiny
 
-        return tiny.build_qwen3(self, out_dir, seed)
+        return tiny.build_qwen3(self, out_dir, seed)  # head_dim 32 already
 
 
 class Qwen3VLMoeAdapter(Qwen3VLAdapter):
@@ -334,6 +345,9 @@ class Qwen3VLMoeAdapter(Qwen3VLAdapter):
     model_class_name = "Qwen3VLMoeForConditionalGeneration"
     vllm_architecture = "Qwen3VLMoeForConditionalGeneration"
     hub_example = "Qwen/Qwen3-VL-30B-A3B-Instruct"
+    # transformers always renormalises the top-k router weights; vLLM reads the flag from the config.
+    tiny_text = Qwen3VLAdapter.tiny_text | _TINY_EXPERTS | {"decoder_sparse_step": 1, "mlp_only_layers": [],
+                                                            "norm_topk_prob": True}
     # Experts are fused 3-D parameters (not nn.Linear): LoRA adapts attention only, as EasyR1 / verl do for MoE.
     lora_target_modules = ("q_proj", "k_proj", "v_proj", "o_proj")
     engines = ("hf",)
@@ -347,6 +361,13 @@ class Qwen35Adapter(Qwen3VLAdapter):
     model_class_name = "Qwen3_5ForConditionalGeneration"
     vllm_architecture = "Qwen3_5ForConditionalGeneration"
     hub_example = "Qwen/Qwen3.5-27B"
+    # Hybrid: one Gated DeltaNet layer, one full-attention layer; rotary on a quarter of head_dim (8 -> 4 pairs).
+    tiny_text = {"layer_types": ["linear_attention", "full_attention"], "linear_conv_kernel_dim": 4,
+                 "linear_key_head_dim": 32, "linear_value_head_dim": 32, "linear_num_key_heads": 1,
+                 "linear_num_value_heads": 2,
+                 "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1],
+                                     "mrope_interleaved": True, "partial_rotary_factor": 0.25}}
+    tiny_vision = {}  # no deepstack
     # Hybrid layers: full attention (q/k/v/o_proj) and Gated DeltaNet (in_proj_qkv/z, out_proj) + MLPs.
     lora_target_modules = ("q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z", "out_proj",
                            "gate_proj", "up_proj", "down_proj")
@@ -360,6 +381,7 @@ class Qwen35MoeAdapter(Qwen35Adapter):
     model_class_name = "Qwen3_5MoeForConditionalGeneration"
     vllm_architecture = "Qwen3_5MoeForConditionalGeneration"
     hub_example = "Qwen/Qwen3.5-35B-A3B"
+    tiny_text = Qwen35Adapter.tiny_text | _TINY_EXPERTS | {"shared_expert_intermediate_size": 32}
     # Routed experts are fused 3-D parameters; the shared expert's MLP is nn.Linear and keeps its adapters.
     lora_target_modules = ("q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z", "out_proj")
 
@@ -547,11 +569,19 @@ class TowerCounter:
 
 ADAPTERS: dict[str, Adapter] = {a.family: a() for a in (Qwen2VLAdapter, Qwen25VLAdapter, Qwen3VLAdapter,
                                                          Qwen3VLMoeAdapter, Qwen35Adapter, Qwen35MoeAdapter)}
+# The registry is the one list of families: the config's choices (model.family-like keys), the CLI's defaults and
+# help texts, the quickstart and the M-RoPE binding all read it.
 FAMILIES = tuple(ADAPTERS)
-DEFAULT_FAMILY = "qwen2_5_vl"
-# Processor class -> the family whose processing it does (Qwen3.5 ships Qwen3-VL's processor).
-_PROCESSOR_FAMILY = {"Qwen2VLProcessor": "qwen2_vl", "Qwen2_5_VLProcessor": "qwen2_5_vl",
-                     "Qwen3VLProcessor": "qwen3_vl"}
+DEFAULT_FAMILY = Qwen25VLAdapter.family  # what Video-R1 trained, and what the quickstart's figures were measured on
+# Processor class -> the first family whose processing it does (Qwen3.5 ships Qwen3-VL's processor).
+_PROCESSOR_FAMILY: dict[str, str] = {}
+for _a in ADAPTERS.values():
+    _PROCESSOR_FAMILY.setdefault(_a.processor_class_name, _a.family)
+
+
+def families_help(default: str | None = DEFAULT_FAMILY) -> str:
+    """The family choices for a help text, from the registry: "qwen2_vl, qwen2_5_vl (default), qwen3_vl, ..."."""
+    return ", ".join(f"{f} (default)" if f == default else f for f in FAMILIES)
 
 
 def video_metadata(media) -> dict[str, Any]:
@@ -568,7 +598,7 @@ def video_metadata(media) -> dict[str, Any]:
 
 def unsupported(model_type: Any, where: str) -> FamilyError:
     return FamilyError(f"{where}: model family '{model_type}' is not supported; supported: {', '.join(FAMILIES)}",
-                       hint="pass a Qwen2-VL, Qwen2.5-VL, Qwen3-VL(-MoE) or Qwen3.5(-MoE) model directory")
+                       hint=f"pass a model directory of one of: {', '.join(a.label for a in ADAPTERS.values())}")
 
 
 def family_of_path(path: str | Path, revision: str | None = None) -> str:
@@ -670,3 +700,15 @@ def check_pair(model, processor, where: str = "") -> Adapter:
                           f"does not match the {a.label} model",
                           hint=f"load the processor saved with the model ({a.processor_class_name})")
     return a
+
+
+def model_core(model) -> Any | None:
+    """The module that owns ``visual`` and ``language_model`` (Qwen*VLModel: the vision tower, the M-RoPE rule's
+    `get_rope_index`, the language model), through DDP / DeepSpeed / PEFT wrappers; None for a model without one.
+    The one way the project unwraps to it (the vision lockstep, the M-RoPE binding, `Adapter.vision_tower`)."""
+    import torch
+
+    for m in model.modules():  # registration order: the wrappers, then the ForConditionalGeneration, then its core
+        if hasattr(m, "visual") and isinstance(getattr(m, "language_model", None), torch.nn.Module):
+            return m
+    return None

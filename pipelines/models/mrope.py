@@ -20,15 +20,15 @@ position on the time axis.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import types
 from typing import Any
 
 import torch
 
-# model_type -> whether videos are spaced in time by tokens_per_second * second_per_grid_t (Qwen2.5-VL) or by one
-# position per temporal grid step (Qwen2-VL).
-REFERENCE_ROPE_FAMILIES = {"qwen2_vl": False, "qwen2_5_vl": True}
+# Which families get the binding, and with which time rule, is the adapter's `reference_rope` declaration
+# (pipelines.models.families): this module only knows the rule.
 
 
 def vision_positions(start: int, grid_thw, spatial_merge_size: int, time_scale: float | torch.Tensor | None,
@@ -104,9 +104,8 @@ def reference_rope_index(
 
 
 def _bound_get_rope_index(self, input_ids, mm_token_type_ids=None, image_grid_thw=None, video_grid_thw=None,
-                          second_per_grid_ts=None, attention_mask=None, **kwargs):
+                          second_per_grid_ts=None, attention_mask=None, *, uses_time: bool, **kwargs):
     vision = self.config.vision_config
-    uses_time = REFERENCE_ROPE_FAMILIES.get(getattr(self.config, "model_type", ""), True)
     return reference_rope_index(
         input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask,
         spatial_merge_size=vision.spatial_merge_size,
@@ -114,27 +113,15 @@ def _bound_get_rope_index(self, input_ids, mm_token_type_ids=None, image_grid_th
     )
 
 
-def rope_owner(model: Any):
-    """The sub-module whose `get_rope_index` computes M-RoPE positions (through peft / DeepSpeed wrappers)."""
-    seen = set()
-    stack = [model]
-    while stack:
-        m = stack.pop()
-        if id(m) in seen or m is None:
-            continue
-        seen.add(id(m))
-        if hasattr(type(m), "get_rope_index") and hasattr(m, "visual"):
-            return m
-        for attr in ("module", "base_model", "model"):
-            stack.append(getattr(m, attr, None))
-    return None
+def install_reference_rope(model: Any, *, uses_time: bool) -> bool:
+    """Bind the reference rule onto the model's `get_rope_index` (through wrappers); True if bound, False when the
+    model has none. `uses_time`: videos spaced by tokens_per_second * second_per_grid_t (Qwen2.5-VL), else one
+    position per temporal grid step (Qwen2-VL). Called by `Adapter.install_rope` for the families that need it."""
+    from pipelines.models.families import model_core
 
-
-def install_reference_rope(model: Any) -> bool:
-    """Bind the reference rule onto a Qwen2-VL / Qwen2.5-VL model; True if installed, False for other families."""
-    owner = rope_owner(model)
-    if owner is None or getattr(owner.config, "model_type", None) not in REFERENCE_ROPE_FAMILIES:
+    owner = model_core(model)
+    if owner is None or not hasattr(type(owner), "get_rope_index"):
         return False
-    owner.get_rope_index = types.MethodType(_bound_get_rope_index, owner)
+    owner.get_rope_index = types.MethodType(functools.partial(_bound_get_rope_index, uses_time=uses_time), owner)
     owner._videor1_reference_rope = True
     return True

@@ -45,7 +45,7 @@ from pipelines.rl import checkpoint as C
 from pipelines.rl.checkpoint import CHECKPOINT_DIR, STATE_FILE, checkpoint_steps  # noqa: F401 - their old home
 from pipelines.rl import losses as L
 from pipelines.rl import rollout as R
-from pipelines.zero3 import deepspeed_lockstep
+from pipelines.zero3 import deepspeed_lockstep, text_dummy_forward
 
 log = logging.getLogger("videor1.rl")
 
@@ -189,7 +189,7 @@ class RLTrainer:
         optimizer = torch.optim.AdamW(params, lr=rl.learning_rate, betas=(rl.adam_beta1, rl.adam_beta2),
                                       weight_decay=rl.weight_decay)
         self.model, self.optimizer = acc.prepare(model, optimizer)
-        self._locks = {"policy": deepspeed_lockstep(self.model, self.unwrapped)}
+        self._locks = {"policy": deepspeed_lockstep(self.unwrapped, self.deepspeed)}
         from transformers import get_scheduler
 
         self.scheduler = get_scheduler(rl.lr_scheduler, self.optimizer, num_warmup_steps=rl.warmup_steps,
@@ -202,7 +202,7 @@ class RLTrainer:
                 from trl.models.utils import prepare_deepspeed
 
                 ref = prepare_deepspeed(ref, acc)
-                self._locks["reference"] = deepspeed_lockstep(ref, ref)
+                self._locks["reference"] = deepspeed_lockstep(ref, True)
             self.ref_model = ref
         self._setup_vision_sharing()
         self.backend = self._backend if self._backend is not None else self._make_backend()
@@ -626,7 +626,7 @@ class RLTrainer:
             # ZeRO-3 gathers the reference's parameters inside its forward, a collective: a rank with nothing to
             # train this step still joins the other ranks' reference forward (one chunk each under DeepSpeed).
             with torch.no_grad(), self._reference() as ref:
-                self._dummy_forward(ref)
+                text_dummy_forward(ref, self.processor.tokenizer.pad_token_id, self.device)
         losses, grad_norm = [], 0.0
         for it in range(rl.num_iterations):
             step_loss = 0.0
@@ -704,15 +704,10 @@ class RLTrainer:
         finally:
             torch.set_rng_state(rng)
 
-    def _dummy_forward(self, model):
-        """A one-token text forward: how a rank with no valid sample joins the others' collective forward/backward."""
-        ids = torch.tensor([[self.processor.tokenizer.pad_token_id]], device=self.device)
-        return model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
-
     def _dummy_backward(self) -> None:
         """This rank has no valid sample this step: join the collective backward with a zero loss."""
         with self._lockstep("policy"):
-            out = self._dummy_forward(self.model)
+            out = text_dummy_forward(self.model, self.processor.tokenizer.pad_token_id, self.device)
         self.accelerator.backward(out.logits.sum() * 0.0)
 
     def _check_finite(self, value: float, what: str) -> None:
