@@ -252,6 +252,10 @@ def policy_inputs(processor, samples: Sequence[Sample], num_generations: int, co
 
 def completion_logprobs(model, inputs: dict, completion_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Per-token log-probs (B, L) of the completion tokens under `model` (logits[:, -L-1:-1])."""
+    from pipelines import parallel
+
+    if parallel.enabled(model):  # distributed.sequence_parallel > 1: the sequence split over the group
+        return parallel.completion_logprobs(model, inputs, completion_ids, temperature)
     L = completion_ids.shape[1]
     out = model(**inputs, logits_to_keep=L + 1, use_cache=False)
     logits = out.logits[:, -L - 1:-1, :].float()
