@@ -644,6 +644,8 @@ def shard_dataloader(dataloader, topo: Topology):
                                          f"(batch sampler {type(bs).__name__})")
     bs.num_processes = topo.dp_size
     bs.process_index = topo.dp_rank
+    if topo.dp_size == 1:  # as accelerate does for one process: the last batch stays short (no wrap-around fill)
+        bs.even_batches = False
     return dataloader
 
 

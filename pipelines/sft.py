@@ -253,8 +253,10 @@ def _trainer_cls():
         """transformers.Trainer that counts skipped samples and tokens; forward gets every visual input."""
 
         def __init__(self, *args: Any, on_skip: Callable[[str, str, str, bool], None] | None = None,
-                     max_skip_fraction: float = 1.0, records_file: str | None = None, **kw: Any):
+                     max_skip_fraction: float = 1.0, records_file: str | None = None, sequence_parallel=None,
+                     **kw: Any):
             super().__init__(*args, **kw)
+            self.sp = sequence_parallel  # pipelines.parallel.Topology; its groups read one data shard each
             self.max_skip_fraction, self.records_file = max_skip_fraction, records_file
             self.skips = {"train": SkipStats(), "eval": SkipStats()}
             self.tokens_seen = 0  # non-pad tokens (text + visual placeholders) of this process's training batches
@@ -291,8 +293,23 @@ def _trainer_cls():
                 self.tokens_seen += int(inputs["attention_mask"].sum())
                 self.samples_seen += int(inputs["input_ids"].shape[0])
             with self._lockstep.active() if self._lockstep is not None else nullcontext():
+                if self.sp is not None and self.sp.enabled:  # the sequence split over the group, loss gathered
+                    from pipelines import parallel
+
+                    loss = parallel.lm_loss(model, inputs)
+                    return (loss, {"loss": loss}) if return_outputs else loss
                 return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                             num_items_in_batch=num_items_in_batch)
+
+        def get_train_dataloader(self):
+            from pipelines import parallel
+
+            return parallel.shard_dataloader(super().get_train_dataloader(), self.sp or parallel.Topology())
+
+        def get_eval_dataloader(self, eval_dataset=None):
+            from pipelines import parallel
+
+            return parallel.shard_dataloader(super().get_eval_dataloader(eval_dataset), self.sp or parallel.Topology())
 
         def _save(self, output_dir=None, state_dict=None):
             # DeepSpeed ZeRO-1/2 hand over a cloned state dict, where a tied lm_head no longer shares storage with
@@ -569,6 +586,13 @@ def run_sft(cfg, run=None, *, output_dir: str | os.PathLike, resume_from: str | 
     from pipelines.launch import init_deepspeed_distributed
 
     init_deepspeed_distributed(cfg)  # ZeRO-3's zero.Init (in from_pretrained) partitions over DeepSpeed's world
+    from pipelines import parallel
+
+    if cfg.distributed.sequence_parallel > 1:
+        from pipelines.launch import init_distributed
+
+        init_distributed(cfg)  # the groups are made before the Trainer (which joins an initialised process group)
+    topo = parallel.setup(cfg.distributed.sequence_parallel)
     args = training_arguments(cfg, out, has_eval=eval_ds is not None)  # before the model: ZeRO-3 init needs it
     device = resolve_device(cfg.model.device)
     if device.type == "cuda" and os.environ.get("LOCAL_RANK") is not None:
@@ -576,6 +600,7 @@ def run_sft(cfg, run=None, *, output_dir: str | os.PathLike, resume_from: str | 
     model = load_model(cfg.model, device=device, for_training=True)
     if cfg.model.lora.enabled:
         model = apply_lora(model, cfg.model.lora)
+    parallel.install(model, topo)
     RegistryCallback, RichProgressCallback = _callbacks()
     trainer_box: list[Any] = []
     reg_cb = RegistryCallback(run, lambda: trainer_box[0])
@@ -590,6 +615,7 @@ def run_sft(cfg, run=None, *, output_dir: str | os.PathLike, resume_from: str | 
         on_skip=on_skip,
         max_skip_fraction=cfg.data.max_skip_fraction,
         records_file=str(cfg.data.file),
+        sequence_parallel=topo,
     )
     trainer_box.append(trainer)
     trainer.remove_callback(PrinterCallback)
