@@ -249,11 +249,17 @@ def partition_units(costs: Sequence[int], parts: int) -> list[tuple[int, int]]:
 
 @dataclass
 class VisionShard:
-    """This rank's share of one vision-tower call: pixel rows, grids, and every rank's merged-token counts."""
+    """This rank's share of one vision-tower call: its pixel rows (one contiguous range: a view, no copy), grids,
+    and every rank's merged-token counts."""
 
-    rows: torch.Tensor  # indices of this rank's pixel rows
+    start: int  # first pixel row of this rank
+    end: int
     grid: torch.Tensor  # (n, 3) grids of this rank's sub-items
     merged_counts: list[int]  # merged tokens per rank (gather sizes)
+
+    @property
+    def rows(self) -> torch.Tensor:
+        return torch.arange(self.start, self.end)
 
 
 def vision_shard(grid_thw: torch.Tensor, sp: int, rank: int, merge: int) -> VisionShard | None:
@@ -276,7 +282,7 @@ def vision_shard(grid_thw: torch.Tensor, sp: int, rank: int, merge: int) -> Visi
         off += t * h * w
     merged = [sum(costs[a:b]) // (merge * merge) for a, b in parts]
     a, b = parts[rank]
-    rows, sub = [], []
+    sub = []
     k = a
     while k < b:  # consecutive temporal patches of one item form one sub-grid
         item, t0 = units[k]
@@ -285,10 +291,13 @@ def vision_shard(grid_thw: torch.Tensor, sp: int, rank: int, merge: int) -> Visi
             t1 = units[k][1] + 1
             k += 1
         _, h, w = grid[item]
-        start = offsets[item] + t0 * h * w
-        rows.append(torch.arange(start, start + (t1 - t0) * h * w))
         sub.append([t1 - t0, h, w])
-    return VisionShard(torch.cat(rows), torch.tensor(sub, dtype=grid_thw.dtype), merged)
+    # Units are in pixel-row order (item, then temporal patch), so a contiguous run of units is a contiguous run of rows.
+    first_item, first_t = units[a]
+    last_item, last_t = units[b - 1]
+    start = offsets[first_item] + first_t * grid[first_item][1] * grid[first_item][2]
+    end = offsets[last_item] + (last_t + 1) * grid[last_item][1] * grid[last_item][2]
+    return VisionShard(start, end, torch.tensor(sub, dtype=grid_thw.dtype), merged)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -486,7 +495,7 @@ class SequenceParallel:
         self.counts["vision_whole" if shard is None else "vision_sharded"] += 1
         if shard is None:
             return None
-        local = pixels.index_select(0, shard.rows.to(pixels.device))
+        local = pixels[shard.start:shard.end]  # a view: the rank's frames are one contiguous block of rows
         kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
         kwargs["grid_thw"] = shard.grid.to(grid.device)
         return (local, *args[2:]) if len(args) > 2 else (local,), kwargs
