@@ -292,7 +292,7 @@ def vision_shard(grid_thw: torch.Tensor, sp: int, rank: int, merge: int) -> Visi
             k += 1
         _, h, w = grid[item]
         sub.append([t1 - t0, h, w])
-    # Units are in pixel-row order (item, then temporal patch), so a contiguous run of units is a contiguous run of rows.
+    # Units are in pixel-row order (item, then temporal patch): a contiguous run of units is a contiguous run of rows.
     first_item, first_t = units[a]
     last_item, last_t = units[b - 1]
     start = offsets[first_item] + first_t * grid[first_item][1] * grid[first_item][2]
@@ -343,7 +343,7 @@ def _check_same_shape(t: torch.Tensor, group, what: str) -> None:
     """Every rank of the group holds the same batch shape (a mismatch would hang an all-to-all: fail instead)."""
     import torch.distributed as dist
 
-    mine = torch.tensor(list(t.shape), dtype=torch.int64)
+    mine = torch.tensor(list(t.shape), dtype=torch.int64, device=t.device)  # NCCL: a tensor on the device
     n = dist.get_world_size(group)
     allv = [torch.empty_like(mine) for _ in range(n)]
     dist.all_gather(allv, mine, group=group)
@@ -618,11 +618,8 @@ def lm_loss(model, inputs: dict) -> torch.Tensor:
     sp = of(model)
     if sp is None:
         raise RuntimeError("lm_loss: sequence parallelism is not installed on this model")
-    inputs = dict(inputs)
-    labels = inputs.pop("labels")
-    inputs["labels"] = labels  # moved with the sequence, then taken out of the forward
     rolled, _order, length = to_right_padding(inputs, sp.topo.size, _pad_id(inputs))
-    targets_full = shifted(rolled.pop("labels"), IGNORE_INDEX)
+    targets_full = shifted(rolled.pop("labels"), IGNORE_INDEX)  # labels move with the sequence, then leave the forward
     valid = targets_full != IGNORE_INDEX
     start, end = shard_bounds(length, sp.topo.size, sp.topo.rank)
     keep = _local_keep(valid, start, end).to(valid.device)

@@ -1,7 +1,7 @@
 """`videor1 bench sp`: sequence parallelism's step time and peak activation memory per rank, SP 1 vs SP 2.
 
 One 2-rank job (torchrun; gloo on the CPU, NCCL on GPUs) measures, for each frame count (default 64 and 256), the
-T-GRPO policy micro-batch of one video prompt (`rl.num_generations` rows, a completion each): the log-prob forward
+T-GRPO policy micro-batch of one video prompt (G = 2 rows, a 16-token completion each): the log-prob forward
 (`rollout.completion_logprobs`), the GRPO loss and its backward.
 
 - SP 1: each rank runs the whole sequence on a plain copy of the model (what one rank holding the sequence does);
@@ -11,10 +11,10 @@ T-GRPO policy micro-batch of one video prompt (`rl.num_generations` rows, a comp
 Memory is the peak of the tensors allocated during the step over those alive when it starts (activations, their
 gradients, temporaries; parameters and the process's baseline RSS excluded): on the CPU from torch's profiler
 (`profile_memory=True`: every allocation and free the CPU allocator reports, summed in time order), on GPUs
-`torch.cuda.max_memory_allocated` minus the allocation at the start. It is measured once per configuration after warm-up (deterministic: it does not
-depend on the machine's load). Step time is measured in alternating rounds (SP 1, SP 2, SP 1, ...), both ranks
-starting each step together (barrier), the step's time being the slower rank's; min and median are reported, with
-the ratio SP 2 / SP 1 from the same job and the load average around it.
+`torch.cuda.max_memory_allocated` minus the allocation at the start. It is measured once per configuration after
+warm-up (deterministic: it does not depend on the machine's load). Step time is measured in alternating rounds (SP 1,
+SP 2, SP 1, ...), both ranks starting each step together (barrier), the step's time being the slower rank's; min and
+median are reported, with the ratio SP 2 / SP 1 from the same job and the load average around it.
 """
 
 from __future__ import annotations

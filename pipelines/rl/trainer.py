@@ -563,14 +563,14 @@ class RLTrainer:
         t_gen = time.perf_counter()
         with self._generation():
             groups = R.generate_groups(self.backend, samples, sampling, self.G, self.G_shuf, expand=expand)
+            if not samples and self.zero3 and self.world > 1 and expand:
+                self._dummy_generate(sampling)
         if self.sp.enabled:  # the group trains on its first rank's rollouts (generation need not be bit-identical)
             from pipelines import parallel
 
             kept = parallel.broadcast_object([(g.ordered, g.shuffled) for g in groups], self.sp)
             for g, (ordered, shuffled) in zip(groups, kept):
                 g.ordered, g.shuffled = ordered, shuffled
-            if not samples and self.zero3 and self.world > 1 and expand:
-                self._dummy_generate(sampling)
         gen_time = time.perf_counter() - t_gen
         gen_tokens = sum(len(c.token_ids) for g in groups for c in g.ordered + g.shuffled)
         N = len(groups)
