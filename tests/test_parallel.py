@@ -253,7 +253,7 @@ def test_collectives_and_a_text_forward_on_two_gloo_ranks(tmp_path):
     procs = [ctx.Process(target=_worker, args=(r, port, model_dir, q)) for r in range(2)]
     for p in procs:
         p.start()
-    res = dict(q.get(timeout=240) for _ in procs)
+    res = dict(q.get(timeout=600) for _ in procs)
     for p in procs:
         p.join(timeout=60)
         if p.is_alive():
