@@ -7,7 +7,8 @@
   padding does not (the control).
 - The CLI on a `data synth --frames 256` world with `video.max_frames=256`: `train sft` and `train rl --algo tgrpo`
   with `--nproc 2 --set distributed.sequence_parallel=2` (T-GRPO also under ZeRO-3) log the losses, KL and grad norms
-  of `--nproc 1` runs of the same global batch, within 1e-4 per step.
+  of `--nproc 1` runs of the same global batch, within 1e-4 per step; and 4 ranks as 2 data-parallel groups of 2
+  (`--nproc 4`, SP 2) log those of DDP on 2 ranks (each group reads one data-parallel rank's shard).
 """
 
 from __future__ import annotations
@@ -159,10 +160,10 @@ class Runs:
                                "--set", "sft.learning_rate=1e-3", "--set", "sft.warmup_ratio=0",
                                "--set", "sft.save_steps=100"], nproc, *extra)
 
-    def rl(self, name, nproc, *extra):
+    def rl(self, name, nproc, *extra, prompts: int = 2):
         return self.run(name, ["train", "rl", "--algo", "tgrpo", "--data", str(self.world / "rl.json"),
                                "--max-steps", "2", "--set", "rl.num_generations=4", "--set",
-                               "rl.max_completion_length=12", "--set", "rl.per_device_prompts=2",
+                               "rl.max_completion_length=12", "--set", f"rl.per_device_prompts={prompts}",
                                "--set", "rl.logging_steps=1", "--set", "rl.save_steps=100",
                                "--set", "rl.learning_rate=1e-2", "--set", "rl.warmup_steps=0",
                                "--set", "rl.loss_type=bnpo", "--set", "rl.rewards=[tests._ds_probe:length_reward]"],
@@ -198,3 +199,10 @@ def test_tgrpo_256_frames_sp2_equals_one_rank(runs, ds):
     sp2 = runs.rl(f"rl-sp2-{ds or 'ddp'}", 2, *extra)
     _per_step(one, sp2, ["loss", "kl", "reward", "grad_norm", "completion_length", "p_ordered", "p_shuffled"])
     assert max(v for _, v in one["metrics"]["kl"]) > 0  # the policy moved: KL compared on real values
+
+
+def test_tgrpo_two_data_parallel_groups_of_two_equal_ddp(runs):
+    """4 ranks, SP 2: two groups, each reading one data-parallel shard, equal DDP on 2 ranks (same global batch)."""
+    ddp = runs.rl("rl-dp2", 2, prompts=1)
+    both = runs.rl("rl-dp2-sp2", 4, *SP2, prompts=1)
+    _per_step(ddp, both, ["loss", "kl", "reward", "grad_norm", "completion_length"])
