@@ -655,6 +655,20 @@ def shard_dataloader(dataloader, topo: Topology):
     return dataloader
 
 
+def gather_leaders(accelerator, topo: Topology, tensor: torch.Tensor) -> torch.Tensor:
+    """accelerate's `gather_for_metrics` for sequence-parallel groups: the first rank of each group only (its other
+    ranks hold the same batch, which `gather_for_metrics` would count `size` times), and at the end of the data the
+    last batch cut to the samples it really holds (accelerate's remainder, which `shard_dataloader` makes relative to
+    the data-parallel groups). transformers' evaluation loop gathers its per-sample losses with this under SP."""
+    full = accelerator.gather(tensor)
+    if topo.enabled:
+        full = full.reshape(topo.world, -1, *tensor.shape[1:])[:: topo.size].reshape(-1, *tensor.shape[1:])
+    state = accelerator.gradient_state
+    if state.end_of_dataloader and state.remainder > 0:
+        full = full[: state.remainder]
+    return full
+
+
 def broadcast_object(obj: Any, topo: Topology) -> Any:
     """`obj` of the group's first rank, on every rank of the group."""
     if not topo.enabled:
@@ -667,7 +681,8 @@ def broadcast_object(obj: Any, topo: Topology) -> Any:
 
 
 __all__ = ["SP_ATTENTION", "SequenceParallel", "SequenceParallelSetupError", "Topology", "apply_order",
-           "broadcast_object", "completion_logprobs", "deepstack_index", "enabled", "gather", "install", "lm_loss",
+           "broadcast_object", "completion_logprobs", "deepstack_index", "enabled", "gather", "gather_leaders", "install",
+           "lm_loss",
            "of", "padded_length", "partition_units", "right_padding_order", "setup", "shard_bounds",
            "shard_dataloader", "shifted", "split_positions", "text_positions", "to_right_padding", "vision_shard",
            "with_text_row"]

@@ -311,6 +311,15 @@ def _trainer_cls():
 
             return parallel.shard_dataloader(super().get_eval_dataloader(eval_dataset), self.sp or parallel.Topology())
 
+        def evaluation_loop(self, *args, **kwargs):
+            if self.sp is not None and self.sp.enabled:  # a group's ranks hold the same batch: count it once
+                import functools
+
+                from pipelines import parallel
+
+                self.gather_function = functools.partial(parallel.gather_leaders, self.accelerator, self.sp)
+            return super().evaluation_loop(*args, **kwargs)
+
         def _save(self, output_dir=None, state_dict=None):
             # DeepSpeed ZeRO-1/2 hand over a cloned state dict, where a tied lm_head no longer shares storage with
             # embed_tokens and would be written a second time.
@@ -543,6 +552,17 @@ def _end_skip_check(trainer, cfg, resumed: bool) -> None:
                     file=str(cfg.data.file), example=st.example, what="training samples", final=True)
 
 
+def _forget_eval_preparation(trainer) -> None:
+    """An evaluation before `train()` makes accelerate mark the model prepared (without a DDP wrapper: evaluation mode),
+    and `train()` then skips the wrapper: the ranks' gradients were never averaged (accelerate 1.16 + transformers
+    5.20; DeepSpeed prepares its engine in `train()` either way). Unmark it, so `train()` wraps it."""
+    model = trainer.model
+    if trainer.is_deepspeed_enabled or trainer.args.world_size <= 1:
+        return
+    if model.__dict__.pop("_is_accelerate_prepared", None) and model in trainer.accelerator._models:
+        trainer.accelerator._models.remove(model)
+
+
 @dataclass
 class SftResult:
     output_dir: Path
@@ -624,6 +644,7 @@ def run_sft(cfg, run=None, *, output_dir: str | os.PathLike, resume_from: str | 
     eval_start = eval_end = None
     if eval_ds is not None and resume_from is None:
         eval_start = trainer.evaluate().get("eval_loss")
+        _forget_eval_preparation(trainer)
         if run is not None and trainer.is_world_process_zero() and eval_start is not None:
             run.log_metrics(0, {"eval_loss": eval_start})
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)

@@ -6,8 +6,8 @@
   gradients, and the SFT loss and gradients equal one rank's within 1e-5; the same forward without the move to right
   padding does not (the control).
 - The CLI on a `data synth --frames 256` world with `video.max_frames=256`: `train sft` and `train rl --algo tgrpo`
-  with `--nproc 2 --set distributed.sequence_parallel=2` (T-GRPO also under ZeRO-3) log the losses, KL and grad norms
-  of `--nproc 1` runs of the same global batch, within 1e-4 per step; and 4 ranks as 2 data-parallel groups of 2
+  with `--nproc 2 --set distributed.sequence_parallel=2` (T-GRPO also under ZeRO-3) log the losses (SFT: held-out loss
+  too), KL and grad norms of `--nproc 1` runs of the same global batch, within 1e-4 per step; and 4 ranks as 2 data-parallel groups of 2
   (`--nproc 4`, SP 2) log those of DDP on 2 ranks (each group reads one data-parallel rank's shard).
 """
 
@@ -156,6 +156,7 @@ class Runs:
 
     def sft(self, name, nproc, *extra):
         return self.run(name, ["train", "sft", "--data", str(self.world / "sft.json"), "--set", "sft.max_steps=2",
+                               "--set", f"sft.eval_file={self.world / 'sft.json'}",
                                "--set", "sft.per_device_batch_size=2", "--set", "sft.logging_steps=1",
                                "--set", "sft.learning_rate=1e-3", "--set", "sft.warmup_ratio=0",
                                "--set", "sft.save_steps=100"], nproc, *extra)
@@ -188,7 +189,9 @@ def _per_step(a: dict, b: dict, keys, tol=1e-4) -> None:
 
 def test_sft_256_frames_sp2_equals_one_rank(runs):
     one, sp2 = runs.sft("sft-1", 1), runs.sft("sft-sp2", 2, *SP2)
-    _per_step(one, sp2, ["loss", "grad_norm"])
+    # eval_loss: before training and at the end; an evaluation before train() left the model without its DDP
+    # wrapper (gradients never averaged) until sft.py unmarked it, and the group's ranks count each sample once.
+    _per_step(one, sp2, ["loss", "grad_norm", "eval_loss"])
     assert abs(one["run"]["summary"]["train_loss"] - sp2["run"]["summary"]["train_loss"]) <= 1e-4
 
 
