@@ -174,6 +174,22 @@ def test_cli_refuses_in_one_line(tiny_model_dir):
     assert "sequence_parallel" in r.output and "Traceback" not in r.output
 
 
+def test_gather_leaders_counts_a_group_once_and_cuts_the_remainder():
+    from types import SimpleNamespace
+
+    class Acc:  # 4 ranks = 2 groups of 2: ranks 0, 1 hold batch a; ranks 2, 3 hold batch b
+        gradient_state = SimpleNamespace(end_of_dataloader=False, remainder=-1)
+
+        def gather(self, t):
+            return torch.cat([t, t, t + 10, t + 10])
+
+    acc, topo = Acc(), P.Topology(size=2, rank=1, world=4, global_rank=1)
+    t = torch.tensor([1.0, 2.0])
+    assert P.gather_leaders(acc, topo, t).tolist() == [1.0, 2.0, 11.0, 12.0]
+    acc.gradient_state = SimpleNamespace(end_of_dataloader=True, remainder=3)  # the last batch holds 3 real samples
+    assert P.gather_leaders(acc, topo, t).tolist() == [1.0, 2.0, 11.0]
+
+
 def test_topology_of_one_process():
     t = P.setup(1)
     assert (t.size, t.rank, t.dp_size, t.dp_rank, t.leader, t.enabled) == (1, 0, 1, 0, True, False)
