@@ -527,6 +527,22 @@ class DistributedConfig(Section):
     )
     backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="Process-group backend (auto: nccl on GPU).")
     timeout_minutes: int = Field(30, ge=1, description="Collective timeout.")
+    sequence_parallel: int = Field(
+        1, ge=1, description="Ranks that share one sequence (DeepSpeed Ulysses sequence parallelism, `train sft` and "
+        "`train rl`): the vision features are merged into the text, then the sequence is split over this many ranks "
+        "and every attention layer exchanges heads for sequence (all-to-all). Data parallelism is then "
+        "(nproc * nnodes) / sequence_parallel: the ranks of one group read the same records. Needs the attention "
+        "heads (and KV heads, or sequence_parallel a multiple of them) to divide; Qwen3.5's linear-attention layers "
+        "are refused. Generation is not split (each rank generates its group's rollouts). docs/distributed.md.")
+
+    @model_validator(mode="after")
+    def _check_sequence_parallel(self) -> "DistributedConfig":
+        world = self.nproc * self.nnodes
+        if self.sequence_parallel > 1 and world % self.sequence_parallel:
+            raise ValueError(f"distributed.sequence_parallel ({self.sequence_parallel}) must divide the number of "
+                             f"processes (nproc {self.nproc} x nnodes {self.nnodes} = {world}); e.g. --nproc "
+                             f"{self.sequence_parallel}")
+        return self
 
 
 class Config(Section):

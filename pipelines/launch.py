@@ -297,7 +297,7 @@ def launch(cfg, argv: Sequence[str], run=None, run_dir: str | os.PathLike | None
     env = launch_env(run_id, run_dir)
     if errors_dir is not None:
         env[ERROR_DIR_ENV] = str(errors_dir)
-    if cfg.distributed.deepspeed and not _model_on_cuda(cfg):
+    if (cfg.distributed.deepspeed or cfg.distributed.sequence_parallel > 1) and not _model_on_cuda(cfg):
         env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator (gloo), also on a machine with GPUs
     if os.environ.get("VIDEOR1_QUIET") != "1":
         print(f"launching {cfg.distributed.nproc * cfg.distributed.nnodes} processes "

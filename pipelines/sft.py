@@ -243,8 +243,10 @@ def _trainer_cls():
         """transformers.Trainer that counts skipped samples and tokens; forward gets every visual input."""
 
         def __init__(self, *args: Any, on_skip: Callable[[str, str, str, bool], None] | None = None,
-                     max_skip_fraction: float = 1.0, records_file: str | None = None, **kw: Any):
+                     max_skip_fraction: float = 1.0, records_file: str | None = None, sequence_parallel=None,
+                     **kw: Any):
             super().__init__(*args, **kw)
+            self.sp = sequence_parallel  # pipelines.parallel.Topology; its groups read one data shard each
             self.max_skip_fraction, self.records_file = max_skip_fraction, records_file
             self.skips = {"train": SkipStats(), "eval": SkipStats()}
             self.tokens_seen = 0  # non-pad tokens (text + visual placeholders) of this process's training batches
@@ -281,6 +283,11 @@ def _trainer_cls():
                 self.tokens_seen += int(inputs["attention_mask"].sum())
                 self.samples_seen += int(inputs["input_ids"].shape[0])
             with self._lockstep.active() if self._lockstep is not None else nullcontext():
+                if self.sp is not None and self.sp.enabled:  # the sequence split over the group, loss gathered
+                    from pipelines import parallel
+
+                    loss = parallel.lm_loss(model, inputs)
+                    return (loss, {"loss": loss}) if return_outputs else loss
                 return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                             num_items_in_batch=num_items_in_batch)
 
@@ -350,6 +357,25 @@ def _trainer_cls():
 
             with storage_errors(Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}", "checkpoint"):
                 return super()._save_checkpoint(model, trial)
+
+        def get_train_dataloader(self):
+            from pipelines import parallel
+
+            return parallel.shard_dataloader(super().get_train_dataloader(), self.sp or parallel.Topology())
+
+        def get_eval_dataloader(self, eval_dataset=None):
+            from pipelines import parallel
+
+            return parallel.shard_dataloader(super().get_eval_dataloader(eval_dataset), self.sp or parallel.Topology())
+
+        def evaluation_loop(self, *args, **kwargs):
+            if self.sp is not None and self.sp.enabled:  # a group's ranks hold the same batch: count it once
+                import functools
+
+                from pipelines import parallel
+
+                self.gather_function = functools.partial(parallel.gather_leaders, self.accelerator, self.sp)
+            return super().evaluation_loop(*args, **kwargs)
 
         def _save(self, output_dir=None, state_dict=None):
             # DeepSpeed ZeRO-1/2 hand over a cloned state dict, where a tied lm_head no longer shares storage with
@@ -594,6 +620,17 @@ def _end_skip_check(trainer, cfg, resumed: bool) -> None:
                     file=str(cfg.data.file), example=st.example, what="training samples", final=True)
 
 
+def _forget_eval_preparation(trainer) -> None:
+    """An evaluation before `train()` makes accelerate mark the model prepared (without a DDP wrapper: evaluation mode),
+    and `train()` then skips the wrapper: the ranks' gradients were never averaged (accelerate 1.16 + transformers
+    5.20; DeepSpeed prepares its engine in `train()` either way). Unmark it, so `train()` wraps it."""
+    model = trainer.model
+    if trainer.is_deepspeed_enabled or trainer.args.world_size <= 1:
+        return
+    if model.__dict__.pop("_is_accelerate_prepared", None) and model in trainer.accelerator._models:
+        trainer.accelerator._models.remove(model)
+
+
 @dataclass
 class SftResult:
     output_dir: Path
@@ -637,6 +674,13 @@ def run_sft(cfg, run=None, *, output_dir: str | os.PathLike, resume_from: str | 
     from pipelines.launch import init_deepspeed_distributed
 
     init_deepspeed_distributed(cfg)  # ZeRO-3's zero.Init (in from_pretrained) partitions over DeepSpeed's world
+    from pipelines import parallel
+
+    if cfg.distributed.sequence_parallel > 1:
+        from pipelines.launch import init_distributed
+
+        init_distributed(cfg)  # the groups are made before the Trainer (which joins an initialised process group)
+    topo = parallel.setup(cfg.distributed.sequence_parallel)
     args = training_arguments(cfg, out, has_eval=eval_ds is not None)  # before the model: ZeRO-3 init needs it
     from pipelines.rl import checkpoint as C
 
@@ -654,6 +698,7 @@ def run_sft(cfg, run=None, *, output_dir: str | os.PathLike, resume_from: str | 
     model = load_model(cfg.model, device=device, for_training=True)
     if cfg.model.lora.enabled:
         model = apply_lora(model, cfg.model.lora)
+    parallel.install(model, topo)
     RegistryCallback, RichProgressCallback = _callbacks()
     trainer_box: list[Any] = []
     reg_cb = RegistryCallback(run, lambda: trainer_box[0])
@@ -668,6 +713,7 @@ def run_sft(cfg, run=None, *, output_dir: str | os.PathLike, resume_from: str | 
         on_skip=on_skip,
         max_skip_fraction=cfg.data.max_skip_fraction,
         records_file=str(cfg.data.file),
+        sequence_parallel=topo,
     )
     trainer.checkpoint_identity = identity
     trainer_box.append(trainer)
@@ -677,6 +723,7 @@ def run_sft(cfg, run=None, *, output_dir: str | os.PathLike, resume_from: str | 
     eval_start = eval_end = None
     if eval_ds is not None and resume_from is None:
         eval_start = trainer.evaluate().get("eval_loss")
+        _forget_eval_preparation(trainer)
         if run is not None and trainer.is_world_process_zero() and eval_start is not None:
             run.log_metrics(0, {"eval_loss": eval_start})
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)

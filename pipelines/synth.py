@@ -197,6 +197,18 @@ def _step_range(frames: int, size: int, square: int, margin: int) -> tuple[int, 
     return smin, smax
 
 
+def _long_clip(frames: int, size: int, square: int, margin: int = 2) -> bool:
+    """More frame steps than pixels to travel (e.g. 128 or 256 frames at 56 px): one pixel per frame would carry the
+    square out of the picture, so it moves a whole number of pixels over the clip, one pixel every few frames."""
+    return frames - 1 > size - square - 2 * margin
+
+
+def _distance_range(size: int, square: int, margin: int = 2) -> tuple[int, int]:
+    """Pixels a long clip's square travels (first to last frame): half the free width up to all of it."""
+    travel = size - square - 2 * margin
+    return max(1, travel // 2), travel
+
+
 def _image_side_range(size: int) -> tuple[int, int]:
     cell = size // 2
     hi = max(4, min(16, cell - 4))
@@ -208,10 +220,11 @@ def sample_scene(family: str, kinds: list[str], rng: np.random.Generator, *, fra
                  square: int) -> dict[str, Any]:
     margin = 2
     if family in ("steady", "switch"):
-        smin, smax = _step_range(frames, size, square, margin)
-        step = int(rng.integers(smin, smax + 1))
+        long_clip = _long_clip(frames, size, square, margin)
+        smin, smax = _distance_range(size, square, margin) if long_clip else _step_range(frames, size, square, margin)
+        step = int(rng.integers(smin, smax + 1))  # long clips: the whole distance (the same single draw)
         direction = "right" if rng.integers(0, 2) else "left"
-        span = step * (frames - 1)
+        span = step if long_clip else step * (frames - 1)
         lo, hi = margin, size - square - margin - span
         x0 = int(rng.integers(lo, max(lo, hi) + 1))
         if direction == "left":
@@ -228,13 +241,16 @@ def sample_scene(family: str, kinds: list[str], rng: np.random.Generator, *, fra
             switch_at = int(rng.integers(klo, khi + 1))
             seq = [c1] * switch_at + [c2] * (frames - switch_at)
         sgn = 1 if direction == "right" else -1
-        xs = [x0 + sgn * step * t for t in range(frames)]
+        xs = [x0 + sgn * (span * t // (frames - 1) if long_clip else step * t) for t in range(frames)]
         present = list(dict.fromkeys(seq))
         if family == "switch" or rng.integers(0, 2):
             asked = present[int(rng.integers(0, len(present)))]
         else:  # steady: half the time ask about a colour that never appears (answer 0)
             others = [c for c in COLOR_NAMES if c not in present]
             asked = others[int(rng.integers(0, len(others)))]
+        if long_clip:  # the default short worlds keep their exact parameters (and bytes)
+            return {"colors": seq, "switch_at": switch_at, "direction": direction, "distance": span, "xs": xs,
+                    "y": y, "square": square, "count_color": asked, "count": seq.count(asked)}
         return {"colors": seq, "switch_at": switch_at, "direction": direction, "step": step, "xs": xs, "y": y,
                 "square": square, "count_color": asked, "count": seq.count(asked)}
     if family == "squares":
@@ -421,8 +437,13 @@ def make_question(kind: str, p: dict[str, Any], rng: np.random.Generator, frames
             cot = f"It is {c1} then {c2}, moving from {frm}."
     elif kind == "distance":
         q = "How many pixels does the square move horizontally from the first frame to the last frame?"
-        ans = str(p["step"] * (frames - 1))
-        cot = f"It moves {p['step']} pixels per frame for {frames - 1} steps."
+        if "distance" in p:  # long clip
+            ans = str(p["distance"])
+            cot = (f"It starts at x = {p['xs'][0]} and ends at x = {p['xs'][-1]} after {frames - 1} frames, about one "
+                   f"pixel every {(frames - 1) / p['distance']:.1f} frames.")
+        else:
+            ans = str(p["step"] * (frames - 1))
+            cot = f"It moves {p['step']} pixels per frame for {frames - 1} steps."
     elif kind in ("ocr", "image-ocr"):
         w = p["word"]
         q = f"What word is written in the {'video' if kind == 'ocr' else 'image'}?"
@@ -506,6 +527,11 @@ def _regression_chance(values: list[int]) -> float:
 def chance_levels(frames: int, size: int, square: int) -> dict[str, dict[str, Any]]:
     """Per data_source: problem type, order dependence, the uniform-guess chance and the order-blind ceiling."""
     smin, smax = _step_range(frames, size, square, 2)
+    if _long_clip(frames, size, square):
+        dmin, dmax = _distance_range(size, square)
+        distances = list(range(dmin, dmax + 1))
+    else:
+        distances = [s * (frames - 1) for s in range(smin, smax + 1)]
     lo, hi = _image_side_range(size)
     steady_desc = [f"the {c} square moves {d}" for c in COLOR_NAMES for d in ("left", "right")]
     switch_desc = [f"the square turns from {a} to {b} and moves {d}" for a in COLOR_NAMES for b in COLOR_NAMES
@@ -520,7 +546,7 @@ def chance_levels(frames: int, size: int, square: int) -> dict[str, dict[str, An
         "last-color": (0.25, 0.5, "4 options; without frame order only the two colours shown are known"),
         "count-frames": (1 / (frames + 1), None, f"answers 0..{frames}"),
         "describe": (ff(desc), None, "mean ROUGE of a random description against a random gold"),
-        "distance": (_regression_chance([s * (frames - 1) for s in range(smin, smax + 1)]), None,
+        "distance": (_regression_chance(distances), None,
                      "1 - relative error of a random distance"),
         "ocr": (1 / len(WORDS), None, f"{len(WORDS)} words"),
         "image-color": (0.25, None, "4 options"),

@@ -274,3 +274,43 @@ def test_cli_synth_registers_run(tmp_path):
     run_cli("data", "synth", "--out", tmp_path / "w2", "--train", 12, "--test", 6, "--sft", 4,
             "--set", "run.seed=3", "--set", f"run.output_dir={tmp_path / 'runs'}")
     assert (tmp_path / "w2" / "rl.json").read_bytes() == (out / "rl.json").read_bytes()
+
+
+@pytest.mark.parametrize("frames", [128, 256])
+def test_long_clips_keep_the_square_in_the_picture(tmp_path, frames):
+    """At 128 / 256 frames one pixel per frame would carry the square out of a 56 px picture: it moves a whole
+    number of pixels over the clip instead, and the questions stay answerable (distance = first-to-last x, counts
+    and colours from the per-frame colours, direction from the positions)."""
+    w = S.synthesize(tmp_path / "w", train=6, test=0, sft=2, seed=1, frames=frames)
+    media = json.loads(Path(w["media"]).read_text())
+    videos = {k: m for k, m in media.items() if m.get("xs")}
+    assert videos
+    for m in videos.values():
+        assert 0 <= min(m["xs"]) and max(m["xs"]) + m["square"] <= m["size"]
+        assert len(m["xs"]) == len(m["colors"]) == frames
+        assert m["distance"] == abs(m["xs"][-1] - m["xs"][0]) > 0
+        assert all(0 <= abs(b - a) <= 1 for a, b in zip(m["xs"], m["xs"][1:]))  # moves steadily, never jumps
+        assert (m["xs"][-1] > m["xs"][0]) == (m["direction"] == "right")
+    for r in _load(w["rl"]) + _load(w["sft"]):
+        m = media[r["path"][2:]]
+        answer = r["solution"][8:-9]
+        if r["data_source"] == "synthetic/distance":
+            assert int(answer) == m["distance"]
+        elif r["data_source"] == "synthetic/count-frames":
+            assert int(answer) == m["colors"].count(m["count_color"]) <= frames
+    one = next(iter(videos))
+    assert _decode(Path(w["root"]) / one).shape == (frames, 56, 56, 3)
+    chance = w["manifest"]["chance"]["synthetic/distance"]["chance"]
+    assert 0 < chance < 1
+
+
+def test_probe_reports_visual_tokens_of_a_long_clip(tmp_path):
+    from conftest import run_cli
+
+    w = S.synthesize(tmp_path / "w", train=4, test=0, sft=0, seed=2, frames=256, image_fraction=0.0)
+    clip = Path(w["root"]) / _load(w["rl"])[0]["path"]
+    out = run_cli("data", "probe", clip, "--json", "--set", "video.fps=4", "--set", "video.max_frames=256",
+                  "--set", "video.min_pixels=3136", "--set", "video.max_pixels=3136")
+    info = json.loads(out.output)
+    assert info["nframes"] == 256 and (info["resized_height"], info["resized_width"]) == (56, 56)
+    assert info["visual_tokens"] == 256 // 2 * 4  # temporal patches x (56 / 14)^2 / merge^2

@@ -474,3 +474,58 @@ def distributed_bench(
         Path(path).write_text(_json.dumps(res, indent=2))
         run.log_artifact("bench", path, hash_content=True)
         err_console.print(f"[dim]results: {path}[/dim]")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# sp (pipelines.bench.sp)
+@app.command("sp")
+@config_command()
+def sp_bench(
+    cfg: Config,
+    frames: str = typer.Option("64,256", "--frames", help="Frame counts of the video (video.max_frames per row)."),
+    rounds: int = typer.Option(5, "--rounds", min=1, help="Timed rounds per configuration (alternating SP 1 / SP 2)."),
+    warmup: int = typer.Option(1, "--warmup", min=0, help="Untimed steps per configuration first."),
+    work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Tiny model and long-clip world (default: "
+                                            "<run dir>/work)."),
+    model: Optional[str] = typer.Option(None, "--model", help="A model dir to use (default: the tiny Qwen2.5-VL)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the JSON results here."),
+) -> None:
+    """Sequence parallelism on 2 ranks: step time and peak activation memory per rank of a T-GRPO policy micro-batch
+    (one video prompt), SP 1 (each rank the whole sequence) vs SP 2 (split), at each frame count. Run it alone."""
+    import json as _json
+
+    from rich.table import Table
+
+    from pipelines.bench.sp import run_bench
+    from videor1_cli.common import console, err_console, registered_run
+
+    counts = tuple(int(f) for f in frames.split(",") if f.strip())
+    with registered_run(cfg, "bench-sp") as (run, run_dir):
+        with err_console.status("bench sp") as status:
+            res = run_bench(work_dir or run_dir / "work", model_dir=model, frames=counts, rounds=rounds, warmup=warmup,
+                            progress=lambda s: status.update(f"bench sp: {s}"))
+        t = Table("frames", "tokens", "SP", "step s (min / median)", "peak activation MiB (rank 0 / 1)",
+                  "SP2 / SP1", title=f"bench sp (2 ranks, {res['device']}, {res['attention']})")
+        metrics = {}
+        for r in res["rows"]:
+            ratio = res["ratios"][str(r["frames"])]
+            mem = r["peak_activation_mib"]
+            t.add_row(str(r["video_frames"]), str(r["sequence"]), str(r["sequence_parallel"]),
+                      f"{r['step_s_min']:.3f} / {r['step_s_median']:.3f}", " / ".join(f"{m:.1f}" for m in mem),
+                      (f"mem {ratio['memory_sp2_over_sp1']:.2f}, time {ratio['time_sp2_over_sp1_median']:.2f}"
+                       if r["sequence_parallel"] == 2 else ""))
+            key = f"f{r['frames']}_sp{r['sequence_parallel']}"
+            metrics[f"{key}_step_s_median"] = r["step_s_median"]
+            metrics[f"{key}_peak_activation_mib"] = max(mem)
+        for f, ratio in res["ratios"].items():
+            metrics[f"f{f}_memory_ratio"] = ratio["memory_sp2_over_sp1"]
+            metrics[f"f{f}_time_ratio"] = ratio["time_sp2_over_sp1_median"]
+        console.print(t)
+        la, lb = res["machine"]["load_avg_before"], res["machine"]["load_avg_after"]
+        console.print(f"load average {la[0]:.1f} before, {lb[0]:.1f} after; {res['machine']['cpus']} CPUs")
+        run.log_metrics(0, metrics)
+        run.set_summary(metrics)
+        path = out or run_dir / "bench-sp.json"
+        Path(path).write_text(_json.dumps(res, indent=2))
+        run.log_artifact("bench", path, hash_content=True)
+        err_console.print(f"[dim]results: {path}[/dim]")

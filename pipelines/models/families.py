@@ -49,6 +49,10 @@ class FamilyError(VideoR1Error):
     """A model / processor / config the family adapters cannot serve."""
 
 
+class SequenceParallelError(FamilyError):
+    """A model that `distributed.sequence_parallel > 1` cannot split (head counts, linear attention, attention kind)."""
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 @dataclass
 class Adapter(abc.ABC):
@@ -203,6 +207,38 @@ class Adapter(abc.ABC):
 
         return torch.cat([token_types, torch.zeros_like(completion_ids, dtype=token_types.dtype)], dim=1)
 
+    # -- sequence parallelism (pipelines/parallel.py) --------------------------------------------------------------
+    # The vision tower attends within one temporal patch (per-frame cu_seqlens / windows, per-frame position
+    # embeddings): a video's temporal patches can be encoded on different ranks and concatenated, exactly.
+    sp_shard_frames: ClassVar[bool] = True
+
+    def sp_check(self, config, sp: int) -> None:
+        """Refuse, naming the reason, a model whose language model cannot be split over `sp` ranks by Ulysses: query
+        heads must divide by `sp`, KV heads divide by it or it by them; recurrent (linear-attention) layers cannot."""
+        if sp <= 1:
+            return
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        kinds = set(getattr(text, "layer_types", None) or [])
+        if "linear_attention" in kinds:
+            raise SequenceParallelError(
+                f"{self.label}: its linear-attention (Gated DeltaNet) layers run a recurrence over the whole sequence, "
+                f"which Ulysses sequence parallelism cannot split (distributed.sequence_parallel={sp})",
+                hint="train Qwen3.5 with distributed.sequence_parallel=1 (ZeRO-3 for memory)")
+        heads, kv = int(text.num_attention_heads), int(text.num_key_value_heads)
+        if heads % sp or not (kv % sp == 0 or sp % kv == 0):
+            raise SequenceParallelError(
+                f"{self.label}: {heads} attention heads / {kv} KV heads cannot be split over sequence_parallel={sp} "
+                "(Ulysses gives each rank heads/sp heads: the heads must divide by it, and the KV heads divide by it "
+                "or it by them)", hint="pick a sequence_parallel that divides the head counts")
+
+    def sp_shard_language_kwargs(self, kwargs: dict[str, Any], start: int, end: int) -> dict[str, Any]:
+        """Family-specific language-model inputs cut to the shard [start, end) (none here; Qwen3-VL: deepstack)."""
+        for key in ("visual_pos_masks", "deepstack_visual_embeds"):
+            if kwargs.get(key) is not None:
+                raise SequenceParallelError(f"{self.label}: the language model got '{key}', which this family's "
+                                            "sequence-parallel split does not cut")
+        return kwargs
+
     # -- vLLM ----------------------------------------------------------------------------------------------------------
     def vllm_video_metadata(self, media) -> dict[str, Any]:
         """vLLM's metadata of already-sampled frames: every frame used, none resampled."""
@@ -323,6 +359,23 @@ class Qwen3VLAdapter(Adapter):
         tok = processor.tokenizer
         return sum(len(tok(f"<{s:.1f} seconds>", add_special_tokens=False)["input_ids"]) + 2 + per_patch
                    for s in times[: -(-t // self.temporal_patch_size)])
+
+    def sp_shard_language_kwargs(self, kwargs, start, end):
+        # DeepStack: visual features of early vision layers are added to the hidden states at the visual positions
+        # after the first decoder layers; a shard keeps its positions' mask and the embeddings of its visual tokens
+        # (row-major order over the batch, as the model lists them).
+        from pipelines.parallel import deepstack_index
+
+        masks, embeds = kwargs.get("visual_pos_masks"), kwargs.get("deepstack_visual_embeds")
+        if masks is None:
+            return kwargs
+        m = masks if masks.dim() == 2 else masks[..., 0]
+        out = dict(kwargs)
+        out["visual_pos_masks"] = m[:, start:end]
+        if embeds is not None:
+            idx = deepstack_index(m, start, end).to(embeds[0].device)
+            out["deepstack_visual_embeds"] = [e.index_select(0, idx) for e in embeds]
+        return out
 
     def vllm_video_metadata(self, media) -> dict[str, Any]:
         # The same metadata the HF processor gets (video_kwargs), so both write the same timestamps.

@@ -278,6 +278,20 @@ def completion_logprobs(model, inputs: dict, completion_ids: torch.Tensor, tempe
     inputs = dict(inputs)
     plan = inputs.pop(VISION_PLAN_KEY, None)
     L = completion_ids.shape[1]
+    from pipelines import parallel
+
+    if parallel.enabled(model):  # distributed.sequence_parallel > 1: the sequence split over the group
+        with share_vision(model, plan, reuse=reuse_vision):
+            token_logps = parallel.completion_logprobs(model, inputs, completion_ids, temperature)
+        if sampler is None:
+            return token_logps
+        if sampler.get("top_p", 1.0) < 1.0 or sampler.get("logit_bias"):
+            from pipelines.errors import VideoR1Error
+
+            # The shards' logits are not gathered (that is the point of SP): the nucleus cannot be rebuilt here.
+            raise VideoR1Error("distributed.sequence_parallel with engine log-probs needs rl.top_p=1 and no logit bias",
+                               hint="set rl.top_p=1.0, or distributed.sequence_parallel=1")
+        return token_logps, token_logps.detach()
     with share_vision(model, plan, reuse=reuse_vision):
         out = model(**inputs, logits_to_keep=L + 1, use_cache=False)
     raw = out.logits[:, -L - 1:-1, :]

@@ -123,6 +123,12 @@ class RLTrainer:
             raise VideoR1Error("no RL records given", hint="pass --data FILE (a Video-R1 JSON/JSONL file)")
         self.accelerator = acc = self._accelerator()
         self.rank, self.world = acc.process_index, acc.num_processes
+        # distributed.sequence_parallel: the ranks of a group share one sequence, so they read, seed and generate as
+        # one data-parallel rank (data_rank of data_world).
+        from pipelines import parallel
+
+        self.sp = parallel.setup(cfg.distributed.sequence_parallel)
+        self.data_rank, self.data_world = self.sp.dp_rank, self.sp.dp_size
         self.is_main = acc.is_main_process
         self.device = acc.device
         self.temporal = rl.algo == "tgrpo"
@@ -133,11 +139,11 @@ class RLTrainer:
 
         self.zero3 = deepspeed_zero_stage(cfg) == 3
 
-        seed = cfg.run.seed + self.rank
+        seed = cfg.run.seed + self.data_rank
         random.seed(seed)
         np.random.seed(seed % (2**32))
         torch.manual_seed(seed)
-        self.shuffle_gen = torch.Generator().manual_seed(cfg.run.seed * 7919 + self.rank)
+        self.shuffle_gen = torch.Generator().manual_seed(cfg.run.seed * 7919 + self.data_rank)
 
         # data
         self.records = load_records(cfg.data.file)
@@ -150,10 +156,12 @@ class RLTrainer:
         if cfg.data.max_samples:
             pool = pool[: cfg.data.max_samples]
         self.pool = pool
-        self.shard_len = len(pool) // self.world
+        self.shard_len = len(pool) // self.data_world
         if self.shard_len == 0:
-            raise DataError(f"{len(pool)} records cannot feed {self.world} ranks", file=cfg.data.file,
-                            hint=f"run on at most {max(1, len(pool))} rank(s) (--nproc), or give more records")
+            raise DataError(f"{len(pool)} records cannot feed {self.data_world} ranks",
+                            file=cfg.data.file,
+                            hint=f"run on at most {max(1, len(pool))} data-parallel rank(s) (--nproc / "
+                                 "distributed.sequence_parallel), or give more records")
         self.steps_per_epoch = math.ceil(self.shard_len / self.prompts_per_step)
         self.total_steps = max(1, min(rl.max_steps, int(rl.num_epochs * self.steps_per_epoch)))
 
@@ -185,6 +193,7 @@ class RLTrainer:
                 except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: tensor shapes (another lora.r)
                     raise C.CheckpointError(f"cannot resume from {self.resumed_from}: {e}",
                                             hint="resume a LoRA run with the same model.lora settings") from None
+        parallel.install(model, self.sp)  # distributed.sequence_parallel > 1: hooks on the model core
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=rl.learning_rate, betas=(rl.adam_beta1, rl.adam_beta2),
                                       weight_decay=rl.weight_decay)
@@ -198,6 +207,7 @@ class RLTrainer:
             ref = load_model(cfg.model, path=base, device=self.device, for_training=False)
             for p in ref.parameters():
                 p.requires_grad_(False)
+            parallel.install(ref, self.sp)
             if self.deepspeed:
                 from trl.models.utils import prepare_deepspeed
 
@@ -278,7 +288,7 @@ class RLTrainer:
         if self.cfg.data.shuffle and epoch > 0:
             g = torch.Generator().manual_seed(self.cfg.run.seed + 1000003 * epoch)
             order = [order[i] for i in torch.randperm(len(order), generator=g).tolist()]
-        return order[self.rank:: self.world][: self.shard_len]
+        return order[self.data_rank:: self.data_world][: self.shard_len]
 
     def _next_rows(self) -> list[tuple[int, dict]]:
         from pipelines.records import record_dict
@@ -365,7 +375,7 @@ class RLTrainer:
         """data.max_skip_fraction judged on every prompt of the run (all ranks): a short run never reaches the
         64 prompts the in-loop check waits for, and 8 of 8 skipped must not end as a saved model."""
         skipped, seen = self._sum_over_ranks(torch.tensor([self._rows_skipped, self._rows_seen],
-                                                          dtype=torch.float64)).tolist()
+                                                          dtype=torch.float64) * self._counts_here).tolist()
         try:
             check_skip_rate(int(skipped), int(seen), self.cfg.data.max_skip_fraction, dataset_size=len(self.records),
                             file=str(self.cfg.data.file), example=self._skip_example, what="RL prompts", final=True)
@@ -470,7 +480,7 @@ class RLTrainer:
         if rl.advantage == "batch_std" and self.world > 1:
             # The batch is the whole step, every rank's groups (TRL gathers rewards before normalising); every rank
             # joins the all-reduce, also one whose samples were all skipped.
-            batch_std = A.pooled_std(self._sum_over_ranks(A.reward_moments(step_rewards)))
+            batch_std = A.pooled_std(self._sum_over_ranks(A.reward_moments(step_rewards) * self._counts_here))
         if groups:
             adv = A.compute_advantages(step_rewards, rl.advantage, batch_std=batch_std)
         else:
@@ -494,6 +504,8 @@ class RLTrainer:
                                "reward": rs / rc if rc else None,
                                "loss_counts": loss_counts,
                                "batch_std": None if batch_std is None else float(batch_std)})
+        if not self.sp.leader:  # a sequence-parallel group counts once (its ranks hold the same rollouts)
+            stats.zero()
         metrics = stats.reduce(acc)
         metrics["tokens_per_s"] = metrics.pop("_gen_tokens") / max(1e-9, metrics["gen_time"])
         metrics["skipped"] = metrics.pop("skipped")
@@ -501,6 +513,11 @@ class RLTrainer:
         metrics["grad_norm"] = grad_norm
         metrics["epoch"] = float(self.epoch)
         return metrics
+
+    @property
+    def _counts_here(self) -> float:
+        """1 where this rank's counts enter a sum over ranks; 0 on the other ranks of a sequence-parallel group."""
+        return 1.0 if self.sp.leader else 0.0
 
     def _sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
         """Element-wise sum of a small float64 tensor over every rank (returned on the CPU)."""
@@ -547,6 +564,12 @@ class RLTrainer:
             groups = R.generate_groups(self.backend, samples, sampling, self.G, self.G_shuf, expand=expand)
             if not samples and self.zero3 and self.world > 1 and expand:
                 self._dummy_generate(sampling)
+        if self.sp.enabled:  # the group trains on its first rank's rollouts (generation need not be bit-identical)
+            from pipelines import parallel
+
+            kept = parallel.broadcast_object([(g.ordered, g.shuffled) for g in groups], self.sp)
+            for g, (ordered, shuffled) in zip(groups, kept):
+                g.ordered, g.shuffled = ordered, shuffled
         gen_time = time.perf_counter() - t_gen
         gen_tokens = sum(len(c.token_ids) for g in groups for c in g.ordered + g.shuffled)
         stats.add(PATCHES_DISTINCT, float(_distinct_patch_rows(self.processor, groups)), 0)
@@ -859,6 +882,10 @@ class _Stats:
 
     def ensure(self, key: str) -> None:
         self.d.setdefault(key, [0.0, 0.0])
+
+    def zero(self) -> None:
+        """Every sum and count 0, keys kept (a rank whose figures another rank reports)."""
+        self.d = {k: [0.0, 0.0] for k in self.d}
 
     def reduce(self, accelerator) -> dict[str, float]:
         keys = sorted(self.d)
