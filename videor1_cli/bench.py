@@ -375,3 +375,137 @@ def distributed_bench(
         Path(path).write_text(_json.dumps(res, indent=2))
         run.log_artifact("bench", path, hash_content=True)
         err_console.print(f"[dim]results: {path}[/dim]")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# tgrpo (pipelines.bench.tgrpo, issue 25)
+@app.command("tgrpo")
+@config_command()
+def tgrpo_bench(
+    cfg: Config,
+    smoke: bool = typer.Option(False, "--smoke", help="Toy sizes in about a minute (2 seeds, GRPO and T-GRPO, 1 "
+                               "process per stage): the plumbing, no accuracy claim."),
+    as_json: bool = typer.Option(False, "--json", help="Print the study's table as JSON on stdout (progress on "
+                                 "stderr)."),
+    seeds: str = typer.Option("0,1,2,3,4", "--seeds", help="Seeds, comma-separated: one world, tiny model, SFT and "
+                              "one RL run per arm each. Choices (arms, alpha, steps) were made on 100-104; report "
+                              "on others."),
+    arms: str = typer.Option(",".join(__import__("pipelines.bench.tgrpo", fromlist=["x"]).DEFAULT_ARMS), "--arms",
+                             help="RL arms, comma-separated: grpo, tgrpo (Video-R1's rule, mu 0.8), tgrpo-mu1, "
+                             "separate, contrast; NAME:key=value adds overrides (e.g. contrast:rl.temporal_alpha=1.0). "
+                             "grpo is the reference of the differences."),
+    shortcut: float = typer.Option(0.75, "--shortcut", min=0.0, max=1.0, help="Strength of the world's shortcut "
+                                   "(data synth --shortcut): the share of order questions the majority colour "
+                                   "answers."),
+    rl_steps: int = typer.Option(None, "--rl-steps", min=1, help="RL steps of every arm (default: the full form's "
+                                 "steps, pipelines.bench.tgrpo.FULL)."),
+    sft_steps: Optional[int] = typer.Option(None, "--sft-steps", min=1, help="SFT steps (default "
+                                            "quickstart.sft_steps)."),
+    train: Optional[int] = typer.Option(None, "--train", min=1, help="RL pool records (default quickstart.train)."),
+    sft: Optional[int] = typer.Option(None, "--sft", min=1, help="SFT records (default quickstart.sft)."),
+    test: Optional[int] = typer.Option(None, "--test", min=1, help="Held-out records (default quickstart.test)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Directory of the study (default: "
+                                       "<run.output_dir>/bench-tgrpo)."),
+    bootstrap: int = typer.Option(2000, "--bootstrap", min=100, help="Bootstrap replicates of the intervals."),
+) -> None:
+    """T-GRPO's temporal effect: GRPO, T-GRPO (Video-R1's rule at mu 0.8 and 1.0) and the variants from the same SFT
+    model per seed on the shortcut world, identical budgets; accuracy on order-dependent / order-free /
+    counter-shortcut questions with 95% bootstrap intervals (seeds and questions), p_ordered - p_shuffled over
+    training, how often the bonus fired, step time. JSON + PNG; every stage is a registered run (`videor1 runs
+    compare` the train-rl runs of a seed)."""
+    import json as _json
+
+    from rich.table import Table
+
+    from pipelines.bench import tgrpo as T
+    from videor1_cli.common import console, err_console, registered_run
+    from videor1_cli.quickstart import _invoke, _spawn
+
+    q = cfg.quickstart
+    if smoke:
+        study = T.Study(seeds=T.SMOKE["seeds"], arms=[T.parse_arm(a) for a in T.SMOKE["arms"]], shortcut=shortcut,
+                        train=T.SMOKE["train"], sft=T.SMOKE["sft"], test=T.SMOKE["test"],
+                        sft_steps=T.SMOKE["sft_steps"], rl_steps=T.SMOKE["rl_steps"], nproc=T.SMOKE["nproc"],
+                        smoke=True)
+    else:
+        study = T.Study(seeds=[int(s) for s in seeds.split(",") if s.strip()],
+                        arms=[T.parse_arm(a.strip()) for a in arms.split(",") if a.strip()], shortcut=shortcut,
+                        train=train or q.train, sft=sft or q.sft, test=test or q.test,
+                        sft_steps=sft_steps or q.sft_steps, rl_steps=rl_steps or T.FULL["rl_steps"],
+                        nproc=q.nproc)
+    registry = cfg.registry_path().resolve()
+    cfg.run.registry = str(registry)
+    cfg.quickstart.out_dir = str((out or Path(cfg.run.output_dir) / "bench-tgrpo").resolve())
+    cfg.run.output_dir = str(Path(cfg.quickstart.out_dir) / "runs")
+    import time
+
+    t0 = time.perf_counter()
+
+    def on_stage(si, i, n, st, seconds) -> None:
+        where = f"seed {study.seeds[si]} ({si + 1}/{len(study.seeds)}) · {i + 1}/{n}"
+        if seconds is None:
+            err_console.rule(f"[bold]{where}[/bold] {st.title}", align="left", style="dim")
+        else:
+            err_console.print(f"[green]✓[/green] {st.title} [dim]{seconds:.1f}s (total "
+                              f"{time.perf_counter() - t0:.0f}s)[/dim]")
+
+    with registered_run(cfg, "bench-tgrpo") as (run, run_dir):
+        tag = f"bench-tgrpo-{run.id}"
+        res = T.run_study(study, cfg, _invoke, spawn=_spawn, registry=registry, tag=tag, on_stage=on_stage,
+                          log=lambda s: err_console.print(f"[dim]{s}[/dim]"), n_boot=bootstrap)
+        for f in res.eval_results:
+            run.use_path("eval-results", f)
+        path = res.out / "bench-tgrpo.json"
+        png = T.plot(res.table, res.out / "bench-tgrpo.png")
+        run.log_artifact("bench", path, hash_content=True)
+        run.log_artifact("plot", png)
+        metrics = {}
+        for cat, rows in res.table["accuracy"].items():
+            for lab, r in rows.items():
+                if isinstance(r, dict):
+                    metrics[f"{cat}/{lab}"] = r["mean"]
+                    if r.get("minus_grpo") is not None and lab != T.REFERENCE:
+                        metrics[f"{cat}/{lab}_minus_grpo"] = r["minus_grpo"]
+        for lab, t in res.table["training"].items():
+            for k in ("p_gap_last_quarter", "bonus_rate_mean", "step_time_median_s"):
+                if t.get(k) is not None:
+                    metrics[f"train/{lab}/{k}"] = t[k]
+        run.log_metrics(0, metrics)
+        run.set_summary({"out": str(res.out), "tag": tag, "goal": res.table["goal"], "seconds": res.table["seconds"],
+                         "smoke": study.smoke, "config": res.table["config"]})
+    if as_json:
+        typer.echo(_json.dumps(res.table | {"run": run.id, "plot": str(png)}, indent=1))
+        return
+    acc = res.table["accuracy"]
+    labels = [lab for lab in acc.get("order_dependent", {}) if lab != "questions_per_seed"]
+    t = Table("model", *[c.replace("_", "-") for c in acc], title=f"bench tgrpo: held-out accuracy (%, mean of seeds "
+              f"{', '.join(map(str, study.seeds))}) [95% CI]; minus GRPO [95% CI]"
+              + ("  \\[smoke: no claim]" if study.smoke else ""), title_justify="left")
+    for lab in labels:
+        cells = []
+        for cat in acc:
+            r = acc[cat][lab]
+            cell = f"{r['mean']:.1f} [{r['ci95'][0]:.1f}, {r['ci95'][1]:.1f}]"
+            if r.get("minus_grpo") is not None and lab != T.REFERENCE:
+                cell += f"\n{r['minus_grpo']:+.1f} [{r['minus_grpo_ci95'][0]:+.1f}, {r['minus_grpo_ci95'][1]:+.1f}]"
+            cells.append(cell)
+        t.add_row(lab, *cells)
+    console.print(t)
+    tr = Table("arm", "p_gap first / last quarter", "p_ordered / p_shuffled (last quarter)", "bonus fired",
+               "adv. moved", "step s (x GRPO)", title="training (mean over seeds)", title_justify="left")
+
+    def f(x, nd=3):
+        return "-" if x is None else f"{x:.{nd}f}"
+
+    for lab, r in res.table["training"].items():
+        tr.add_row(lab, f"{f(r['p_gap_first_quarter'])} / {f(r['p_gap_last_quarter'])}",
+                   f"{f(r['p_ordered_last_quarter'])} / {f(r['p_shuffled_last_quarter'])}", f(r["bonus_rate_mean"]),
+                   f(r["adv_change_mean"]), f"{f(r['step_time_median_s'])} ({f(r['step_time_vs_grpo'], 2)})")
+    console.print(tr)
+    for lab, g in res.table["goal"].items():
+        console.print(f"{lab}: order-dependent {g['order_dependent_minus_grpo']:+.2f} [{g['ci95'][0]:+.2f}, "
+                      f"{g['ci95'][1]:+.2f}] vs GRPO, order-free {g['order_free_minus_grpo']:+.2f}: goal "
+                      + ("[green]met[/green]" if g["meets_goal"] else "not met"))
+    first = str(study.seeds[0])
+    console.print(f"side by side: videor1 runs compare {' '.join(res.table['rl_runs'][first].values())}", soft_wrap=True)
+    console.print(f"results: {path}; plot: {png}; run {run.id}", soft_wrap=True)
