@@ -1,0 +1,102 @@
+"""`videor1 bench tgrpo` (issue 25): the bootstrap and the bookkeeping as pure functions, and the --smoke study end
+to end (every stage a registered run, the JSON and the plot)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipelines.bench import tgrpo as T
+
+
+def test_bootstrap_point_is_the_mean_over_seeds_of_question_means():
+    # seed 0: 2 questions, seed 1: 4 questions -> the point is (mean of seed 0 + mean of seed 1) / 2, not pooled
+    a = [np.array([[1.0, 0.0], [1.0, 1.0]]), np.array([[0.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]])]
+    b = T.bootstrap_means(a, reference=0, n_boot=200)
+    assert b["point"].tolist() == pytest.approx([(0.5 + 0.25) / 2, 1.0])
+    assert b["diff_point"].tolist() == pytest.approx([0.0, 1.0 - 0.375])
+    assert b["lo"][1] == b["hi"][1] == 1.0  # a model right everywhere has no spread
+    assert b["lo"][0] <= b["point"][0] <= b["hi"][0]
+
+
+def test_bootstrap_is_paired_across_models():
+    # model 1 = model 0 + 0.1 on every question of every seed: the difference has no spread at all (paired draws),
+    # although each model's own interval is wide
+    rng = np.random.default_rng(0)
+    mats = []
+    for q in (30, 50, 40):
+        x = rng.random(q)
+        mats.append(np.stack([x, x + 0.1]))
+    b = T.bootstrap_means(mats, reference=0, n_boot=300)
+    assert b["diff_lo"][1] == pytest.approx(0.1) and b["diff_hi"][1] == pytest.approx(0.1)
+    assert b["hi"][0] - b["lo"][0] > 0.05
+    with pytest.raises(T.BenchTgrpoError):
+        T.bootstrap_means([np.zeros((2, 0))])
+
+
+def test_bootstrap_interval_covers_the_seed_spread():
+    # two seeds whose means differ by 0.5: resampling seeds must widen the interval far beyond the question noise
+    mats = [np.full((1, 200), 0.25), np.full((1, 200), 0.75)]
+    b = T.bootstrap_means(mats, n_boot=500)
+    assert b["point"][0] == pytest.approx(0.5)
+    assert b["lo"][0] == pytest.approx(0.25) and b["hi"][0] == pytest.approx(0.75)
+
+
+def test_categorise_and_arms():
+    rows = [{"id": 1, "data_source": "synthetic/order/direction"}, {"id": 2, "data_source": "synthetic/color"},
+            {"id": 3, "data_source": "synthetic/order/first-color"}]
+    m = T.categorise(rows, {"1": {"score": 0.0}, "3": {"score": 1.0}})
+    assert m["order_dependent"].tolist() == [True, False, True] and m["order_free"].tolist() == [False, True, False]
+    assert m["counter_shortcut"].tolist() == [True, False, False]
+    arm = T.parse_arm("contrast:rl.temporal_alpha=1.0")
+    assert arm.algo == "tgrpo" and arm.overrides[-1] == "rl.temporal_alpha=1.0" and arm.name.startswith("contrast:")
+    assert T.parse_arm("grpo") is T.ARMS["grpo"] and "rl.shuffled_probe=true" in T.ARMS["grpo"].overrides
+    with pytest.raises(T.BenchTgrpoError):
+        T.parse_arm("ppo")
+    with pytest.raises(T.BenchTgrpoError):
+        T.parse_arm("contrast:alpha")
+
+
+def test_bench_tgrpo_smoke(tmp_path):
+    """The --smoke study: 2 seeds x (SFT, GRPO, T-GRPO) on a toy shortcut world, every stage registered and tagged,
+    GRPO logging p~ through its probe, the table, the JSON and the plot."""
+    from conftest import run_cli
+    from pipelines.registry import Registry
+
+    out = tmp_path / "study"
+    res = run_cli("bench", "tgrpo", "--smoke", "--json", "--out", out)
+    table = json.loads(res.stdout)
+    assert table["config"]["smoke"] and table["config"]["seeds"] == [0, 1]
+    for cat in ("order_dependent", "order_free"):
+        rows = table["accuracy"][cat]
+        assert set(rows) >= {"sft", "grpo", "tgrpo"}
+        for lab in ("sft", "grpo", "tgrpo"):
+            lo, hi = rows[lab]["ci95"]
+            assert lo <= rows[lab]["mean"] <= hi
+        assert rows["grpo"]["minus_grpo"] == 0.0
+    assert table["goal"]["tgrpo"]["meets_goal"] in (True, False)
+    tr = table["training"]
+    for arm in ("grpo", "tgrpo"):  # GRPO's p~ comes from its probe
+        assert [s for s, _ in tr[arm]["curves"]["p_gap"]] == [1, 2]
+    assert "temporal_bonus_rate" in tr["tgrpo"]["curves"] and "temporal_bonus_rate" not in tr["grpo"]["curves"]
+    assert Path(table["plot"]).stat().st_size > 10_000
+    reg = Registry(Path(os.environ["VIDEOR1_HOME"]) / "registry.db")
+    (bench,) = reg.list_runs(kind="bench-tgrpo")
+    assert bench["status"] == "finished" and bench["id"] == table["run"]
+    tagged = reg.list_runs(tag=f"bench-tgrpo-{bench['id']}")
+    kinds = sorted(r["kind"] for r in tagged)
+    assert kinds == sorted(["data-synth", "model-tiny", "train-sft", "eval", "train-rl", "eval", "train-rl", "eval"]
+                           * 2)
+    assert all(r["status"] == "finished" for r in tagged)
+    # the train-rl runs of a seed are the ones `runs compare` gets; they differ in algo and the probe
+    from pipelines import runs as R
+
+    cmp = R.compare(reg, list(table["rl_runs"]["0"].values()))
+    assert "rl.algo" in cmp["config_diff"] and "rl.shuffled_probe" in cmp["config_diff"]
+    assert len(reg.parents(bench["id"])) == 6  # the six evals are its inputs
+    world = json.loads((out / "seed-0" / "world" / "world.json").read_text())
+    assert world["params"]["shortcut"] == 0.75 and (out / "bench-tgrpo.json").exists()
