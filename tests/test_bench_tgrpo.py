@@ -61,6 +61,39 @@ def test_categorise_and_arms():
         T.parse_arm("contrast:alpha")
 
 
+def _rows(scores, sources):
+    return [{"index": i, "id": i, "data_source": src, "official_score": sc}
+            for i, (sc, src) in enumerate(zip(scores, sources))]
+
+
+def test_summarise_goal_and_default_world():
+    # default world (no shortcut rows): no counter-shortcut category. T-GRPO is right on 2 more of the 20 order
+    # questions of each seed (+10 points, the same questions: no spread), the same elsewhere -> goal met; "tgrpo-mu1"
+    # is GRPO exactly -> not met
+    srcs = ["synthetic/order/direction"] * 20 + ["synthetic/color"] * 20
+    study = T.Study(seeds=[0, 1], arms=[T.ARMS["grpo"], T.ARMS["tgrpo"], T.ARMS["tgrpo-mu1"]], shortcut=None,
+                    train=1, sft=1, test=40, sft_steps=1, rl_steps=2, nproc=1)
+    base = [1.0] * 10 + [0.0] * 10 + [1.0] * 15 + [0.0] * 5
+    better = [1.0] * 12 + [0.0] * 8 + [1.0] * 15 + [0.0] * 5
+    scores = {s: {"sft": _rows(base, srcs), "grpo": _rows(base, srcs), "tgrpo": _rows(better, srcs),
+                  "tgrpo-mu1": _rows(base, srcs)} for s in (0, 1)}
+    curve = {"p_gap": [(1, 0.1), (2, 0.3)], "step_time": [(1, 2.0), (2, 1.0)], "temporal_bonus_rate": [(1, 0.5)]}
+    train = {s: {a: curve for a in ("grpo", "tgrpo", "tgrpo-mu1")} for s in (0, 1)}
+    chance = {s: {"overall": 30.0, "order_dependent": 40.0} for s in (0, 1)}
+    t = T.summarise(study, scores, {}, train, chance, n_boot=200)
+    assert set(t["accuracy"]) == {"order_dependent", "order_free"}
+    od = t["accuracy"]["order_dependent"]
+    assert od["grpo"]["mean"] == 50.0 and od["tgrpo"]["mean"] == 60.0
+    assert od["tgrpo"]["minus_grpo"] == 10.0 and od["tgrpo"]["minus_grpo_ci95"][0] > 0
+    assert t["goal"]["tgrpo"]["meets_goal"] and not t["goal"]["tgrpo-mu1"]["meets_goal"]
+    assert t["accuracy"]["order_free"]["tgrpo"]["minus_grpo"] == 0.0
+    tr = t["training"]["tgrpo"]
+    assert tr["p_gap_first_quarter"] == 0.1 and tr["p_gap_last_quarter"] == 0.3
+    assert tr["step_time_median_s"] == 1.5 and tr["step_time_vs_grpo"] == 1.0 and tr["bonus_rate_mean"] == 0.5
+    assert t["per_seed"]["0"]["tgrpo"] == {"order_dependent": 60.0, "order_free": 75.0}
+    assert t["chance"] == {"overall": 30.0, "order_dependent": 40.0}
+
+
 def test_bench_tgrpo_smoke(tmp_path):
     """The --smoke study: 2 seeds x (SFT, GRPO, T-GRPO) on a toy shortcut world, every stage registered and tagged,
     GRPO logging p~ through its probe, the table, the JSON and the plot."""

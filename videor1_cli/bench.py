@@ -397,6 +397,9 @@ def tgrpo_bench(
     shortcut: float = typer.Option(0.75, "--shortcut", min=0.0, max=1.0, help="Strength of the world's shortcut "
                                    "(data synth --shortcut): the share of order questions the majority colour "
                                    "answers."),
+    default_world: bool = typer.Option(False, "--default-world", help="The quickstart's default world instead (no "
+                                       "shortcut, so no counter-shortcut questions): what the quickstart's RL "
+                                       "stage trains on."),
     rl_steps: int = typer.Option(None, "--rl-steps", min=1, help="RL steps of every arm (default: the full form's "
                                  "steps, pipelines.bench.tgrpo.FULL)."),
     sft_steps: Optional[int] = typer.Option(None, "--sft-steps", min=1, help="SFT steps (default "
@@ -423,13 +426,15 @@ def tgrpo_bench(
 
     q = cfg.quickstart
     if smoke:
-        study = T.Study(seeds=T.SMOKE["seeds"], arms=[T.parse_arm(a) for a in T.SMOKE["arms"]], shortcut=shortcut,
+        study = T.Study(seeds=T.SMOKE["seeds"], arms=[T.parse_arm(a) for a in T.SMOKE["arms"]],
+                        shortcut=None if default_world else shortcut,
                         train=T.SMOKE["train"], sft=T.SMOKE["sft"], test=T.SMOKE["test"],
                         sft_steps=T.SMOKE["sft_steps"], rl_steps=T.SMOKE["rl_steps"], nproc=T.SMOKE["nproc"],
                         smoke=True)
     else:
         study = T.Study(seeds=[int(s) for s in seeds.split(",") if s.strip()],
-                        arms=[T.parse_arm(a.strip()) for a in arms.split(",") if a.strip()], shortcut=shortcut,
+                        arms=[T.parse_arm(a.strip()) for a in arms.split(",") if a.strip()],
+                        shortcut=None if default_world else shortcut,
                         train=train or q.train, sft=sft or q.sft, test=test or q.test,
                         sft_steps=sft_steps or q.sft_steps, rl_steps=rl_steps or T.FULL["rl_steps"],
                         nproc=q.nproc)

@@ -105,7 +105,7 @@ class SeedPlan:
 class Study:
     seeds: list[int]
     arms: list[Arm]
-    shortcut: float
+    shortcut: float | None  # None: the default world (the quickstart's), no counter-shortcut questions
     train: int
     sft: int
     test: int
@@ -132,10 +132,12 @@ def plan_seed(study: Study, cfg, seed: int, out: Path, config_file: Path, tag: s
         sp.stages.append(Stage(key, title, argv, output, ranks, background))
 
     opts = [] if cfg.quickstart.shuffle_options else ["--fixed-options"]
-    add("synth", f"data synth --shortcut {study.shortcut} ({study.train} RL + {study.sft} SFT + {study.test} test)",
+    if study.shortcut is not None:
+        opts += ["--shortcut", str(study.shortcut)]
+    what = f"--shortcut {study.shortcut}" if study.shortcut is not None else "(default world)"
+    add("synth", f"data synth {what} ({study.train} RL + {study.sft} SFT + {study.test} test)",
         ["data", "synth", *common, *named("data"), "--out", str(world), "--train", str(study.train), "--sft",
-         str(study.sft), "--test", str(study.test), "--seed", str(seed), "--shortcut", str(study.shortcut), *opts],
-        world)
+         str(study.sft), "--test", str(study.test), "--seed", str(seed), *opts], world)
     tiny = d / "tiny-model"
     add("tiny", "model tiny", ["model", "tiny", *common, *named("model"), "--out", str(tiny), "--seed", str(seed)],
         tiny)
@@ -206,13 +208,15 @@ CATEGORIES = {
 
 def categorise(rows: list[dict[str, Any]], shortcut_rows: dict[str, Any] | None) -> dict[str, np.ndarray]:
     """Boolean masks over eval rows (ordered by index) for each of CATEGORIES."""
-    order = np.array(["order" in str(r.get("data_source") or "") for r in rows])
-    counter = np.zeros(len(rows), dtype=bool)
-    if shortcut_rows:
+    order = np.array(["order" in str(r.get("data_source") or "") for r in rows], dtype=bool)
+    out = {"order_dependent": order, "order_free": ~order}
+    if shortcut_rows:  # the shortcut world only
+        counter = np.zeros(len(rows), dtype=bool)
         for i, r in enumerate(rows):
             s = shortcut_rows.get(str(r.get("id")))
             counter[i] = bool(order[i] and s is not None and s["score"] < 1.0)
-    return {"order_dependent": order, "order_free": ~order, "counter_shortcut": counter}
+        out["counter_shortcut"] = counter
+    return out
 
 
 def _series_mean(series: Sequence[Sequence[tuple[int, float]]]) -> list[tuple[int, float]]:
@@ -254,10 +258,13 @@ def summarise(study: Study, scores: dict[int, dict[str, list[dict[str, Any]]]],
             for lab in labels[1:]:
                 if [r["id"] for r in scores[s][lab]] != ids:
                     raise BenchTgrpoError(f"seed {s}: the evals of sft and {lab} scored different questions")
-            mask = categorise(rows0, shortcut_rows.get(s))[cat]
+            masks = categorise(rows0, shortcut_rows.get(s))
+            if cat not in masks:
+                continue
+            mask = masks[cat]
             per_seed.append(100.0 * np.array([[float(r["official_score"]) for r, m in zip(scores[s][lab], mask) if m]
                                               for lab in labels]))
-        if all(m.shape[1] == 0 for m in per_seed):
+        if not per_seed or all(m.shape[1] == 0 for m in per_seed):
             continue
         b = bootstrap_means(per_seed, reference=ref, n_boot=n_boot)
         acc[cat] = {lab: {"mean": round(float(b["point"][i]), 2), "ci95": [round(float(b["lo"][i]), 2),
@@ -272,7 +279,7 @@ def summarise(study: Study, scores: dict[int, dict[str, list[dict[str, Any]]]],
         masks = categorise(scores[s]["sft"], shortcut_rows.get(s))
         per_seed_table[str(s)] = {lab: {cat: round(100.0 * float(np.mean([float(r["official_score"]) for r, m in
                                                                            zip(scores[s][lab], masks[cat]) if m])), 2)
-                                        if masks[cat].any() else None for cat in CATEGORIES} for lab in labels}
+                                        if masks[cat].any() else None for cat in masks} for lab in labels}
     training: dict[str, Any] = {}
     for arm in study.arms:
         runs = [train[s].get(arm.name, {}) for s in seeds]
@@ -391,7 +398,8 @@ def run_study(study: Study, cfg, invoke: Callable[[list[str]], None], *, spawn=N
             raise
         world = json.loads((sp.world / "world.json").read_text())
         chance[seed] = chance_of(world)
-        shortcut_rows[seed] = json.loads((sp.world / "shortcut.json").read_text()).get("test", {})
+        sc_file = sp.world / "shortcut.json"
+        shortcut_rows[seed] = json.loads(sc_file.read_text()).get("test", {}) if sc_file.exists() else {}
         scores[seed] = {}
         for label, e in sp.evals.items():
             f = e / "synthetic.samples.jsonl"
@@ -412,7 +420,8 @@ def run_study(study: Study, cfg, invoke: Callable[[list[str]], None], *, spawn=N
             f"{lab} {100 * np.mean([float(x['official_score']) for x in rows]):.1f}" for lab, rows in
             scores[seed].items()) + f" ({time.perf_counter() - t0:.0f}s)")
     table = summarise(study, scores, shortcut_rows, train, chance, n_boot=n_boot)
-    table["world"] = {"shortcut": study.shortcut, "shortcut_accuracy_test": _shortcut_accuracy(out, study.seeds)}
+    table["world"] = {"shortcut": study.shortcut, "shortcut_accuracy_test":
+                      _shortcut_accuracy(out, study.seeds) if study.shortcut is not None else None}
     table["config"] = {"seeds": study.seeds, "arms": [a.name for a in study.arms], "train": study.train,
                        "sft": study.sft, "test": study.test, "sft_steps": study.sft_steps, "rl_steps": study.rl_steps,
                        "nproc": study.nproc, "smoke": study.smoke,
@@ -494,7 +503,9 @@ def plot(table: dict[str, Any], path: str | Path, smooth: float = 0.8) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     cfg = table.get("config", {})
-    fig.suptitle(f"bench tgrpo: shortcut world {table.get('world', {}).get('shortcut')}, seeds {cfg.get('seeds')}, "
+    strength = table.get("world", {}).get("shortcut")
+    world = f"shortcut world {strength}" if strength is not None else "default world"
+    fig.suptitle(f"bench tgrpo: {world}, seeds {cfg.get('seeds')}, "
                  f"{cfg.get('rl_steps')} RL steps" + ("  [smoke: no claim]" if cfg.get("smoke") else ""), fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
