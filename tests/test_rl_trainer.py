@@ -449,6 +449,6 @@ def test_grpo_shuffled_probe_logs_p_shuffled_and_changes_nothing(tiny_model_dir,
         metrics.append(registry().metrics(run["id"]))
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert "p_shuffled" not in metrics[0] and "temporal_bonus_rate" not in metrics[1]
-    for name in ("p_ordered", "p_shuffled", "p_gap", "time/shuffled_probe"):
-        assert [s for s, _ in metrics[1][name]] == [1, 2], name
+    for name in ("p_ordered", "p_shuffled", "p_gap", "time/shuffled_probe", "p_gap/order", "p_ordered/other"):
+        assert [s for s, _ in metrics[1][name]] == [1, 2], name  # the world marks order-dependent data_sources
     assert metrics[0]["reward"] == metrics[1]["reward"]

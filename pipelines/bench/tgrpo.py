@@ -237,8 +237,11 @@ def _quarter_means(series: Sequence[tuple[int, float]]) -> tuple[float | None, f
     return float(np.mean(vals[:k])), float(np.mean(vals[-k:]))
 
 
-TRAIN_METRICS = ("p_ordered", "p_shuffled", "p_gap", "temporal_bonus_rate", "temporal_bonus_mean",
-                 "temporal_adv_change", "rewards/accuracy", "reward", "kl", "step_time", "gen_time")
+# "/order" and "/other": the same over the order-dependent video groups and the other video groups (the trainer logs
+# both when the records mark order-dependent data_sources, as the synthetic world does)
+_SPLIT = ("p_ordered", "p_shuffled", "p_gap", "temporal_bonus_rate", "temporal_bonus_mean")
+TRAIN_METRICS = (*_SPLIT, *(f"{m}/{p}" for m in _SPLIT for p in ("order", "other")), "temporal_adv_change",
+                 "rewards/accuracy", "reward", "kl", "step_time", "gen_time")
 
 
 def summarise(study: Study, scores: dict[int, dict[str, list[dict[str, Any]]]],
@@ -287,16 +290,26 @@ def summarise(study: Study, scores: dict[int, dict[str, list[dict[str, Any]]]],
         step_times = [float(np.median([v for st, v in r.get("step_time", []) if st > WARMUP_STEPS] or
                                       [v for _, v in r.get("step_time", [])] or [float("nan")])) for r in runs]
         first, last = _quarter_means(curves["p_gap"])
-        rate = [v for _, v in curves["temporal_bonus_rate"]]
         change = [v for _, v in curves["temporal_adv_change"] if v == v]
+
+        def mean_of(metric: str) -> float | None:
+            vals = [v for _, v in curves.get(metric, [])]
+            return _r(float(np.mean(vals))) if vals else None
+
         training[arm.name] = {
             "title": arm.title, "algo": arm.algo, "overrides": list(arm.overrides),
             "p_gap_first_quarter": _r(first), "p_gap_last_quarter": _r(last),
             "p_ordered_last_quarter": _r(_quarter_means(curves["p_ordered"])[1]),
             "p_shuffled_last_quarter": _r(_quarter_means(curves["p_shuffled"])[1]),
-            "bonus_rate_mean": _r(float(np.mean(rate))) if rate else None,
-            "bonus_mean": _r(float(np.mean([v for _, v in curves["temporal_bonus_mean"]])))
-            if curves["temporal_bonus_mean"] else None,
+            **{f"{m}_{part}_{q}": _r(_quarter_means(curves[f"{m}/{part}"])[i])
+               for m in ("p_gap", "p_ordered", "p_shuffled") for part in ("order", "other")
+               for i, q in enumerate(("first_quarter", "last_quarter"))},
+            "bonus_rate_mean": mean_of("temporal_bonus_rate"),
+            "bonus_rate_order_mean": mean_of("temporal_bonus_rate/order"),
+            "bonus_rate_other_mean": mean_of("temporal_bonus_rate/other"),
+            "bonus_mean": mean_of("temporal_bonus_mean"),
+            "bonus_mean_order": mean_of("temporal_bonus_mean/order"),
+            "bonus_mean_other": mean_of("temporal_bonus_mean/other"),
             "adv_change_mean": _r(float(np.mean(change))) if change else None,
             "step_time_median_s": _r(float(np.nanmean(step_times)), 3),
             "curves": {m: [[k, _r(v)] for k, v in c] for m, c in curves.items() if c},
@@ -491,13 +504,17 @@ def plot(table: dict[str, Any], path: str | Path, smooth: float = 0.8) -> Path:
     for ax, metric, title in ((axes[1][0], "p_gap", "p_ordered - p_shuffled over training (mean over seeds)"),
                               (axes[1][1], "temporal_bonus_rate", "temporal bonus fired (share of video groups)")):
         for lab in arms:
-            c = table["training"][lab]["curves"].get(metric)
-            if not c:
-                continue
-            steps, vals = zip(*c)
-            col = f"C{labels.index(lab)}"
-            ax.plot(steps, vals, lw=0.7, alpha=0.3, color=col)
-            ax.plot(steps, ema(list(vals), smooth), lw=1.4, color=col, label=lab)
+            curves = table["training"][lab]["curves"]
+            split = f"{metric}/order" in curves
+            for key, ls, suffix in ((f"{metric}/order", "-", " (order)"), (f"{metric}/other", "--", " (other)")) \
+                    if split else ((metric, "-", ""),):
+                c = curves.get(key)
+                if not c:
+                    continue
+                steps, vals = zip(*c)
+                col = f"C{labels.index(lab)}"
+                ax.plot(steps, vals, lw=0.6, alpha=0.25, color=col, ls=ls)
+                ax.plot(steps, ema(list(vals), smooth), lw=1.4, color=col, ls=ls, label=lab + suffix)
         ax.set_xlabel("step")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)

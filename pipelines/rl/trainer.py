@@ -195,6 +195,10 @@ class RLTrainer:
         # data
         self.records = load_records(cfg.data.file)
         self.json_cols = json_columns(self.records)
+        # Records marked order-dependent (a data_source containing "order", the synthetic world's convention that
+        # `eval` groups by too): the temporal metrics are then also logged for them and the others apart.
+        self.order_split = ("data_source" in self.records.column_names
+                            and any("order" in str(x or "") for x in self.records["data_source"]))
         self.root = cfg.data_root()
         n = len(self.records)
         pool = list(range(n))
@@ -475,12 +479,16 @@ class RLTrainer:
             stats.ensure(f"rewards/{name}")
         for name in ("reward", "reward_std", "completion_length", "frac_all_correct", "frac_all_wrong"):
             stats.ensure(name)
+        parts = ("", "/order", "/other") if self.order_split else ("",)
         if self.temporal or self.G_probe:
             for name in ("p_ordered", "p_shuffled", "p_gap"):
-                stats.ensure(name)
+                for part in parts:
+                    stats.ensure(name + part)
         if self.temporal:
-            for name in ("temporal_bonus_rate", "temporal_bonus_mean", "temporal_adv_change"):
-                stats.ensure(name)
+            for name in ("temporal_bonus_rate", "temporal_bonus_mean"):
+                for part in parts:
+                    stats.ensure(name + part)
+            stats.ensure("temporal_adv_change")
         step_base, step_temporal, step_total = (torch.cat([k[i] for k in kept]) if groups else
                                                 torch.zeros(0, self.G, dtype=torch.float64) for i in range(3))
         # What the advantage estimator sees: the bonus inside the reward (Video-R1), or not (a separate term).
@@ -597,14 +605,20 @@ class RLTrainer:
             tr = A.temporal_rule(rl.temporal_rule if self.temporal else "video_r1", sc.accuracy,
                                  sc.accuracy_shuffled, vid, agreement=agreement, mu=rl.temporal_mu,
                                  alpha=rl.temporal_alpha, threshold=rl.correct_threshold)
-            nv = int(vid.sum())
-            stats.add("p_ordered", tr.p[vid].sum().item(), nv)
-            stats.add("p_shuffled", tr.p_shuffled[vid].sum().item(), nv)
-            stats.add("p_gap", (tr.p - tr.p_shuffled)[vid].sum().item(), nv)
+            order = torch.tensor(["order" in str(g.sample.record.get("data_source") or "") for g in groups])
+            parts = [("", vid)]
+            if self.order_split:
+                parts += [("/order", vid & order), ("/other", vid & ~order)]
+            for part, sel in parts:
+                nv = int(sel.sum())
+                stats.add("p_ordered" + part, tr.p[sel].sum().item(), nv)
+                stats.add("p_shuffled" + part, tr.p_shuffled[sel].sum().item(), nv)
+                stats.add("p_gap" + part, (tr.p - tr.p_shuffled)[sel].sum().item(), nv)
+                if self.temporal:
+                    stats.add("temporal_bonus_rate" + part, tr.fired[sel].double().sum().item(), nv)
+                    stats.add("temporal_bonus_mean" + part, tr.bonus[sel].sum().item(), nv * self.G)
             if self.temporal:
                 temporal = tr.bonus
-                stats.add("temporal_bonus_rate", tr.fired[vid].double().sum().item(), nv)
-                stats.add("temporal_bonus_mean", tr.bonus[vid].sum().item(), nv * self.G)
         # total: Video-R1's sum in its order (accuracy + format, + temporal, + length); base: without the temporal
         total = rewards + temporal if self.temporal else rewards
         if rl.length_bonus:
