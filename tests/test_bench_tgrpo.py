@@ -57,6 +57,11 @@ def test_categorise_and_arms():
     assert T.parse_arm("grpo") is T.ARMS["grpo"] and "rl.shuffled_probe=true" in T.ARMS["grpo"].overrides
     with pytest.raises(T.BenchTgrpoError):
         T.parse_arm("ppo")
+    import inspect
+
+    from videor1_cli.bench import tgrpo_bench
+
+    assert inspect.signature(tgrpo_bench).parameters["arms"].default.default == ",".join(T.DEFAULT_ARMS)
     with pytest.raises(T.BenchTgrpoError):
         T.parse_arm("contrast:alpha")
 

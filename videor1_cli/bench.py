@@ -388,9 +388,9 @@ def tgrpo_bench(
     as_json: bool = typer.Option(False, "--json", help="Print the study's table as JSON on stdout (progress on "
                                  "stderr)."),
     seeds: str = typer.Option("0,1,2,3,4", "--seeds", help="Seeds, comma-separated: one world, tiny model, SFT and "
-                              "one RL run per arm each. Choices (arms, alpha, steps) were made on 100-104; report "
-                              "on others."),
-    arms: str = typer.Option(",".join(__import__("pipelines.bench.tgrpo", fromlist=["x"]).DEFAULT_ARMS), "--arms",
+                              "one RL run per arm each. Make choices (arms, alpha, steps) on other seeds than the "
+                              "ones reported (BENCHMARKS.md's study explored on 100-104 and reports 0-4)."),
+    arms: str = typer.Option("grpo,tgrpo,tgrpo-mu1,contrast", "--arms",
                              help="RL arms, comma-separated: grpo, tgrpo (Video-R1's rule, mu 0.8), tgrpo-mu1, "
                              "separate, contrast; NAME:key=value adds overrides (e.g. contrast:rl.temporal_alpha=1.0). "
                              "grpo is the reference of the differences."),
