@@ -138,3 +138,9 @@ def test_bench_tgrpo_smoke(tmp_path):
     assert len(reg.parents(bench["id"])) == 6  # the six evals are its inputs
     world = json.loads((out / "seed-0" / "world" / "world.json").read_text())
     assert world["params"]["shortcut"] == 0.75 and (out / "bench-tgrpo.json").exists()
+    # --merge reads the finished seeds back (a study run in pieces): the same table, nothing re-run
+    merged = json.loads(run_cli("bench", "tgrpo", "--merge", out, "--arms", "grpo,tgrpo", "--json", "--out",
+                                tmp_path / "merged").stdout)
+    assert merged["accuracy"] == table["accuracy"] and merged["training"] == table["training"]
+    assert merged["rl_runs"] == table["rl_runs"] and merged["config"]["merged_from"] == [str(out.resolve())]
+    assert len(reg.list_runs(kind="train-rl")) == 4  # nothing trained again

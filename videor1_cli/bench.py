@@ -410,6 +410,10 @@ def tgrpo_bench(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Directory of the study (default: "
                                        "<run.output_dir>/bench-tgrpo)."),
     bootstrap: int = typer.Option(2000, "--bootstrap", min=100, help="Bootstrap replicates of the intervals."),
+    merge: Optional[list[Path]] = typer.Option(
+        None, "--merge", help="Run nothing: summarise the complete seeds of these study directories (repeatable; "
+        "e.g. seeds 0-2 and 3-4 run as two invocations side by side) into --out. Stages are per seed and "
+        "deterministic, so this is the table one invocation over those seeds gives."),
 ) -> None:
     """T-GRPO's temporal effect: GRPO, T-GRPO (Video-R1's rule at mu 0.8 and 1.0) and the variants from the same SFT
     model per seed on the shortcut world, identical budgets; accuracy on order-dependent / order-free /
@@ -425,6 +429,9 @@ def tgrpo_bench(
     from videor1_cli.quickstart import _invoke, _spawn
 
     q = cfg.quickstart
+    arm_list = [T.parse_arm(a.strip()) for a in arms.split(",") if a.strip()]
+    if merge:
+        return _tgrpo_merge(cfg, merge, arm_list, out, bootstrap, as_json)
     if smoke:
         study = T.Study(seeds=T.SMOKE["seeds"], arms=[T.parse_arm(a) for a in T.SMOKE["arms"]],
                         shortcut=None if default_world else shortcut,
@@ -433,8 +440,7 @@ def tgrpo_bench(
                         smoke=True)
     else:
         study = T.Study(seeds=[int(s) for s in seeds.split(",") if s.strip()],
-                        arms=[T.parse_arm(a.strip()) for a in arms.split(",") if a.strip()],
-                        shortcut=None if default_world else shortcut,
+                        arms=arm_list, shortcut=None if default_world else shortcut,
                         train=train or q.train, sft=sft or q.sft, test=test or q.test,
                         sft_steps=sft_steps or q.sft_steps, rl_steps=rl_steps or T.FULL["rl_steps"],
                         nproc=q.nproc)
@@ -458,34 +464,58 @@ def tgrpo_bench(
         tag = f"bench-tgrpo-{run.id}"
         res = T.run_study(study, cfg, _invoke, spawn=_spawn, registry=registry, tag=tag, on_stage=on_stage,
                           log=lambda s: err_console.print(f"[dim]{s}[/dim]"), n_boot=bootstrap)
-        for f in res.eval_results:
-            run.use_path("eval-results", f)
-        path = res.out / "bench-tgrpo.json"
-        png = T.plot(res.table, res.out / "bench-tgrpo.png")
-        run.log_artifact("bench", path, hash_content=True)
-        run.log_artifact("plot", png)
-        metrics = {}
-        for cat, rows in res.table["accuracy"].items():
-            for lab, r in rows.items():
-                if isinstance(r, dict):
-                    metrics[f"{cat}/{lab}"] = r["mean"]
-                    if r.get("minus_grpo") is not None and lab != T.REFERENCE:
-                        metrics[f"{cat}/{lab}_minus_grpo"] = r["minus_grpo"]
-        for lab, t in res.table["training"].items():
-            for k in ("p_gap_last_quarter", "bonus_rate_mean", "step_time_median_s"):
-                if t.get(k) is not None:
-                    metrics[f"train/{lab}/{k}"] = t[k]
-        run.log_metrics(0, metrics)
-        run.set_summary({"out": str(res.out), "tag": tag, "goal": res.table["goal"], "seconds": res.table["seconds"],
-                         "smoke": study.smoke, "config": res.table["config"]})
+        _tgrpo_report(run, res.table, res.eval_results, res.out, {"tag": tag, "smoke": study.smoke}, as_json)
+
+
+def _tgrpo_merge(cfg, dirs, arms, out, n_boot: int, as_json: bool) -> None:
+    from pipelines.bench import tgrpo as T
+    from videor1_cli.common import registered_run
+
+    out = (out or Path(cfg.run.output_dir) / "bench-tgrpo-merged").resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    table, files = T.merge_studies([Path(d).resolve() for d in dirs], arms, n_boot=n_boot)
+    (out / "bench-tgrpo.json").write_text(__import__("json").dumps(table, indent=1) + "\n")
+    with registered_run(cfg, "bench-tgrpo") as (run, _run_dir):
+        _tgrpo_report(run, table, files, out, {"merged_from": [str(d) for d in dirs], "smoke": False}, as_json)
+
+
+def _tgrpo_report(run, table, eval_files, out: Path, extra: dict, as_json: bool) -> None:
+    """Register a bench tgrpo table (inputs: the evals; artifacts: JSON and plot; metrics) and print it."""
+    import json as _json
+
+    from rich.table import Table
+
+    from pipelines.bench import tgrpo as T
+    from videor1_cli.common import console
+
+    for f in eval_files:
+        run.use_path("eval-results", f)
+    path = out / "bench-tgrpo.json"
+    png = T.plot(table, out / "bench-tgrpo.png")
+    run.log_artifact("bench", path, hash_content=True)
+    run.log_artifact("plot", png)
+    metrics = {}
+    for cat, rows in table["accuracy"].items():
+        for lab, r in rows.items():
+            if isinstance(r, dict):
+                metrics[f"{cat}/{lab}"] = r["mean"]
+                if r.get("minus_grpo") is not None and lab != T.REFERENCE:
+                    metrics[f"{cat}/{lab}_minus_grpo"] = r["minus_grpo"]
+    for lab, t in table["training"].items():
+        for k in ("p_gap_order_last_quarter", "p_gap_last_quarter", "bonus_rate_mean", "step_time_median_s"):
+            if t.get(k) is not None:
+                metrics[f"train/{lab}/{k}"] = t[k]
+    run.log_metrics(0, metrics)
+    run.set_summary({"out": str(out), "goal": table["goal"], "seconds": table.get("seconds"),
+                     "config": table["config"], **extra})
     if as_json:
-        typer.echo(_json.dumps(res.table | {"run": run.id, "plot": str(png)}, indent=1))
+        typer.echo(_json.dumps(table | {"run": run.id, "plot": str(png)}, indent=1))
         return
-    acc = res.table["accuracy"]
+    seeds, acc = table["config"]["seeds"], table["accuracy"]
     labels = [lab for lab in acc.get("order_dependent", {}) if lab != "questions_per_seed"]
     t = Table("model", *[c.replace("_", "-") for c in acc], title=f"bench tgrpo: held-out accuracy (%, mean of seeds "
-              f"{', '.join(map(str, study.seeds))}) [95% CI]; minus GRPO [95% CI]"
-              + ("  \\[smoke: no claim]" if study.smoke else ""), title_justify="left")
+              f"{', '.join(map(str, seeds))}) [95% CI]; minus GRPO [95% CI]"
+              + ("  \\[smoke: no claim]" if table["config"].get("smoke") else ""), title_justify="left")
     for lab in labels:
         cells = []
         for cat in acc:
@@ -496,21 +526,24 @@ def tgrpo_bench(
             cells.append(cell)
         t.add_row(lab, *cells)
     console.print(t)
-    tr = Table("arm", "p_gap first / last quarter", "p_ordered / p_shuffled (last quarter)", "bonus fired",
-               "adv. moved", "step s (x GRPO)", title="training (mean over seeds)", title_justify="left")
 
     def f(x, nd=3):
         return "-" if x is None else f"{x:.{nd}f}"
 
-    for lab, r in res.table["training"].items():
-        tr.add_row(lab, f"{f(r['p_gap_first_quarter'])} / {f(r['p_gap_last_quarter'])}",
-                   f"{f(r['p_ordered_last_quarter'])} / {f(r['p_shuffled_last_quarter'])}", f(r["bonus_rate_mean"]),
+    tr = Table("arm", "p_gap order-dep. first / last quarter", "p_gap other (last)", "bonus fired order / other",
+               "adv. moved", "step s (x GRPO)", title="training (mean over seeds)", title_justify="left")
+    for lab, r in table["training"].items():
+        gap = (f"{f(r.get('p_gap_order_first_quarter'))} / {f(r.get('p_gap_order_last_quarter'))}"
+               if r.get("p_gap_order_last_quarter") is not None
+               else f"{f(r['p_gap_first_quarter'])} / {f(r['p_gap_last_quarter'])} (all)")
+        tr.add_row(lab, gap, f(r.get("p_gap_other_last_quarter")),
+                   f"{f(r.get('bonus_rate_order_mean'))} / {f(r.get('bonus_rate_other_mean'))}",
                    f(r["adv_change_mean"]), f"{f(r['step_time_median_s'])} ({f(r['step_time_vs_grpo'], 2)})")
     console.print(tr)
-    for lab, g in res.table["goal"].items():
+    for lab, g in table["goal"].items():
         console.print(f"{lab}: order-dependent {g['order_dependent_minus_grpo']:+.2f} [{g['ci95'][0]:+.2f}, "
                       f"{g['ci95'][1]:+.2f}] vs GRPO, order-free {g['order_free_minus_grpo']:+.2f}: goal "
                       + ("[green]met[/green]" if g["meets_goal"] else "not met"))
-    first = str(study.seeds[0])
-    console.print(f"side by side: videor1 runs compare {' '.join(res.table['rl_runs'][first].values())}", soft_wrap=True)
+    first = str(seeds[0])
+    console.print(f"side by side: videor1 runs compare {' '.join(table['rl_runs'][first].values())}", soft_wrap=True)
     console.print(f"results: {path}; plot: {png}; run {run.id}", soft_wrap=True)

@@ -409,51 +409,127 @@ def run_study(study: Study, cfg, invoke: Callable[[list[str]], None], *, spawn=N
             if background is not None:
                 background.stop()
             raise
-        world = json.loads((sp.world / "world.json").read_text())
-        chance[seed] = chance_of(world)
-        sc_file = sp.world / "shortcut.json"
-        shortcut_rows[seed] = json.loads(sc_file.read_text()).get("test", {}) if sc_file.exists() else {}
-        scores[seed] = {}
-        for label, e in sp.evals.items():
-            f = e / "synthetic.samples.jsonl"
-            if not f.exists():
-                raise BenchTgrpoError(f"eval of {label} (seed {seed}) wrote no {f}")
-            eval_files.append(e / "results.json")
-            scores[seed][label] = sorted((json.loads(x) for x in f.read_text().splitlines() if x.strip()),
-                                         key=lambda r: r["index"])
-        runs = {r["name"]: r for r in reg.list_runs(kind="train-rl", tag=tag)}
-        train[seed], rl_ids[seed] = {}, {}
-        for arm in study.arms:
-            r = runs.get(sp.rl_names[arm.name])
-            if r is None:
-                raise BenchTgrpoError(f"no train-rl run named {sp.rl_names[arm.name]} in the registry")
-            rl_ids[seed][arm.name] = r["id"]
-            train[seed][arm.name] = reg.metrics(r["id"], list(TRAIN_METRICS))
+        c = collect_seed(sp.dir, seed, study.arms, reg)
+        chance[seed], shortcut_rows[seed], scores[seed], train[seed], rl_ids[seed] = (
+            c["chance"], c["shortcut_rows"], c["scores"], c["train"], c["rl_ids"])
+        eval_files += c["eval_files"]
         log(f"seed {seed}: " + ", ".join(
             f"{lab} {100 * np.mean([float(x['official_score']) for x in rows]):.1f}" for lab, rows in
             scores[seed].items()) + f" ({time.perf_counter() - t0:.0f}s)")
-    table = summarise(study, scores, shortcut_rows, train, chance, n_boot=n_boot)
-    table["world"] = {"shortcut": study.shortcut, "shortcut_accuracy_test":
-                      _shortcut_accuracy(out, study.seeds) if study.shortcut is not None else None}
-    table["config"] = {"seeds": study.seeds, "arms": [a.name for a in study.arms], "train": study.train,
-                       "sft": study.sft, "test": study.test, "sft_steps": study.sft_steps, "rl_steps": study.rl_steps,
-                       "nproc": study.nproc, "smoke": study.smoke,
-                       "rl": {"prompts_per_step": resolved["rl"]["per_device_prompts"] * max(1, study.nproc),
-                              **{k: resolved["rl"][k] for k in ("num_generations", "num_shuffled", "learning_rate",
-                                                                "advantage", "temperature", "beta",
-                                                                "max_completion_length")}}}
-    table["rl_runs"] = {str(s): ids for s, ids in rl_ids.items()}
+    table = finish_table(study, {s: out for s in study.seeds}, scores, shortcut_rows, train, chance, rl_ids, n_boot)
+    table["config"]["rl"] = rl_settings(resolved, study.nproc)
     table["stage_seconds"] = seconds
     table["seconds"] = round(time.perf_counter() - t0, 1)
     (out / "bench-tgrpo.json").write_text(json.dumps(table, indent=1) + "\n")
     return StudyResult(table, eval_files, rl_ids, out)
 
 
-def _shortcut_accuracy(out: Path, seeds: Sequence[int]) -> dict[str, float]:
+def rl_settings(resolved: dict[str, Any], nproc: int) -> dict[str, Any]:
+    """The RL settings every arm shares (from the resolved stage config)."""
+    return {"prompts_per_step": resolved["rl"]["per_device_prompts"] * max(1, nproc),
+            **{k: resolved["rl"][k] for k in ("num_generations", "num_shuffled", "learning_rate", "advantage",
+                                              "temperature", "beta", "max_completion_length")}}
+
+
+def collect_seed(seed_dir: Path, seed: int, arms: Sequence[Arm], reg) -> dict[str, Any]:
+    """Read one seed's results back: its world's chance and shortcut rows, the per-question eval rows of the SFT model
+    and every arm, and the metric series of each arm's train-rl run (the registry run whose model is this seed's
+    rl-<arm>-model, newest first)."""
+    seed_dir = Path(seed_dir)
+    world = seed_dir / "world"
+    if not (world / "world.json").exists():
+        raise BenchTgrpoError(f"{seed_dir}: no world/world.json", hint="the study's seed did not run to its end")
+    sc_file = world / "shortcut.json"
+    out: dict[str, Any] = {"chance": chance_of(json.loads((world / "world.json").read_text())),
+                           "shortcut_rows": json.loads(sc_file.read_text()).get("test", {}) if sc_file.exists()
+                           else {}, "scores": {}, "train": {}, "rl_ids": {}, "eval_files": []}
+    for label in ["sft", *(a.name for a in arms)]:
+        e = seed_dir / f"eval-{_slug(label)}"
+        f = e / "synthetic.samples.jsonl"
+        if not f.exists() or not (e / "results.json").exists():
+            raise BenchTgrpoError(f"eval of {label} (seed {seed}) wrote no {f}",
+                                  hint="the study's seed did not run to its end")
+        out["eval_files"].append(e / "results.json")
+        out["scores"][label] = sorted((json.loads(x) for x in f.read_text().splitlines() if x.strip()),
+                                      key=lambda r: r["index"])
+    runs = reg.list_runs(kind="train-rl", status="finished")
+    for arm in arms:
+        model = str((seed_dir / f"rl-{_slug(arm.name)}-model").resolve())
+        r = next((r for r in runs if str(r.get("summary", {}).get("model")) == model), None)
+        if r is None:
+            raise BenchTgrpoError(f"no finished train-rl run wrote {model} in the registry {reg.path}")
+        out["rl_ids"][arm.name] = r["id"]
+        out["train"][arm.name] = reg.metrics(r["id"], list(TRAIN_METRICS))
+    return out
+
+
+def finish_table(study: Study, seed_dirs: dict[int, Path], scores, shortcut_rows, train, chance, rl_ids,
+                 n_boot: int) -> dict[str, Any]:
+    table = summarise(study, scores, shortcut_rows, train, chance, n_boot=n_boot)
+    table["world"] = {"shortcut": study.shortcut, "shortcut_accuracy_test":
+                      _shortcut_accuracy(seed_dirs, study.seeds) if study.shortcut is not None else None}
+    table["config"] = {"seeds": study.seeds, "arms": [a.name for a in study.arms], "train": study.train,
+                       "sft": study.sft, "test": study.test, "sft_steps": study.sft_steps, "rl_steps": study.rl_steps,
+                       "nproc": study.nproc, "smoke": study.smoke}
+    table["rl_runs"] = {str(s): ids for s, ids in rl_ids.items()}
+    return table
+
+
+def merge_studies(dirs: Sequence[str | Path], arms: Sequence[Arm], n_boot: int = 2000) -> tuple[dict[str, Any],
+                                                                                              list[Path]]:
+    """The table of studies that ran in pieces (e.g. seeds 0-2 and 3-4 as two invocations side by side): every
+    complete seed-N directory under `dirs` is read back (`collect_seed`), with the registry and settings each study
+    recorded in its bench-tgrpo-config.yaml. Stages are per seed and deterministic, so the merged table is the one a
+    single invocation over the same seeds gives."""
+    import yaml
+
+    from pipelines.registry import Registry
+
+    scores, shortcut_rows, train, chance, rl_ids, seed_dirs, files = {}, {}, {}, {}, {}, {}, []
+    settings: list[dict[str, Any]] = []
+    for d in map(Path, dirs):
+        cfg_file = d / "bench-tgrpo-config.yaml"
+        if not cfg_file.exists():
+            raise BenchTgrpoError(f"{d} is not a bench tgrpo study (no bench-tgrpo-config.yaml)")
+        resolved = yaml.safe_load(cfg_file.read_text())
+        reg = Registry(resolved["run"]["registry"])
+        for sd in sorted(d.glob("seed-*"), key=lambda p: int(p.name[5:]) if p.name[5:].isdigit() else -1):
+            if not sd.name[5:].isdigit():
+                continue
+            seed = int(sd.name[5:])
+            try:
+                c = collect_seed(sd, seed, arms, reg)
+            except BenchTgrpoError:
+                continue  # an unfinished seed (a study stopped part-way)
+            if seed in scores:
+                raise BenchTgrpoError(f"seed {seed} is complete in two of the merged studies", hint="merge each once")
+            scores[seed], shortcut_rows[seed], train[seed], chance[seed], rl_ids[seed] = (
+                c["scores"], c["shortcut_rows"], c["train"], c["chance"], c["rl_ids"])
+            seed_dirs[seed] = d
+            files += c["eval_files"]
+            world = json.loads((sd / "world" / "world.json").read_text())
+            p = world["params"]
+            settings.append({"shortcut": p.get("shortcut"), "train": p["train"], "sft": p["sft"], "test": p["test"],
+                             "rl": rl_settings(resolved, resolved["quickstart"].get("nproc") or 1)})
+    if not scores:
+        raise BenchTgrpoError(f"no complete seed in {', '.join(map(str, dirs))}")
+    if any(s != settings[0] for s in settings[1:]):
+        raise BenchTgrpoError("the merged studies differ in world or RL settings; merge only one study's pieces")
+    seeds = sorted(scores)
+    steps = {len(train[s][a.name].get("step_time", [])) for s in seeds for a in arms}
+    study = Study(seeds=seeds, arms=list(arms), shortcut=settings[0]["shortcut"], train=settings[0]["train"],
+                  sft=settings[0]["sft"], test=settings[0]["test"], sft_steps=0, rl_steps=max(steps), nproc=0)
+    table = finish_table(study, {s: seed_dirs[s] for s in seeds}, scores, shortcut_rows, train, chance, rl_ids,
+                         n_boot)
+    table["config"].update(sft_steps=None, nproc=None, rl=settings[0]["rl"], merged_from=[str(d) for d in dirs])
+    return table, files
+
+
+def _shortcut_accuracy(seed_dirs: dict[int, Path], seeds: Sequence[int]) -> dict[str, float]:
     """Mean over seeds of the shortcut's test accuracy per order-dependent data_source (world.json)."""
     acc: dict[str, list[float]] = {}
     for s in seeds:
-        w = json.loads((out / f"seed-{s}" / "world" / "world.json").read_text())
+        w = json.loads((Path(seed_dirs[s]) / f"seed-{s}" / "world" / "world.json").read_text())
         for src, row in w["shortcut"]["by_data_source"].items():
             if row["accuracy"]["test"] is not None:
                 acc.setdefault(src, []).append(row["accuracy"]["test"])
