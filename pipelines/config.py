@@ -223,6 +223,29 @@ class RlConfig(Section):
         description="The bonus is given when p >= mu * p~. Video-R1's code uses 0.8; the paper states p >= p~ (1.0).",
     )
     temporal_alpha: float = Field(0.3, ge=0, description="alpha: temporal bonus added to correct ordered answers.")
+    temporal_rule: Literal["video_r1", "contrast"] = Field(
+        "video_r1",
+        description="T-GRPO's temporal reward (pipelines/rl/advantages.py, a registry). video_r1: +alpha to every "
+        "correct ordered completion of a video group whose p >= mu * p~ (Video-R1). contrast: each ordered "
+        "completion gets alpha * (accuracy - s), s = the share of the group's shuffled completions giving the same "
+        "answer: an answer pays only as far as the policy cannot give it without the frame order, and the answer it "
+        "also gives on shuffled frames (a shortcut's) is pushed down hardest; mu is not used. docs/rl.md and "
+        "BENCHMARKS.md (issue 25) for what each does on the shortcut world.",
+    )
+    temporal_term: Literal["reward", "advantage"] = Field(
+        "reward",
+        description="Where the temporal reward enters. reward: added to R before the advantage (Video-R1; with "
+        "rl.advantage=group a bonus paid to every correct completion of a binary-reward group is divided away by the "
+        "group's std, Video-R1 #51). advantage: a separate term, bonus - its group mean, added to the advantage of R "
+        "without it, so no std divides it away. Identical under rl.advantage=mean_only.",
+    )
+    shuffled_probe: bool = Field(
+        False,
+        description="GRPO only: also sample G~ completions on the shuffled frames of each video prompt to log "
+        "p_shuffled and p_gap as T-GRPO does (no reward, no gradient). The probe is a separate generate call whose "
+        "random numbers are given back, so training is bit-identical with and without it on the hf backend; its "
+        "time is logged as time/shuffled_probe and left out of step_time. Not under ZeRO-3 on several ranks.",
+    )
     correct_threshold: float = Field(
         0.1, ge=0, le=1, description="An answer is 'correct' for the temporal/length bonus when accuracy > this."
     )

@@ -9,6 +9,8 @@
     out_dir/test.json                 held-out records
     out_dir/world.json                manifest: seed, parameters, counts, chance level per data_source
     out_dir/media.json                per-media ground truth (square positions, colours per frame, words), for tests
+    out_dir/shortcut.json             shortcut world only (`shortcut=`): the order-blind shortcut's answer and score
+                                      per order-dependent record, by split
 
 The world is the one measured to be learnable by a 0.19 M-param model on a CPU (reference/environment.md): a 12 px
 square of one of four well-separated colours on noisy grey, moving left or right by a constant step; some clips
@@ -217,8 +219,10 @@ def _image_side_range(size: int) -> tuple[int, int]:
 
 
 def sample_scene(family: str, kinds: list[str], rng: np.random.Generator, *, frames: int, size: int,
-                 square: int) -> dict[str, Any]:
+                 square: int, shortcut: float | None = None) -> dict[str, Any]:
     margin = 2
+    if shortcut is not None and family in ("steady", "switch"):
+        return _sample_shortcut_clip(family, rng, frames=frames, size=size, square=square, strength=shortcut)
     if family in ("steady", "switch"):
         long_clip = _long_clip(frames, size, square, margin)
         smin, smax = _distance_range(size, square, margin) if long_clip else _step_range(frames, size, square, margin)
@@ -272,6 +276,103 @@ def sample_scene(family: str, kinds: list[str], rng: np.random.Generator, *, fra
         word = WORDS[int(rng.integers(0, len(WORDS)))]
         return {"word": word, "jitter": [int(rng.integers(-3, 4)), int(rng.integers(-3, 4))]}
     raise ValueError(family)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The shortcut world (`synthesize(..., shortcut=s)`, `data synth --shortcut S`): order-dependent answers follow an
+# order-blind cue with probability s, so they can be partly answered without the frame order, as real video QA can
+# from a single frame or a scene prior; the full answer still needs the order. The cue is the clip's majority colour
+# (the colour in most frames: any multiset of the frames shows it, shuffled or not):
+#   direction      each colour has a preferred direction (PREFERRED_DIRECTION); the square moves that way with
+#                  probability s (for the majority colour of a colour-switching clip)
+#   first / last   with probability s the switch comes late, so the first colour is the majority colour and the last
+#                  one the minority colour; otherwise early (never at the middle frame: no ties)
+#   describe       both of the above ("the square turns from <majority> to <minority> and moves <preferred>")
+# The default world (shortcut=None) draws exactly what it always drew; these rules exist only in the shortcut world.
+PREFERRED_DIRECTION = {"red": "right", "green": "left", "blue": "right", "yellow": "left"}
+SHORTCUT_RULES = {
+    "synthetic/order/direction": "the preferred direction of the majority colour (red, blue: right; green, yellow: "
+                                 "left)",
+    "synthetic/order/first-color": "the majority colour (the colour in most frames)",
+    "synthetic/order/last-color": "the minority colour (the colour in fewest frames)",
+    "synthetic/order/describe": "the description built from the majority colour first, the minority colour second "
+                                "and the majority colour's preferred direction",
+}
+
+
+def _switch_ranges(frames: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(late, early) ranges of switch_at (frames of the first colour): late gives the first colour the majority,
+    early the minority; the middle (a tie) is never drawn."""
+    half = frames // 2
+    late = (half + 1, max(half + 1, frames - 2))
+    early = (min(2, (frames - 1) // 2), (frames - 1) // 2)
+    return late, early
+
+
+def _sample_shortcut_clip(family: str, rng: np.random.Generator, *, frames: int, size: int, square: int,
+                          strength: float) -> dict[str, Any]:
+    margin = 2
+    smin, smax = _step_range(frames, size, square, margin)
+    step = int(rng.integers(smin, smax + 1))
+    if family == "steady":
+        c = COLOR_NAMES[int(rng.integers(0, 4))]
+        seq, switch_at, majority = [c] * frames, None, c
+    else:
+        i, j = rng.choice(4, size=2, replace=False)
+        c1, c2 = COLOR_NAMES[int(i)], COLOR_NAMES[int(j)]
+        late_range, early_range = _switch_ranges(frames)
+        late = bool(rng.random() < strength)
+        lo, hi = late_range if late else early_range
+        switch_at = int(rng.integers(lo, hi + 1))
+        seq = [c1] * switch_at + [c2] * (frames - switch_at)
+        majority = c1 if late else c2
+    preferred = PREFERRED_DIRECTION[majority]
+    direction = preferred if rng.random() < strength else ("left" if preferred == "right" else "right")
+    span = step * (frames - 1)
+    lo, hi = margin, size - square - margin - span
+    x0 = int(rng.integers(lo, max(lo, hi) + 1))
+    if direction == "left":
+        x0 += span
+    y = int(rng.integers(margin, size - square - margin + 1))
+    sgn = 1 if direction == "right" else -1
+    xs = [x0 + sgn * step * t for t in range(frames)]
+    present = list(dict.fromkeys(seq))
+    if family == "switch" or rng.integers(0, 2):
+        asked = present[int(rng.integers(0, len(present)))]
+    else:
+        others = [c for c in COLOR_NAMES if c not in present]
+        asked = others[int(rng.integers(0, len(others)))]
+    return {"colors": seq, "switch_at": switch_at, "direction": direction, "step": step, "xs": xs, "y": y,
+            "square": square, "count_color": asked, "count": seq.count(asked)}
+
+
+def shortcut_answer(kind: str, p: dict[str, Any]) -> str | None:
+    """What the order-blind shortcut answers to a question of `kind` about a clip (colour names and directions, not
+    option letters); None for questions the shortcut does not address (order-free kinds)."""
+    if kind not in ("direction", "first-color", "last-color", "describe"):
+        return None
+    counts = {c: p["colors"].count(c) for c in dict.fromkeys(p["colors"])}
+    ranked = sorted(counts, key=lambda c: -counts[c])  # stable: a tie keeps the order of appearance
+    majority, minority = ranked[0], ranked[-1]
+    preferred = PREFERRED_DIRECTION[majority]
+    if kind == "direction":
+        return preferred
+    if kind == "first-color":
+        return majority
+    if kind == "last-color":
+        return minority
+    if len(counts) == 1:
+        return f"the {majority} square moves {preferred}"
+    return f"the square turns from {majority} to {minority} and moves {preferred}"
+
+
+def shortcut_score(kind: str, p: dict[str, Any], gold: str) -> float | None:
+    """The shortcut's score on one question, in the world's own scoring (exact for multiple choice, ROUGE for the
+    description, as chance_levels); `gold` is the answer text (a colour, a direction or the description)."""
+    ans = shortcut_answer(kind, p)
+    if ans is None:
+        return None
+    return rouge_mean(ans, gold) if kind == "describe" else float(ans == gold)
 
 
 _FONTS: dict[int, Any] = {}
@@ -585,6 +686,7 @@ def _prepare_dir(root: Path) -> None:
         d.mkdir(parents=True, exist_ok=True)
         for f in d.glob(pattern):  # files of a previous synthesis here
             f.unlink()
+    (root / "shortcut.json").unlink(missing_ok=True)  # a previous shortcut world's; rewritten when asked for
 
 
 def synthesize(
@@ -604,9 +706,15 @@ def synthesize(
     questions_per_video: float = 3.35,
     questions_per_image: float = 1.0,
     noise: int = 20,
+    shortcut: float | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Write a synthetic world in Video-R1 format under `out_dir`; returns paths, counts and the manifest.
+
+    `shortcut` (a probability, e.g. 0.75): the shortcut world, where order-dependent answers follow the clip's
+    majority colour with that probability (SHORTCUT_RULES); world.json then reports the shortcut's accuracy per
+    data_source and split beside chance, and shortcut.json the shortcut's answer and score per order-dependent
+    record. None (the default) writes exactly the default world.
 
     {"root", "train" (= "rl"), "rl", "sft", "test", "world" (world.json), "media" (media.json): str paths,
      "counts": {"rl", "sft", "test", "videos", "images", "records"}, "manifest": the world.json dict}
@@ -624,6 +732,11 @@ def synthesize(
         raise SynthError(f"image_fraction must be in [0, 1], got {image_fraction}")
     if fps <= 0:
         raise SynthError(f"fps must be > 0, got {fps}")
+    if shortcut is not None and not 0 <= shortcut <= 1:
+        raise SynthError(f"shortcut must be a probability in [0, 1], got {shortcut}",
+                         hint="0.5 makes the cue uninformative; 0.75 answers 3 in 4 order questions without order")
+    if shortcut is not None and frames < 3:
+        raise SynthError(f"the shortcut world needs >= 3 frames per video (a majority colour), got frames={frames}")
     mix_n = _normalise_mix(mix)
     root = Path(out_dir)
     _prepare_dir(root)
@@ -634,6 +747,7 @@ def synthesize(
     files: dict[str, Path] = {}
     media: dict[str, Any] = {}
     counts: dict[str, Any] = {}
+    shortcut_rows: dict[str, dict[str, Any]] = {}
     for split in SPLITS:
         code = _SPLIT_CODE[split]
         rng = np.random.default_rng([seed, code])
@@ -655,7 +769,7 @@ def synthesize(
         base = _SPLIT_BASE[split]
         for si, sc in enumerate(scenes):
             fam = "word" if sc.family.startswith("word") else sc.family
-            sc.params = sample_scene(fam, sc.kinds, rng, frames=frames, size=size, square=square)
+            sc.params = sample_scene(fam, sc.kinds, rng, frames=frames, size=size, square=square, shortcut=shortcut)
             pix_rng = np.random.default_rng([seed, code, 7, si])
             pixels = render(sc.family, sc.params, pix_rng, frames=frames, size=size, noise=noise)
             is_video = KINDS[sc.kinds[0]].data_type == "video"
@@ -685,6 +799,13 @@ def synthesize(
                 rec["path"] = "./" + rel
                 rec["data_source"] = k.data_source
                 records.append(rec)
+                if shortcut is not None:
+                    gold = _option_text(qa["options"], qa["answer"]) if qa["options"] else qa["answer"]
+                    score = shortcut_score(kind, sc.params, gold)
+                    if score is not None:
+                        shortcut_rows.setdefault(split, {})[str(rec["problem_id"])] = {
+                            "data_source": k.data_source, "shortcut": shortcut_answer(kind, sc.params),
+                            "gold": gold, "score": round(score, 4)}
             done += len(sc.kinds)
             if progress:
                 progress(done, total)
@@ -710,6 +831,11 @@ def synthesize(
         "chance": chance,
         "order_marker": "data_sources containing 'order' have answers that depend on frame order",
     }
+    if shortcut is not None:
+        manifest["params"]["shortcut"] = shortcut
+        manifest["files"]["shortcut"] = "shortcut.json"
+        manifest["shortcut"] = shortcut_table(shortcut, shortcut_rows, chance)
+        (root / "shortcut.json").write_text(json.dumps(shortcut_rows, indent=1, sort_keys=True) + "\n")
     (root / "media.json").write_text(json.dumps(media, indent=1, sort_keys=True) + "\n")
     (root / "world.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return {
@@ -720,11 +846,35 @@ def synthesize(
         "test": str(files["test"]),
         "world": str(root / "world.json"),
         "media": str(root / "media.json"),
+        **({"shortcut": str(root / "shortcut.json")} if shortcut is not None else {}),
         "counts": {
             "rl": train, "sft": sft, "test": test, "records": total,
             "videos": sum(counts[s]["videos"] for s in SPLITS), "images": sum(counts[s]["images"] for s in SPLITS),
         },
         "manifest": manifest,
+    }
+
+
+def shortcut_table(strength: float, rows: dict[str, dict[str, Any]], chance: dict[str, Any]) -> dict[str, Any]:
+    """world.json's "shortcut" block: per order-dependent data_source, the rule, chance and the shortcut's measured
+    accuracy on each split (mean score of its answer over that split's records), with the share of questions on which
+    it is right (counter-shortcut questions are the rest: only the frame order answers them)."""
+    by_src: dict[str, Any] = {}
+    for src, rule in SHORTCUT_RULES.items():
+        acc, agree = {}, {}
+        for split in SPLITS:
+            scores = [r["score"] for r in rows.get(split, {}).values() if r["data_source"] == src]
+            acc[split] = round(sum(scores) / len(scores), 4) if scores else None
+            agree[split] = round(sum(s >= 1.0 for s in scores) / len(scores), 4) if scores else None
+        by_src[src] = {"rule": rule, "chance": chance[src]["chance"], "accuracy": acc,
+                       "fully_right": agree, "expected": strength if src != "synthetic/order/describe" else None}
+    return {
+        "strength": strength,
+        "cue": "the clip's majority colour (order-blind: any shuffle of the frames shows it)",
+        "note": "accuracy = the world's own scoring of the shortcut's answer (exact for multiple choice, ROUGE for "
+                "the description); taking the shortcut on every order-dependent question scores this; the order "
+                "answers all of them",
+        "by_data_source": by_src,
     }
 
 

@@ -65,6 +65,66 @@ def test_temporal_bonus_alpha_and_nothing_correct():
     assert bonus.tolist() == [[0.2, 0.0]]
 
 
+# -- temporal rules (registry) and where the temporal reward enters (issue 25) ---------------------------------------
+def test_video_r1_rule_is_the_temporal_bonus():
+    acc, shuf, vid = t([[1, 0, 1, 0], [1, 1, 0, 0]]), t([[1, 1], [0, 0]]), torch.tensor([True, True])
+    r = A.temporal_rule("video_r1", acc, shuf, vid, mu=0.8, alpha=0.3, threshold=0.1)
+    bonus, granted, p, ps = A.temporal_bonus(acc, shuf, vid, mu=0.8, alpha=0.3)
+    assert torch.equal(r.bonus, bonus) and torch.equal(r.fired, granted)
+    assert torch.equal(r.p, p) and torch.equal(r.p_shuffled, ps)
+    with pytest.raises(ValueError, match="unknown temporal rule"):
+        A.temporal_rule("nope", acc, shuf, vid)
+
+
+def test_answer_agreement():
+    # group 0: shuffled say B, B, A, "" -> "B" agrees with 2/4, "A" with 1/4, "b." (normalised to b) with 2/4,
+    # "" (no answer) with nothing, "C" with nothing; group 1 has no shuffled answers (an image): 0
+    ag = A.answer_agreement([["B", "A", "b.", "", "C"], ["A", "A", "A", "A", "A"]], [["B", "B", "A", ""], []])
+    assert ag.tolist() == [[0.5, 0.25, 0.5, 0.0, 0.0], [0.0] * 5]
+
+
+def test_contrast_rule_hand_computed():
+    # group 0 (video, 4 options): ordered answers B B A C with gold B -> acc 1 1 0 0; shuffled B A A A (p~ = 1/4).
+    #   agreement: B -> 1/4, A -> 3/4, C -> 0; bonus = 0.3 * (acc - s) = [0.225, 0.225, -0.225, 0]
+    # group 1 (video): everything right both ways (an order-free question): acc 1, s 1 -> 0 bonus, not fired
+    # group 2 (image): no shuffled completions -> 0, p~ NaN
+    acc = t([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 1, 0]])
+    shuf = t([[1, 0, 0, 0], [1, 1, 1, 1], [float("nan")] * 4])
+    ag = A.answer_agreement([["B", "B", "A", "C"], ["red"] * 4, ["1", "2", "1", "2"]],
+                            [["B", "A", "A", "A"], ["red"] * 4, []])
+    r = A.temporal_rule("contrast", acc, shuf, torch.tensor([True, True, False]), agreement=ag, alpha=0.3)
+    assert r.bonus[0].tolist() == pytest.approx([0.225, 0.225, -0.225, 0.0])
+    assert r.bonus[1].tolist() == [0.0] * 4 and r.bonus[2].tolist() == [0.0] * 4
+    assert r.fired.tolist() == [True, False, False]
+    assert r.p.tolist() == [0.5, 1.0, 0.5] and r.p_shuffled[:2].tolist() == [0.25, 1.0]
+    assert math.isnan(r.p_shuffled[2].item())
+    # without answers: s = p~ for correct completions, 0 for wrong ones -> [0.225, 0.225, 0, 0]
+    r2 = A.temporal_rule("contrast", acc[:1], shuf[:1], torch.tensor([True]), alpha=0.3)
+    assert r2.bonus.tolist() == [pytest.approx([0.225, 0.225, 0.0, 0.0])]
+
+
+def test_temporal_term_reward_is_normalised_away_under_group_advantages():
+    # binary accuracy + constant format: +0.3 on the correct ones only rescales the group, and the std divides it out
+    base = t([[2, 2, 1, 1]])
+    bonus = t([[0.3, 0.3, 0, 0]])
+    plain = A.compute_advantages(base, "group")
+    in_reward = A.temporal_advantages(base, bonus, "reward", "group")
+    assert in_reward.tolist() == [pytest.approx(x, abs=1e-3) for x in plain.tolist()]
+    moved, total = A.advantage_change(in_reward, plain)
+    assert moved / total < 1e-3
+    # as a separate term: A(base) + (bonus - mean bonus) = plain + [0.15, 0.15, -0.15, -0.15]
+    sep = A.temporal_advantages(base, bonus, "advantage", "group")
+    assert sep.tolist() == [pytest.approx([p + d for p, d in zip(plain[0].tolist(), [0.15, 0.15, -0.15, -0.15])])]
+    moved, total = A.advantage_change(sep, plain)
+    assert moved == pytest.approx(0.6) and total == pytest.approx(plain.abs().sum().item())
+    # mean_only: the two places are the same
+    r = A.temporal_advantages(base, bonus, "reward", "mean_only")
+    a = A.temporal_advantages(base, bonus, "advantage", "mean_only")
+    assert r.tolist() == [pytest.approx([0.65, 0.65, -0.65, -0.65])] and torch.allclose(r, a)
+    with pytest.raises(ValueError, match="unknown temporal term"):
+        A.temporal_advantages(base, bonus, "elsewhere")
+
+
 # -- length bonus ------------------------------------------------------------------------------------------------
 def test_length_bonus():
     acc = t([[1, 1, 0, 1, 1], [1, 0, 0, 0, 0]])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -391,3 +392,73 @@ def test_lora_rl_resumes_from_its_checkpoint(tiny_model_dir, synth_world, tmp_pa
     a, resumed, b = _straight_then_resumed(tiny_model_dir, synth_world, tmp_path, 1, 2, common)
     assert resumed["summary"]["steps"] == 2 and resumed["summary"]["steps_run"] == 1
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -- issue 25: temporal-rule plumbing and GRPO's shuffled probe ------------------------------------------------------
+def _const_reward(completions, **_):
+    return [1.0 for _ in completions]
+
+
+@pytest.mark.parametrize("term", ["reward", "advantage"])
+def test_temporal_term_reaches_the_loss_advantages(tiny_model_dir, synth_world, tmp_path, monkeypatch, term):
+    """rl.temporal_term: the rule's bonus enters the advantages the loss gets, inside the reward (normalised with it)
+    or as a separate group-centred term; the trainer logs how much of the advantages it moved."""
+    from pipelines import rewards
+    from pipelines.config import load_config
+    from pipelines.rl import advantages as A
+    from pipelines.rl.trainer import RLTrainer
+
+    def fixed_rule(acc, shuf, vid, **_):  # 0.5 for the first completion of every video group
+        bonus = torch.zeros_like(acc, dtype=torch.float64)
+        bonus[vid, 0] = 0.5
+        return A.TemporalReward(bonus, vid.clone(), acc.double().mean(1), torch.zeros(len(acc), dtype=torch.float64))
+
+    monkeypatch.setitem(A.TEMPORAL_RULES, "contrast", fixed_rule)
+    rewards.REWARDS["test_const"] = _const_reward
+    data = _mixed_records(synth_world, tmp_path, n_video=2, n_image=0)
+    try:
+        cfg = load_config(overrides=[f"model.name_or_path={tiny_model_dir}", f"data.file={data}",
+                                     f"data.root={synth_world['root']}", "rl.rewards=[test_const]",
+                                     "rl.num_generations=4", "rl.max_completion_length=4", "rl.per_device_prompts=2",
+                                     "rl.max_steps=1", "data.shuffle=false", "rl.algo=tgrpo", "rl.advantage=group",
+                                     "rl.temporal_rule=contrast", f"rl.temporal_term={term}",
+                                     f"run.output_dir={tmp_path}"])
+        with registry().run("train-rl", cfg) as run:
+            tr = RLTrainer(cfg, run, tmp_path / "run")
+            tr.setup()
+            seen = []
+            real = tr._optimize
+            monkeypatch.setattr(tr, "_optimize", lambda g, adv, st: (seen.append(adv.clone()), real(g, adv, st))[1])
+            m = tr.train_step()
+    finally:
+        rewards.REWARDS.pop("test_const", None)
+    (adv,) = seen
+    if term == "reward":  # (R + b - mean) / (std + eps) on rewards [1.5, 1, 1, 1]: std = 0.25
+        expected = [(x - 1.125) / (0.25 + 1e-4) for x in (1.5, 1, 1, 1)]
+    else:  # plain advantages are 0 (constant rewards); + (b - mean b)
+        expected = [0.375, -0.125, -0.125, -0.125]
+    assert adv.tolist() == [pytest.approx(expected, rel=1e-6)] * 2
+    assert m["temporal_bonus_rate"] == 1.0 and m["temporal_bonus_mean"] == pytest.approx(0.125)
+    assert math.isnan(m["temporal_adv_change"])  # moved / |plain advantages| with constant rewards: 0 / 0
+    assert m["p_gap"] == pytest.approx(m["p_ordered"] - m["p_shuffled"])
+
+
+def test_grpo_shuffled_probe_logs_p_shuffled_and_changes_nothing(tiny_model_dir, synth_world, tmp_path,
+                                                                 length_reward):
+    """rl.shuffled_probe (GRPO): p_shuffled and p_gap are logged as under T-GRPO, and the trained weights are
+    bit-identical to a run without the probe (its generate call gives its random numbers back)."""
+    from safetensors.torch import load_file
+
+    weights, metrics = [], []
+    for probe in ("false", "true"):
+        run_cli(*rl_args(tiny_model_dir, synth_world["rl"], tmp_path / probe, "--algo", "grpo", "--max-steps", "2",
+                         "--set", "rl.rewards=[accuracy,format,test_length]", "--set", f"rl.shuffled_probe={probe}",
+                         "--set", "rl.lr_scheduler=constant", "--set", "rl.warmup_steps=0"))
+        run = registry().get_run(max(registry().list_runs(kind="train-rl"), key=lambda r: r["started_at"])["id"])
+        weights.append(load_file(Path(run["summary"]["model"]) / "model.safetensors"))
+        metrics.append(registry().metrics(run["id"]))
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert "p_shuffled" not in metrics[0] and "temporal_bonus_rate" not in metrics[1]
+    for name in ("p_ordered", "p_shuffled", "p_gap", "time/shuffled_probe", "p_gap/order", "p_ordered/other"):
+        assert [s for s, _ in metrics[1][name]] == [1, 2], name  # the world marks order-dependent data_sources
+    assert metrics[0]["reward"] == metrics[1]["reward"]

@@ -314,3 +314,83 @@ def test_probe_reports_visual_tokens_of_a_long_clip(tmp_path):
     info = json.loads(out.output)
     assert info["nframes"] == 256 and (info["resized_height"], info["resized_width"]) == (56, 56)
     assert info["visual_tokens"] == 256 // 2 * 4  # temporal patches x (56 / 14)^2 / merge^2
+
+
+# -- the shortcut world (issue 25) -------------------------------------------------------------------------------------
+# sha256 over rl/sft/test/world/media.json of synthesize(train=16, test=6, seed=5) as main wrote it before the shortcut
+# option existed: the default world must stay byte-for-byte what it was.
+DEFAULT_WORLD_DIGEST = "40bdf1a45d552aa06cdbc0b1ba59e8a5b9ac897dca0be79333e55ea55b78d1b7"
+
+
+def test_default_world_is_unchanged_by_the_shortcut_option(tmp_path):
+    S.synthesize(tmp_path, train=16, test=6, seed=5)
+    h = hashlib.sha256()
+    for f in ("rl.json", "sft.json", "test.json", "world.json", "media.json"):
+        h.update((tmp_path / f).read_bytes())
+    assert h.hexdigest() == DEFAULT_WORLD_DIGEST
+    assert not (tmp_path / "shortcut.json").exists()
+    assert "shortcut" not in json.loads((tmp_path / "world.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def shortcut_world(tmp_path_factory):
+    return S.synthesize(tmp_path_factory.mktemp("shortcut"), train=400, test=40, sft=40, seed=1, shortcut=0.75)
+
+
+def test_shortcut_world_order_answers_follow_the_majority_colour(shortcut_world):
+    media = _load(shortcut_world["media"])
+    clips = [m for m in media.values() if m["family"] in ("steady", "switch")]
+    majority = [max(dict.fromkeys(m["colors"]), key=m["colors"].count) for m in clips]
+    follows = [m["direction"] == S.PREFERRED_DIRECTION[c] for m, c in zip(clips, majority)]
+    switches = [m for m in clips if m["switch_at"] is not None]
+    late = [m["switch_at"] > len(m["colors"]) / 2 for m in switches]
+    assert all(m["switch_at"] != len(m["colors"]) / 2 for m in switches)  # never a tie
+    assert 0.65 < sum(follows) / len(follows) < 0.85 and 0.6 < sum(late) / len(late) < 0.9
+    # the frames show what the parameters say (first frame's colour, direction of travel)
+    rec = next(r for r in _load(shortcut_world["rl"]) if r["data_source"] == "synthetic/order/first-color")
+    m = media[rec["path"][2:]]
+    v = _decode(Path(shortcut_world["root"]) / rec["path"])
+    y, x, s = m["y"], m["xs"][0], m["square"]
+    assert _nearest_color(v[0, y + s // 2, x + s // 2]) == m["colors"][0]
+
+
+def test_shortcut_world_reports_the_shortcut_beside_chance(shortcut_world):
+    man = shortcut_world["manifest"]
+    assert man["params"]["shortcut"] == 0.75 and man["files"]["shortcut"] == "shortcut.json"
+    block = man["shortcut"]["by_data_source"]
+    assert set(block) == set(S.SHORTCUT_RULES)
+    rows = _load(shortcut_world["shortcut"])
+    recs = {str(r["problem_id"]): r for split in ("rl", "sft", "test") for r in _load(shortcut_world[split])}
+    for split in ("rl", "test"):
+        for src, row in block.items():
+            mine = [v for v in rows[split].values() if v["data_source"] == src]
+            assert row["accuracy"][split] == pytest.approx(sum(v["score"] for v in mine) / len(mine), abs=1e-4)
+            assert row["chance"] == man["chance"][src]["chance"]
+        # every order-dependent record of the split has its shortcut answer, and only those
+        order = [r for r in _load(shortcut_world[split]) if "order" in r["data_source"]]
+        assert sorted(rows[split]) == sorted(str(r["problem_id"]) for r in order)
+    acc = block["synthetic/order/direction"]["accuracy"]["rl"]
+    assert 0.6 < acc < 0.9 and acc > block["synthetic/order/direction"]["chance"]
+    # a multiple-choice row: its gold is the option the record's solution names; score = shortcut == gold
+    pid, row = next((k, v) for k, v in rows["rl"].items() if v["data_source"] == "synthetic/order/last-color")
+    rec = recs[pid]
+    letter = re.search(r"<answer>(.*)</answer>", rec["solution"]).group(1)
+    assert f"{letter}. {row['gold']}" in rec["options"]
+    assert row["score"] == float(row["shortcut"] == row["gold"])
+
+
+def test_shortcut_strength_extremes_and_errors(tmp_path):
+    for strength, expected in ((1.0, 1.0), (0.0, 0.0)):
+        w = S.synthesize(tmp_path / str(strength), train=60, test=4, sft=4, seed=2, shortcut=strength)
+        block = w["manifest"]["shortcut"]["by_data_source"]
+        for src in ("synthetic/order/direction", "synthetic/order/first-color", "synthetic/order/last-color"):
+            assert block[src]["accuracy"]["rl"] == expected, src
+    # re-synthesising the default world into a shortcut world's directory removes its shortcut.json
+    S.synthesize(tmp_path / "1.0", train=8, test=4, sft=4, seed=2)
+    assert not (tmp_path / "1.0" / "shortcut.json").exists()
+    from pipelines.errors import VideoR1Error
+
+    with pytest.raises(VideoR1Error, match="probability"):
+        S.synthesize(tmp_path / "bad", train=4, test=2, seed=0, shortcut=1.5)
+    with pytest.raises(VideoR1Error, match="3 frames"):
+        S.synthesize(tmp_path / "bad2", train=4, test=2, seed=0, shortcut=0.75, frames=2)

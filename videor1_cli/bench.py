@@ -529,3 +529,170 @@ def sp_bench(
         Path(path).write_text(_json.dumps(res, indent=2))
         run.log_artifact("bench", path, hash_content=True)
         err_console.print(f"[dim]results: {path}[/dim]")
+
+
+# tgrpo (pipelines.bench.tgrpo, issue 25)
+@app.command("tgrpo")
+@config_command()
+def tgrpo_bench(
+    cfg: Config,
+    smoke: bool = typer.Option(False, "--smoke", help="Toy sizes in about a minute (2 seeds, GRPO and T-GRPO, 1 "
+                               "process per stage): the plumbing, no accuracy claim."),
+    as_json: bool = typer.Option(False, "--json", help="Print the study's table as JSON on stdout (progress on "
+                                 "stderr)."),
+    seeds: str = typer.Option("0,1,2,3,4", "--seeds", help="Seeds, comma-separated: one world, tiny model, SFT and "
+                              "one RL run per arm each. Make choices (arms, alpha, steps) on other seeds than the "
+                              "ones reported (BENCHMARKS.md's study explored on 100-104 and reports 0-4)."),
+    arms: str = typer.Option("grpo,tgrpo,tgrpo-mu1,contrast", "--arms",
+                             help="RL arms, comma-separated: grpo, tgrpo (Video-R1's rule, mu 0.8), tgrpo-mu1, "
+                             "separate, contrast; NAME:key=value adds overrides (e.g. contrast:rl.temporal_alpha=1.0). "
+                             "grpo is the reference of the differences."),
+    shortcut: float = typer.Option(0.75, "--shortcut", min=0.0, max=1.0, help="Strength of the world's shortcut "
+                                   "(data synth --shortcut): the share of order questions the majority colour "
+                                   "answers."),
+    default_world: bool = typer.Option(False, "--default-world", help="The quickstart's default world instead (no "
+                                       "shortcut, so no counter-shortcut questions): what the quickstart's RL "
+                                       "stage trains on."),
+    rl_steps: int = typer.Option(None, "--rl-steps", min=1, help="RL steps of every arm (default: the full form's "
+                                 "steps, pipelines.bench.tgrpo.FULL)."),
+    sft_steps: Optional[int] = typer.Option(None, "--sft-steps", min=1, help="SFT steps (default "
+                                            "quickstart.sft_steps)."),
+    train: Optional[int] = typer.Option(None, "--train", min=1, help="RL pool records (default quickstart.train)."),
+    sft: Optional[int] = typer.Option(None, "--sft", min=1, help="SFT records (default quickstart.sft)."),
+    test: Optional[int] = typer.Option(None, "--test", min=1, help="Held-out records (default quickstart.test)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Directory of the study (default: "
+                                       "<run.output_dir>/bench-tgrpo)."),
+    bootstrap: int = typer.Option(2000, "--bootstrap", min=100, help="Bootstrap replicates of the intervals."),
+    merge: Optional[list[Path]] = typer.Option(
+        None, "--merge", help="Run nothing: summarise the complete seeds of these study directories (repeatable; "
+        "e.g. seeds 0-2 and 3-4 run as two invocations side by side) into --out. Stages are per seed and "
+        "deterministic, so this is the table one invocation over those seeds gives."),
+) -> None:
+    """T-GRPO's temporal effect: GRPO, T-GRPO (Video-R1's rule at mu 0.8 and 1.0) and the variants from the same SFT
+    model per seed on the shortcut world, identical budgets; accuracy on order-dependent / order-free /
+    counter-shortcut questions with 95% bootstrap intervals (seeds and questions), p_ordered - p_shuffled over
+    training, how often the bonus fired, step time. JSON + PNG; every stage is a registered run (`videor1 runs
+    compare` the train-rl runs of a seed)."""
+    from pipelines.bench import tgrpo as T
+    from videor1_cli.common import err_console, registered_run
+    from videor1_cli.quickstart import _invoke, _spawn
+
+    q = cfg.quickstart
+    arm_list = [T.parse_arm(a.strip()) for a in arms.split(",") if a.strip()]
+    if merge:
+        return _tgrpo_merge(cfg, merge, arm_list, out, bootstrap, as_json)
+    if smoke:
+        study = T.Study(seeds=T.SMOKE["seeds"], arms=[T.parse_arm(a) for a in T.SMOKE["arms"]],
+                        shortcut=None if default_world else shortcut,
+                        train=T.SMOKE["train"], sft=T.SMOKE["sft"], test=T.SMOKE["test"],
+                        sft_steps=T.SMOKE["sft_steps"], rl_steps=T.SMOKE["rl_steps"], nproc=T.SMOKE["nproc"],
+                        smoke=True)
+    else:
+        study = T.Study(seeds=[int(s) for s in seeds.split(",") if s.strip()],
+                        arms=arm_list, shortcut=None if default_world else shortcut,
+                        train=train or q.train, sft=sft or q.sft, test=test or q.test,
+                        sft_steps=sft_steps or q.sft_steps, rl_steps=rl_steps or T.FULL["rl_steps"],
+                        nproc=q.nproc)
+    registry = cfg.registry_path().resolve()
+    cfg.run.registry = str(registry)
+    cfg.quickstart.out_dir = str((out or Path(cfg.run.output_dir) / "bench-tgrpo").resolve())
+    cfg.run.output_dir = str(Path(cfg.quickstart.out_dir) / "runs")
+    import time
+
+    t0 = time.perf_counter()
+
+    def on_stage(si, i, n, st, seconds) -> None:
+        where = f"seed {study.seeds[si]} ({si + 1}/{len(study.seeds)}) · {i + 1}/{n}"
+        if seconds is None:
+            err_console.rule(f"[bold]{where}[/bold] {st.title}", align="left", style="dim")
+        else:
+            err_console.print(f"[green]✓[/green] {st.title} [dim]{seconds:.1f}s (total "
+                              f"{time.perf_counter() - t0:.0f}s)[/dim]")
+
+    with registered_run(cfg, "bench-tgrpo") as (run, run_dir):
+        tag = f"bench-tgrpo-{run.id}"
+        res = T.run_study(study, cfg, _invoke, spawn=_spawn, registry=registry, tag=tag, on_stage=on_stage,
+                          log=lambda s: err_console.print(f"[dim]{s}[/dim]"), n_boot=bootstrap)
+        _tgrpo_report(run, res.table, res.eval_results, res.out, {"tag": tag, "smoke": study.smoke}, as_json)
+
+
+def _tgrpo_merge(cfg, dirs, arms, out, n_boot: int, as_json: bool) -> None:
+    from pipelines.bench import tgrpo as T
+    from videor1_cli.common import registered_run
+
+    out = (out or Path(cfg.run.output_dir) / "bench-tgrpo-merged").resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    table, files = T.merge_studies([Path(d).resolve() for d in dirs], arms, n_boot=n_boot)
+    (out / "bench-tgrpo.json").write_text(__import__("json").dumps(table, indent=1) + "\n")
+    with registered_run(cfg, "bench-tgrpo") as (run, _run_dir):
+        _tgrpo_report(run, table, files, out, {"merged_from": [str(d) for d in dirs], "smoke": False}, as_json)
+
+
+def _tgrpo_report(run, table, eval_files, out: Path, extra: dict, as_json: bool) -> None:
+    """Register a bench tgrpo table (inputs: the evals; artifacts: JSON and plot; metrics) and print it."""
+    import json as _json
+
+    from rich.table import Table
+
+    from pipelines.bench import tgrpo as T
+    from videor1_cli.common import console
+
+    for f in eval_files:
+        run.use_path("eval-results", f)
+    path = out / "bench-tgrpo.json"
+    png = T.plot(table, out / "bench-tgrpo.png")
+    run.log_artifact("bench", path, hash_content=True)
+    run.log_artifact("plot", png)
+    metrics = {}
+    for cat, rows in table["accuracy"].items():
+        for lab, r in rows.items():
+            if isinstance(r, dict):
+                metrics[f"{cat}/{lab}"] = r["mean"]
+                if r.get("minus_grpo") is not None and lab != T.REFERENCE:
+                    metrics[f"{cat}/{lab}_minus_grpo"] = r["minus_grpo"]
+    for lab, t in table["training"].items():
+        for k in ("p_gap_order_last_quarter", "p_gap_last_quarter", "bonus_rate_mean", "step_time_median_s"):
+            if t.get(k) is not None:
+                metrics[f"train/{lab}/{k}"] = t[k]
+    run.log_metrics(0, metrics)
+    run.set_summary({"out": str(out), "goal": table["goal"], "seconds": table.get("seconds"),
+                     "config": table["config"], **extra})
+    if as_json:
+        typer.echo(_json.dumps(table | {"run": run.id, "plot": str(png)}, indent=1))
+        return
+    seeds, acc = table["config"]["seeds"], table["accuracy"]
+    labels = [lab for lab in acc.get("order_dependent", {}) if lab != "questions_per_seed"]
+    t = Table("model", *[c.replace("_", "-") for c in acc], title=f"bench tgrpo: held-out accuracy (%, mean of seeds "
+              f"{', '.join(map(str, seeds))}) [95% CI]; minus GRPO [95% CI]"
+              + ("  \\[smoke: no claim]" if table["config"].get("smoke") else ""), title_justify="left")
+    for lab in labels:
+        cells = []
+        for cat in acc:
+            r = acc[cat][lab]
+            cell = f"{r['mean']:.1f} [{r['ci95'][0]:.1f}, {r['ci95'][1]:.1f}]"
+            if r.get("minus_grpo") is not None and lab != T.REFERENCE:
+                cell += f"\n{r['minus_grpo']:+.1f} [{r['minus_grpo_ci95'][0]:+.1f}, {r['minus_grpo_ci95'][1]:+.1f}]"
+            cells.append(cell)
+        t.add_row(lab, *cells)
+    console.print(t)
+
+    def f(x, nd=3):
+        return "-" if x is None else f"{x:.{nd}f}"
+
+    tr = Table("arm", "p_gap order-dep. first / last quarter", "p_gap other (last)", "bonus fired order / other",
+               "adv. moved", "step s (x GRPO)", title="training (mean over seeds)", title_justify="left")
+    for lab, r in table["training"].items():
+        gap = (f"{f(r.get('p_gap_order_first_quarter'))} / {f(r.get('p_gap_order_last_quarter'))}"
+               if r.get("p_gap_order_last_quarter") is not None
+               else f"{f(r['p_gap_first_quarter'])} / {f(r['p_gap_last_quarter'])} (all)")
+        tr.add_row(lab, gap, f(r.get("p_gap_other_last_quarter")),
+                   f"{f(r.get('bonus_rate_order_mean'))} / {f(r.get('bonus_rate_other_mean'))}",
+                   f(r["adv_change_mean"]), f"{f(r['step_time_median_s'])} ({f(r['step_time_vs_grpo'], 2)})")
+    console.print(tr)
+    for lab, g in table["goal"].items():
+        console.print(f"{lab}: order-dependent {g['order_dependent_minus_grpo']:+.2f} [{g['ci95'][0]:+.2f}, "
+                      f"{g['ci95'][1]:+.2f}] vs GRPO, order-free {g['order_free_minus_grpo']:+.2f}: goal "
+                      + ("[green]met[/green]" if g["meets_goal"] else "not met"))
+    first = str(seeds[0])
+    console.print(f"side by side: videor1 runs compare {' '.join(table['rl_runs'][first].values())}", soft_wrap=True)
+    console.print(f"results: {path}; plot: {png}; run {run.id}", soft_wrap=True)

@@ -270,6 +270,13 @@ def synth(
     image_fraction: float = typer.Option(0.25, "--image-fraction", min=0.0, max=1.0, help="Share of image records."),
     fixed_options: bool = typer.Option(False, "--fixed-options", help="List multiple-choice options in one fixed "
                                        "order per question kind instead of shuffling them per record."),
+    shortcut: Optional[float] = typer.Option(
+        None, "--shortcut", min=0.0, max=1.0,
+        help="The shortcut world: order-dependent answers follow the clip's majority colour with this probability "
+        "(direction: the colour's preferred way; first/last colour: majority/minority), so they can be partly answered "
+        "without the frame order; the full answer still needs it. world.json reports the shortcut's accuracy per "
+        "data_source beside chance; shortcut.json its answer per record. Default: off (the default world, "
+        "unchanged)."),
 ) -> None:
     """Write the synthetic world: Video-R1 records (rl.json, sft.json with CoT, test.json) + mp4 videos + png images.
 
@@ -302,7 +309,7 @@ def synth(
         with progress_bar("data synth", *columns, console=err_console, transient=True, unit="records") as bar:
             task = bar.add_task("synthesizing records", total=None)
             world = synthesize(out, train=train, test=test, seed=seed, sft=sft, frames=frames, size=size, fps=fps,
-                               image_fraction=image_fraction, shuffle_options=not fixed_options,
+                               image_fraction=image_fraction, shuffle_options=not fixed_options, shortcut=shortcut,
                                progress=lambda done, total: bar.update(task, completed=done, total=total))
         seconds = _time.perf_counter() - t0
         man, counts = world["manifest"], world["counts"]
@@ -330,6 +337,15 @@ def synth(
         table.add_row(split, Path(world[split]).name, f"{c['records']:,}", f"{c['videos']:,}", f"{c['images']:,}",
                       f"{c['questions_per_video'] or 0:.2f}", mix, f"{c['chance'] or 0:.3f}")
     console.print(table)
+    if "shortcut" in man:
+        st = Table("data_source", "shortcut", "chance", "shortcut accuracy (rl / sft / test)",
+                   title=f"shortcut world (strength {man['shortcut']['strength']}): order questions answered from "
+                         "the majority colour, without the order")
+        for src, row in man["shortcut"]["by_data_source"].items():
+            st.add_row(src, row["rule"], f"{row['chance']:.3f}",
+                       " / ".join("-" if row["accuracy"][sp] is None else f"{row['accuracy'][sp]:.3f}"
+                                  for sp in ("rl", "sft", "test")))
+        console.print(st)
     console.print(f"{counts['records']:,} records in {seconds:.1f}s -> {out} (world.json: chance per data_source)",
                   soft_wrap=True)
 

@@ -8,15 +8,24 @@ Advantage estimators live in a registry (verl/EasyR1 style): a new one is one de
 ``fn(rewards (N, G), eps, **step) -> (N, G)``. ``step`` is what the trainer knows of the whole step beyond this
 rank's rewards (now ``batch_std``: the reward std over every rank); an estimator takes what it uses and ignores the
 rest, as reward plugins do.
+
+T-GRPO's temporal reward has a registry of its own (``rl.temporal_rule``, issue 25): a rule is one decorated function
+``fn(acc_ordered (N, G), acc_shuffled (N, G~), is_video (N,), *, agreement (N, G) or None, mu, alpha, threshold)
+-> TemporalReward``. ``video_r1`` is Video-R1's rule; ``contrast`` pays each ordered completion by how much its answer
+differs from what the same policy answers on the shuffled frames. Where the temporal reward enters is
+``rl.temporal_term`` (`temporal_advantages`): added to the reward before the advantage (Video-R1), or as a separate,
+group-centred advantage term that the group's std does not divide away (Video-R1 #51).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 
 ADVANTAGES: dict[str, Callable[..., torch.Tensor]] = {}
+TEMPORAL_RULES: dict[str, Callable[..., "TemporalReward"]] = {}
 
 # Float slack for the p >= mu * p~ comparison, so the boundary p == mu * p~ is included despite rounding.
 _BOUNDARY_EPS = 1e-6
@@ -82,6 +91,108 @@ def length_bonus(
     return torch.where(enough & correct & in_range, torch.full_like(acc, omega), torch.zeros_like(acc))
 
 
+@dataclass
+class TemporalReward:
+    """What a temporal rule pays one step's groups. bonus (N, G): added to each ordered completion (0 for image
+    groups); fired (N,) bool: the rule paid a positive bonus to at least one completion of the group; p (N,) mean
+    ordered accuracy; p_shuffled (N,) mean shuffled accuracy (NaN for groups without shuffled completions)."""
+
+    bonus: torch.Tensor
+    fired: torch.Tensor
+    p: torch.Tensor
+    p_shuffled: torch.Tensor
+
+
+def register_temporal(name: str):
+    def deco(fn):
+        TEMPORAL_RULES[name] = fn
+        return fn
+
+    return deco
+
+
+@register_temporal("video_r1")
+def video_r1_rule(acc_ordered: torch.Tensor, acc_shuffled: torch.Tensor, is_video: torch.Tensor, *, mu: float = 0.8,
+                  alpha: float = 0.3, threshold: float = 0.1, **_step) -> TemporalReward:
+    """Video-R1's rule (`temporal_bonus`): +alpha to every correct ordered completion of a group whose p >= mu * p~."""
+    bonus, granted, p, p_shuf = temporal_bonus(acc_ordered, acc_shuffled, is_video, mu=mu, alpha=alpha,
+                                               threshold=threshold)
+    return TemporalReward(bonus, granted, p, p_shuf)
+
+
+@register_temporal("contrast")
+def contrast_rule(acc_ordered: torch.Tensor, acc_shuffled: torch.Tensor, is_video: torch.Tensor, *,
+                  agreement: torch.Tensor | None = None, alpha: float = 0.3, **_step) -> TemporalReward:
+    """Per-sample contrast with the shuffled frames: bonus_i = alpha * (acc_i - s_i), where s_i is the share of the
+    group's shuffled completions whose answer equals completion i's (`answer_agreement`).
+
+    A correct answer earns alpha * (1 - p~): a lot when the policy cannot give it without the frame order, nothing
+    when it gives it anyway (an order-free question, or an order question answered from a shortcut). A wrong answer
+    loses alpha * s_i: most when it is what the policy also says on shuffled frames (a shortcut's mistake), so among
+    several wrong answers the shortcut's is pushed down hardest. Where only one wrong answer exists (two options)
+    the rule scales the group's reward gap by 1 + 2 alpha (1 - p~), which a per-group std divides away: use it with
+    `mean_only` or with rl.temporal_term = advantage. Without `agreement` (no answers known) s_i is p~ for correct
+    completions and 0 for wrong ones. mu is not used."""
+    acc = acc_ordered.to(torch.float64)
+    is_video = is_video.to(torch.bool)
+    p = acc.mean(dim=1)
+    has_shuf = is_video & torch.isfinite(acc_shuffled.to(torch.float64)).all(dim=1) if acc_shuffled.numel() else \
+        torch.zeros_like(is_video)
+    p_shuf = acc_shuffled.to(torch.float64).mean(dim=1) if acc_shuffled.numel() else torch.full_like(p, float("nan"))
+    p_shuf = torch.where(has_shuf, p_shuf, torch.full_like(p_shuf, float("nan")))
+    if agreement is None:
+        agreement = torch.where(acc > 0, torch.nan_to_num(p_shuf, nan=0.0).unsqueeze(1).expand_as(acc),
+                                torch.zeros_like(acc))
+    bonus = alpha * (acc - agreement.to(torch.float64))
+    bonus = torch.where(has_shuf.unsqueeze(1), bonus, torch.zeros_like(bonus))
+    return TemporalReward(bonus, (bonus > 0).any(dim=1), p, p_shuf)
+
+
+def answer_agreement(ordered: Sequence[Sequence[str]], shuffled: Sequence[Sequence[str]]) -> torch.Tensor:
+    """(N, G): for each ordered answer, the share of its group's shuffled answers equal to it (compared stripped and
+    case-folded, runs of spaces as one; an empty answer agrees with nothing). Groups without shuffled answers: 0."""
+    def norm(a: str) -> str:
+        return " ".join(a.lower().split()).rstrip(".")
+
+    G = max((len(o) for o in ordered), default=0)
+    out = torch.zeros((len(ordered), G), dtype=torch.float64)
+    for n, (o, sh) in enumerate(zip(ordered, shuffled)):
+        shn = [norm(a) for a in sh]
+        for i, a in enumerate(o):
+            a = norm(a)
+            if a and shn:
+                out[n, i] = sum(x == a for x in shn) / len(shn)
+    return out
+
+
+def temporal_rule(name: str, acc_ordered: torch.Tensor, acc_shuffled: torch.Tensor, is_video: torch.Tensor,
+                  **kwargs) -> TemporalReward:
+    if name not in TEMPORAL_RULES:
+        raise ValueError(f"unknown temporal rule '{name}' ({', '.join(sorted(TEMPORAL_RULES))})")
+    return TEMPORAL_RULES[name](acc_ordered, acc_shuffled, is_video, **kwargs)
+
+
+def temporal_advantages(rewards: torch.Tensor, bonus: torch.Tensor, term: str = "reward", mode: str = "group",
+                        eps: float = 1e-4, batch_std: float | torch.Tensor | None = None) -> torch.Tensor:
+    """Advantages of rewards (N, G) (without the temporal bonus) and the temporal bonus (N, G).
+
+    term = "reward": estimator(rewards + bonus) (Video-R1: under `group` a bonus paid to every correct completion of
+    a binary-reward group is divided away by the std, #51). term = "advantage": estimator(rewards) + (bonus - its
+    group mean): the temporal term is centred per group but never divided by the reward std, so it survives any
+    estimator. Under `mean_only` the two are the same."""
+    if term == "reward":
+        return compute_advantages(rewards + bonus, mode, eps, batch_std=batch_std)
+    if term == "advantage":
+        return compute_advantages(rewards, mode, eps, batch_std=batch_std) + (bonus - bonus.mean(dim=1, keepdim=True))
+    raise ValueError(f"unknown temporal term '{term}' (reward, advantage)")
+
+
+def advantage_change(with_bonus: torch.Tensor, without: torch.Tensor) -> tuple[float, float]:
+    """(sum |A_with - A_without|, sum |A_without|) over the given rows: their ratio is the share of the advantages
+    the temporal reward moved after normalisation (0: normalised away)."""
+    return float((with_bonus - without).abs().sum()), float(without.abs().sum())
+
+
 @register_advantage("group")
 def group_advantage(rewards: torch.Tensor, eps: float = 1e-4, **_step) -> torch.Tensor:
     """(R - mean_G) / (std_G + eps), unbiased std over the group (torch.std default, as Video-R1 / TRL)."""
@@ -141,4 +252,6 @@ def group_stats(rewards: torch.Tensor, acc: torch.Tensor, threshold: float = 0.1
     return {"all_correct": correct.all(dim=1), "all_wrong": (~correct).all(dim=1)}
 
 
-__all__ = ["ADVANTAGES", "compute_advantages", "group_stats", "length_bonus", "register_advantage", "temporal_bonus"]
+__all__ = ["ADVANTAGES", "TEMPORAL_RULES", "TemporalReward", "advantage_change", "answer_agreement",
+           "compute_advantages", "group_stats", "length_bonus", "register_advantage", "register_temporal",
+           "temporal_advantages", "temporal_bonus", "temporal_rule"]

@@ -24,6 +24,7 @@ rank reads a disjoint shard of the records; advantages are per group so no gathe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -133,11 +134,16 @@ class RLTrainer:
         self.device = acc.device
         self.temporal = rl.algo == "tgrpo"
         self.G, self.G_shuf = rl.num_generations, (rl.shuffled_count if rl.algo == "tgrpo" else 0)
+        # GRPO's rl.shuffled_probe: shuffled rollouts for the p~ metrics only (a separate, RNG-neutral generate call)
+        self.G_probe = rl.shuffled_count if (rl.shuffled_probe and not self.temporal) else 0
         self.prompts_per_step = rl.per_device_prompts * rl.gradient_accumulation_steps
         self.deepspeed = bool(cfg.distributed.deepspeed)
         from pipelines.launch import deepspeed_zero_stage
 
         self.zero3 = deepspeed_zero_stage(cfg) == 3
+        if self.G_probe and self.zero3 and self.world > 1:
+            raise VideoR1Error("rl.shuffled_probe is not supported under ZeRO-3 on several ranks (its generate call "
+                               "would have to be collective)", hint="drop rl.shuffled_probe, or use DDP / zero2")
 
         seed = cfg.run.seed + self.data_rank
         random.seed(seed)
@@ -148,6 +154,10 @@ class RLTrainer:
         # data
         self.records = load_records(cfg.data.file)
         self.json_cols = json_columns(self.records)
+        # Records marked order-dependent (a data_source containing "order", the synthetic world's convention that
+        # `eval` groups by too): the temporal metrics are then also logged for them and the others apart.
+        self.order_split = ("data_source" in self.records.column_names
+                            and any("order" in str(x or "") for x in self.records["data_source"]))
         self.root = cfg.data_root()
         n = len(self.records)
         pool = list(range(n))
@@ -435,8 +445,8 @@ class RLTrainer:
         counter = getattr(self, "tower_counter", None)
         if counter is not None:
             counter.reset()
-        rows, groups, kept_rewards = [], [], []
-        gen_time, gen_tokens, rounds, generated = 0.0, 0, 0, 0
+        rows, groups, kept = [], [], []  # kept: (base, temporal, total) rewards of the groups trained on
+        gen_time, gen_tokens, rounds, generated, probe_time = 0.0, 0, 0, 0, 0.0
         # One sampling round without rl.dynamic_sampling. With it (DAPO), groups whose rewards are all equal carry no
         # advantage, only noise through the KL term and Adam's normalisation, so they are dropped and more prompts
         # are drawn until the step has prompts_per_step informative groups or max_sampling_rounds were drawn. Every
@@ -444,13 +454,15 @@ class RLTrainer:
         # step across ranks.
         while True:
             rounds += 1
-            r_rows, r_groups, r_rewards, r_gen_time, r_tokens = self._rollout_round(stats)
+            r_rows, r_groups, r_rewards, r_gen_time, r_tokens, r_probe = self._rollout_round(stats)
             rows += r_rows
             gen_time += r_gen_time
             gen_tokens += r_tokens
+            probe_time += r_probe
             generated += len(r_groups)
             if rl.dynamic_sampling and r_groups:
-                spread = r_rewards.max(dim=1).values - r_rewards.min(dim=1).values
+                r_total = r_rewards[2]
+                spread = r_total.max(dim=1).values - r_total.min(dim=1).values
                 keep = [i for i in range(len(r_groups)) if float(spread[i]) > DYNAMIC_SAMPLING_EPS]
             else:
                 keep = list(range(len(r_groups)))
@@ -458,7 +470,7 @@ class RLTrainer:
             keep = keep[:room]
             groups += [r_groups[i] for i in keep]
             if keep:
-                kept_rewards.append(r_rewards[keep])
+                kept.append(tuple(r[keep] for r in r_rewards))
             if not rl.dynamic_sampling:
                 break
             need_more = len(groups) < self.prompts_per_step and rounds < rl.max_sampling_rounds
@@ -472,17 +484,36 @@ class RLTrainer:
             stats.ensure(f"rewards/{name}")
         for name in ("reward", "reward_std", "completion_length", "frac_all_correct", "frac_all_wrong"):
             stats.ensure(name)
+        parts = ("", "/order", "/other") if self.order_split else ("",)
+        if self.temporal or self.G_probe:
+            for name in ("p_ordered", "p_shuffled", "p_gap"):
+                for part in parts:
+                    stats.ensure(name + part)
         if self.temporal:
-            for name in ("temporal_bonus_rate", "p_ordered", "p_shuffled"):
-                stats.ensure(name)
-        step_rewards = torch.cat(kept_rewards) if groups else torch.zeros(0, self.G, dtype=torch.float64)
+            for name in ("temporal_bonus_rate", "temporal_bonus_mean"):
+                for part in parts:
+                    stats.ensure(name + part)
+            stats.ensure("temporal_adv_change")
+        step_base, step_temporal, step_total = (torch.cat([k[i] for k in kept]) if groups else
+                                                torch.zeros(0, self.G, dtype=torch.float64) for i in range(3))
+        # What the advantage estimator sees: the bonus inside the reward (Video-R1), or not (a separate term).
+        separate = self.temporal and rl.temporal_term == "advantage"
+        estimated = step_base if separate else step_total
         batch_std = None
         if rl.advantage == "batch_std" and self.world > 1:
             # The batch is the whole step, every rank's groups (TRL gathers rewards before normalising); every rank
             # joins the all-reduce, also one whose samples were all skipped.
-            batch_std = A.pooled_std(self._sum_over_ranks(A.reward_moments(step_rewards) * self._counts_here))
+            batch_std = A.pooled_std(self._sum_over_ranks(A.reward_moments(estimated) * self._counts_here))
         if groups:
-            adv = A.compute_advantages(step_rewards, rl.advantage, batch_std=batch_std)
+            if separate:
+                adv = A.temporal_advantages(step_base, step_temporal, "advantage", rl.advantage, batch_std=batch_std)
+            else:
+                adv = A.compute_advantages(step_total, rl.advantage, batch_std=batch_std)
+            if self.temporal:  # how much of the advantages the temporal reward still moves after normalisation
+                vid = torch.tensor([g.sample.is_video and bool(g.shuffled) for g in groups])
+                plain = A.compute_advantages(step_base, rl.advantage, batch_std=batch_std)
+                moved, base = A.advantage_change(adv[vid], plain[vid])
+                stats.add("temporal_adv_change", moved, base)
         else:
             adv = torch.zeros(0, self.G, dtype=torch.float64)
 
@@ -492,7 +523,9 @@ class RLTrainer:
             self.backend.sync_weights(self.unwrapped)
             stats.add("time/weight_sync", time.perf_counter() - t_sync, 1)
 
-        step_time = time.perf_counter() - t0
+        step_time = time.perf_counter() - t0 - probe_time  # the GRPO probe is bookkeeping, not the algorithm's cost
+        if self.G_probe:
+            stats.add("time/shuffled_probe", probe_time, 1)
         if counter is not None:  # patch rows through this rank's towers in the step (summed over ranks)
             stats.add(PATCHES_ENCODED, float(counter.reset()[1]), 0)
         stats.add("loss", loss_val, 1)
@@ -534,13 +567,14 @@ class RLTrainer:
     def _rollout_round(self, stats: "_Stats"):
         """Draw the next prompts, generate their groups and score them (rewards with the temporal/length bonuses).
 
-        Returns (rows, groups, rewards (N, G), generation seconds, generated tokens); the rollout metrics of
-        every generated group are added to `stats` (with dynamic sampling: also of the groups dropped afterwards, so
-        the reward curves describe the policy, not the filter)."""
+        Returns (rows, groups, (rewards without the temporal reward, the temporal reward, the total), each (N, G),
+        generation seconds, generated tokens, seconds of GRPO's shuffled probe); the rollout metrics of every
+        generated group are added to `stats` (with dynamic sampling: also of the groups dropped afterwards, so the
+        reward curves describe the policy, not the filter)."""
         cfg, rl = self.cfg, self.cfg.rl
         rows = self._next_rows()
         samples, skipped = R.prepare_samples(rows, cfg, self.processor, self.template, self.root,
-                                             self.shuffle_gen, self.temporal)
+                                             self.shuffle_gen, self.temporal or bool(self.G_probe))
         for s in skipped:
             _warn(f"step {self.step + 1}: skipped record {s.id} (rank {self.rank}): {s.reason}")
         self._record_skipped(skipped)
@@ -564,42 +598,91 @@ class RLTrainer:
             groups = R.generate_groups(self.backend, samples, sampling, self.G, self.G_shuf, expand=expand)
             if not samples and self.zero3 and self.world > 1 and expand:
                 self._dummy_generate(sampling)
+            probe_time = self._shuffled_probe(groups, sampling, expand) if self.G_probe else 0.0
         if self.sp.enabled:  # the group trains on its first rank's rollouts (generation need not be bit-identical)
             from pipelines import parallel
 
             kept = parallel.broadcast_object([(g.ordered, g.shuffled) for g in groups], self.sp)
             for g, (ordered, shuffled) in zip(groups, kept):
                 g.ordered, g.shuffled = ordered, shuffled
-        gen_time = time.perf_counter() - t_gen
-        gen_tokens = sum(len(c.token_ids) for g in groups for c in g.ordered + g.shuffled)
+        gen_time = time.perf_counter() - t_gen - probe_time
+        # GRPO's shuffled probe (g.shuffled under rl.shuffled_probe) is bookkeeping: its tokens are not the algorithm's
+        gen_tokens = sum(len(c.token_ids) for g in groups for c in g.ordered + ([] if self.G_probe else g.shuffled))
         stats.add(PATCHES_DISTINCT, float(_distinct_patch_rows(self.processor, groups)), 0)
         N = len(groups)
+        empty = torch.zeros(0, self.G, dtype=torch.float64)
         if not N:
-            return rows, groups, torch.zeros(0, self.G, dtype=torch.float64), gen_time, gen_tokens
-        sc = R.score_groups(groups, rl, self.G, self.G_shuf)
+            return rows, groups, (empty, empty, empty), gen_time, gen_tokens, probe_time
+        sc = R.score_groups(groups, rl, self.G, self.G_shuf or self.G_probe)
         rewards = sc.total.clone()
-        if self.temporal:
+        temporal = torch.zeros_like(rewards)
+        if self.temporal or self.G_probe:
             vid = torch.tensor([g.sample.is_video and bool(g.shuffled) for g in groups])
-            bonus, granted, p, p_shuf = A.temporal_bonus(
-                sc.accuracy, sc.accuracy_shuffled, vid,
-                mu=rl.temporal_mu, alpha=rl.temporal_alpha, threshold=rl.correct_threshold)
-            rewards = rewards + bonus
-            stats.add("temporal_bonus_rate", granted[vid].double().sum().item(), int(vid.sum()))
-            stats.add("p_ordered", p[vid].sum().item(), int(vid.sum()))
-            stats.add("p_shuffled", p_shuf[vid].sum().item(), int(vid.sum()))
+            agreement = None
+            if self.temporal and rl.temporal_rule == "contrast":
+                from pipelines.rewards import training_answer
+
+                agreement = A.answer_agreement([[training_answer(c.text) for c in g.ordered] for g in groups],
+                                               [[training_answer(c.text) for c in g.shuffled] for g in groups])
+            tr = A.temporal_rule(rl.temporal_rule if self.temporal else "video_r1", sc.accuracy,
+                                 sc.accuracy_shuffled, vid, agreement=agreement, mu=rl.temporal_mu,
+                                 alpha=rl.temporal_alpha, threshold=rl.correct_threshold)
+            order = torch.tensor(["order" in str(g.sample.record.get("data_source") or "") for g in groups])
+            parts = [("", vid)]
+            if self.order_split:
+                parts += [("/order", vid & order), ("/other", vid & ~order)]
+            for part, sel in parts:
+                nv = int(sel.sum())
+                stats.add("p_ordered" + part, tr.p[sel].sum().item(), nv)
+                stats.add("p_shuffled" + part, tr.p_shuffled[sel].sum().item(), nv)
+                stats.add("p_gap" + part, (tr.p - tr.p_shuffled)[sel].sum().item(), nv)
+                if self.temporal:
+                    stats.add("temporal_bonus_rate" + part, tr.fired[sel].double().sum().item(), nv)
+                    stats.add("temporal_bonus_mean" + part, tr.bonus[sel].sum().item(), nv * self.G)
+            if self.temporal:
+                temporal = tr.bonus
+        # total: Video-R1's sum in its order (accuracy + format, + temporal, + length); base: without the temporal
+        total = rewards + temporal if self.temporal else rewards
         if rl.length_bonus:
-            rewards = rewards + A.length_bonus(sc.accuracy, sc.lengths, omega=rl.length_omega,
-                                               min_len=rl.length_min, max_len=rl.length_max,
-                                               threshold=rl.correct_threshold)
-        gs = A.group_stats(rewards, sc.accuracy, rl.correct_threshold)
-        stats.add("reward", rewards.sum().item(), rewards.numel())
-        stats.add("reward_std", rewards.std(dim=1).sum().item(), N)
+            lb = A.length_bonus(sc.accuracy, sc.lengths, omega=rl.length_omega, min_len=rl.length_min,
+                                max_len=rl.length_max, threshold=rl.correct_threshold)
+            rewards, total = rewards + lb, total + lb
+        gs = A.group_stats(total, sc.accuracy, rl.correct_threshold)
+        stats.add("reward", total.sum().item(), total.numel())
+        stats.add("reward_std", total.std(dim=1).sum().item(), N)
         for name, v in sc.per_reward.items():
             stats.add(f"rewards/{name}", v.sum().item(), v.numel())
         stats.add("completion_length", sc.lengths.double().sum().item(), sc.lengths.numel())
         stats.add("frac_all_correct", gs["all_correct"].double().sum().item(), N)
         stats.add("frac_all_wrong", gs["all_wrong"].double().sum().item(), N)
-        return rows, groups, rewards, gen_time, gen_tokens
+        return rows, groups, (rewards, temporal, total), gen_time, gen_tokens, probe_time
+
+    def _shuffled_probe(self, groups, sampling, expand: bool) -> float:
+        """rl.shuffled_probe under GRPO: G~ completions on each video's shuffled frames, only for p~ and p_gap. The
+        torch RNG state is restored afterwards, so the training samples of later steps are those of a run without the
+        probe (bit-identical on the hf backend). Returns its seconds."""
+        vids = [g for g in groups if g.sample.shuffled_media is not None]
+        if not vids:
+            return 0.0
+        t0 = time.perf_counter()
+        cpu = torch.get_rng_state()
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        try:
+            if expand:
+                probe = R.generate_groups(self.backend, [g.sample for g in vids], sampling, 0, self.G_probe)
+                for g, p in zip(vids, probe):
+                    g.shuffled = p.shuffled
+            else:
+                outs = self.backend.generate([g.sample.prompt for g in vids],
+                                             [g.sample.shuffled_media for g in vids],
+                                             dataclasses.replace(sampling, n=self.G_probe))
+                for g, c in zip(vids, outs):
+                    g.shuffled = list(c)
+        finally:
+            torch.set_rng_state(cpu)
+            if cuda is not None:
+                torch.cuda.set_rng_state_all(cuda)
+        return time.perf_counter() - t0
 
     def _record_skipped(self, skipped) -> None:
         self.skipped_total += len(skipped)
