@@ -386,11 +386,11 @@ class SequenceParallel:
     active only inside `SequenceParallel.forward_plan` (every other forward, generation included, is untouched)."""
 
     def __init__(self, model, topo: Topology, adapter):
-        from pipelines.zero3 import find_vl_core
+        from pipelines.models.families import model_core
 
         self.topo = topo
         self.adapter = adapter
-        self.core = find_vl_core(model)
+        self.core = model_core(model)
         if self.core is None:
             raise SequenceParallelSetupError(f"{type(model).__name__}: no vision-language core to split")
         self.text_config = self.core.language_model.config

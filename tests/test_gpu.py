@@ -114,13 +114,13 @@ def test_greedy_generation_on_cuda_float32_matches_the_cpu(tiny_model_dir, synth
 @cuda
 def test_reference_mrope_positions_on_cuda_equal_the_cpu(tiny_model_dir, synth_world):
     from pipelines.models import load_model
-    from pipelines.models.mrope import rope_owner
+    from pipelines.models.families import model_core
 
     cfg, _, inputs, comp, mask = _video_batch(tiny_model_dir, synth_world)
     pos = {}
     for device in ("cpu", "cuda"):
         model = load_model(cfg.model, tiny_model_dir, device=torch.device(device))
-        owner = rope_owner(model)
+        owner = model_core(model)
         assert owner._videor1_reference_rope  # the reference rule is bound (transformers 5.17 on the machine)
         moved = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in inputs.items()}
         p, _ = owner.get_rope_index(moved["input_ids"], mm_token_type_ids=moved["mm_token_type_ids"],
@@ -175,7 +175,7 @@ def test_random_weights_binds_only_its_directory(tmp_path, tiny_model_dir):
     from pipelines.config import load_config
     from pipelines.errors import VideoR1Error
     from pipelines.models import load_model
-    from pipelines.models.mrope import rope_owner
+    from pipelines.models.families import model_core
 
     d = G.write_probe_model(tmp_path / "small", G.SMALL_PROBE_CONFIG)
     cfg = load_config(overrides=["model.dtype=float32"])
@@ -186,7 +186,7 @@ def test_random_weights_binds_only_its_directory(tmp_path, tiny_model_dir):
         model = load_model(cfg.model, d, device=torch.device("cpu"))
         tiny = load_model(cfg.model, tiny_model_dir, device=torch.device("cpu"))
     assert model.config.text_config.hidden_size == 64 and model.config.vision_config.depth == 2
-    assert rope_owner(model)._videor1_reference_rope  # load_model's own steps ran on the random model
+    assert model_core(model)._videor1_reference_rope  # load_model's own steps ran on the random model
     # any other directory still loads its saved weights
     assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), tiny.state_dict().values()))
     # and the binding is gone afterwards

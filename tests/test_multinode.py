@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.quickstart import free_port
+from pipelines.launch import free_port
 from pipelines.registry import Registry
 
 pytestmark = pytest.mark.slow

@@ -55,10 +55,10 @@ def test_one_free_port_helper():
     import inspect
 
     from pipelines import quickstart
-    from pipelines.bench import distributed
+    from pipelines.bench import distributed, sp
     from pipelines.generation import vllm
 
-    for mod in (quickstart, distributed, vllm):
+    for mod in (quickstart, distributed, sp, vllm):
         src = inspect.getsource(mod)
         assert "def free_port" not in src and "def _free_port" not in src and "socket.socket(" not in src, mod
 

@@ -56,7 +56,7 @@ def test_dry_run_card_from_lineage(trained):
     assert "videor1 train rl --preset" in out and "videor1 train sft --preset" in out
     assert "| `cot.json` | train-sft |" in out
     assert "- Base model: `base` (a local model directory" in out and str(model.parent) not in out
-    assert "| synthetic | 0.71 | 0.69 | 100 | 0 |" in out
+    assert "| synthetic | 0.71 | 0.69 | - | 100 | 0 |" in out  # no chance recorded in this eval summary
     assert "reward | 0.5 → 0.7" in out
     assert "arXiv:2503.21776" in out and "license: apache-2.0" in out
     assert "model.safetensors" in out

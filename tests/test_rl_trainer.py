@@ -462,3 +462,19 @@ def test_grpo_shuffled_probe_logs_p_shuffled_and_changes_nothing(tiny_model_dir,
     for name in ("p_ordered", "p_shuffled", "p_gap", "time/shuffled_probe", "p_gap/order", "p_ordered/other"):
         assert [s for s, _ in metrics[1][name]] == [1, 2], name  # the world marks order-dependent data_sources
     assert metrics[0]["reward"] == metrics[1]["reward"]
+
+
+def test_bf16_reference_runs_under_the_policys_autocast(tiny_model_dir, synth_world, tmp_path, length_reward):
+    """rl.bf16: the prepared policy runs inside accelerate's autocast; the separate reference copy must run inside it
+    too, or step 1's KL (policy == reference) is the bf16 rounding difference instead of 0."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # earlier in-process runs fixed mixed_precision="no"
+    try:
+        run_cli(*rl_args(tiny_model_dir, synth_world["rl"], tmp_path, "--algo", "grpo", "--max-steps", "1",
+                         "--set", "rl.bf16=true", "--set", "rl.beta=0.04",
+                         "--set", "rl.rewards=[accuracy,format,test_length]"))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    m = registry().metrics(only_run()["id"])
+    assert m["kl"] == [(1, 0.0)]

@@ -45,8 +45,12 @@ EXAMPLES: dict[str, list[str]] = {
     "rewards score": ["videor1 rewards score completions.jsonl -o scored.jsonl"],
     "bench frames": ["videor1 bench frames --quick", "videor1 bench frames --repeats 5 --out frames.json"],
     "bench eval": ["videor1 bench eval --samples 48 --repeats 3"],
-    "bench rl": ["videor1 bench rl --steps 10 --warmup 3 --repeats 2"],
+    "bench rl": ["videor1 bench rl --steps 10 --warmup 3 --repeats 2",
+                 "videor1 bench rl --encode-once --steps 3 --warmup 1"],
     "bench distributed": ["videor1 bench distributed --modes ddp,zero3 --stages sft"],
+    "bench sp": ["videor1 bench sp --rounds 5", "videor1 bench sp --frames 256 --rounds 3 --out sp.json"],
+    "bench tgrpo": ["videor1 bench tgrpo --smoke", "videor1 bench tgrpo --seeds 0,1,2,3,4 --out study",
+                    "videor1 bench tgrpo --merge study-a --merge study-b --out study"],
 }
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,13 +29,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from pipelines.launch import free_port
+
 FRAMES = (64, 256)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _world(work: Path, frames: int) -> Path:
@@ -66,7 +61,7 @@ def run_bench(work: str | Path, *, model_dir: str | None = None, frames: tuple[i
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                TOKENIZERS_PARALLELISM="false", VIDEOR1_QUIET="1", VIDEOR1_BENCH_SP=str(out / "spec.json"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), "-m", "pipelines.bench.sp"]
+           str(free_port()), "-m", "pipelines.bench.sp"]
     if progress:
         progress(f"2 ranks, frames {', '.join(map(str, frames))}")
     load_before = os.getloadavg()

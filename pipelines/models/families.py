@@ -491,9 +491,7 @@ class VisionPlan:
 
 def vision_core(model):
     """The core module that owns `visual` and encodes pixels in its forward (through peft / DDP / DeepSpeed)."""
-    from pipelines.models.mrope import rope_owner
-
-    return rope_owner(model)
+    return model_core(model)
 
 
 def install_shared_vision(model) -> bool:

@@ -336,12 +336,16 @@ class RLTrainer:
 
     @contextmanager
     def _reference(self):
-        """Forward of the frozen reference: a separate copy of the starting weights, or (LoRA) the adapters off."""
+        """Forward of the frozen reference: a separate copy of the starting weights, or (LoRA) the adapters off.
+
+        Under accelerate's mixed precision (rl.bf16) the prepared policy runs inside autocast; the separate reference
+        copy is not prepared, so its forward is put inside the same autocast here: otherwise step 1's KL is the
+        bf16-vs-fp32 rounding difference, not 0 (a no-op without mixed precision)."""
         if self.lora:
-            with self.unwrapped.disable_adapter(), self._lockstep("policy"):
+            with self.unwrapped.disable_adapter(), self._lockstep("policy"), self.accelerator.autocast():
                 yield self.model
         else:
-            with self._lockstep("reference"):
+            with self._lockstep("reference"), self.accelerator.autocast():
                 yield self.ref_model
 
     def _lockstep(self, which: str):
