@@ -447,7 +447,7 @@ def worker_failure(code: int, errors: list[dict[str, Any]], *, what: str = "work
             groups.setdefault((e.get("message", "?"), e.get("hint")), []).append(int(e.get("rank", 0)))
         lines = []
         for (msg, _hint), ranks in groups.items():
-            who = f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
+            who = f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, sorted(ranks)))
             lines.append(f"{who}: {msg}")
         message = "; ".join(lines)
         hints = [h for (_m, h) in groups if h]

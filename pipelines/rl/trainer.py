@@ -170,8 +170,10 @@ class RLTrainer:
         if self.shard_len == 0:
             raise DataError(f"{len(pool)} records cannot feed {self.data_world} ranks",
                             file=cfg.data.file,
-                            hint=f"run on at most {max(1, len(pool))} data-parallel rank(s) (--nproc / "
-                                 "distributed.sequence_parallel), or give more records")
+                            hint=f"run on at most {max(1, len(pool))} rank(s) (--nproc), or give more records"
+                            if self.data_world == self.world else
+                            f"run on at most {max(1, len(pool))} data-parallel rank(s) (--nproc divided by "
+                            "distributed.sequence_parallel), or give more records")
         self.steps_per_epoch = math.ceil(self.shard_len / self.prompts_per_step)
         self.total_steps = max(1, min(rl.max_steps, int(rl.num_epochs * self.steps_per_epoch)))
 
