@@ -144,3 +144,33 @@ def test_bench_tgrpo_smoke(tmp_path):
     assert merged["accuracy"] == table["accuracy"] and merged["training"] == table["training"]
     assert merged["rl_runs"] == table["rl_runs"] and merged["config"]["merged_from"] == [str(out.resolve())]
     assert len(reg.list_runs(kind="train-rl")) == 4  # nothing trained again
+    # --resume after an interruption: seed 1's T-GRPO model and its eval lost -> only those two stages run again;
+    # everything else is kept, and the table equals the uninterrupted one
+    import shutil
+
+    shutil.rmtree(out / "seed-1" / "rl-tgrpo-model")
+    shutil.rmtree(out / "seed-1" / "eval-tgrpo")
+    evals_before = len(reg.list_runs(kind="eval"))
+    resumed = json.loads(run_cli("bench", "tgrpo", "--smoke", "--json", "--out", out, "--resume").stdout)
+    assert len(reg.list_runs(kind="train-rl")) == 5 and len(reg.list_runs(kind="eval")) == evals_before + 1
+    assert len(reg.list_runs(kind="train-sft")) == 2 and len(reg.list_runs(kind="data-synth")) == 2
+    assert resumed["accuracy"] == table["accuracy"]
+
+
+def test_stage_complete_reads_what_each_command_writes_last(tmp_path):
+    from pipelines.bench.tgrpo import stage_complete
+    from pipelines.quickstart import Stage
+
+    world, model, ev = tmp_path / "w", tmp_path / "m", tmp_path / "e"
+    for d in (world, model, ev):
+        d.mkdir()
+    st = {k: Stage(k, k, [], o) for k, o in (("synth", world), ("rl-grpo", model), ("eval-grpo", ev))}
+    assert not any(stage_complete(x) for x in st.values())
+    (world / "world.json").write_text("{}")
+    (model / "config.json").write_text("{}")
+    (ev / "synthetic.samples.jsonl").write_text("")
+    assert not any(stage_complete(x) for x in st.values())  # half-written: the last file is missing
+    (world / "test.json").write_text("[]")
+    (model / "model.safetensors").write_bytes(b"")
+    (ev / "results.json").write_text("{}")
+    assert all(stage_complete(x) for x in st.values())

@@ -563,6 +563,9 @@ def tgrpo_bench(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Directory of the study (default: "
                                        "<run.output_dir>/bench-tgrpo)."),
     bootstrap: int = typer.Option(2000, "--bootstrap", min=100, help="Bootstrap replicates of the intervals."),
+    resume: bool = typer.Option(False, "--resume", help="Keep the stages an earlier invocation into the same --out "
+                                "finished (a seed's world, models and evals) and run only the rest; use the same "
+                                "VIDEOR1_HOME, whose registry holds the finished train-rl runs."),
     merge: Optional[list[Path]] = typer.Option(
         None, "--merge", help="Run nothing: summarise the complete seeds of these study directories (repeatable; "
         "e.g. seeds 0-2 and 3-4 run as two invocations side by side) into --out. Stages are per seed and "
@@ -612,7 +615,7 @@ def tgrpo_bench(
     with registered_run(cfg, "bench-tgrpo") as (run, run_dir):
         tag = f"bench-tgrpo-{run.id}"
         res = T.run_study(study, cfg, _invoke, spawn=_spawn, registry=registry, tag=tag, on_stage=on_stage,
-                          log=lambda s: err_console.print(f"[dim]{s}[/dim]"), n_boot=bootstrap)
+                          log=lambda s: err_console.print(f"[dim]{s}[/dim]"), n_boot=bootstrap, resume=resume)
         _tgrpo_report(run, res.table, res.eval_results, res.out, {"tag": tag, "smoke": study.smoke}, as_json)
 
 

@@ -50,6 +50,7 @@ EXAMPLES: dict[str, list[str]] = {
     "bench distributed": ["videor1 bench distributed --modes ddp,zero3 --stages sft"],
     "bench sp": ["videor1 bench sp --rounds 5", "videor1 bench sp --frames 256 --rounds 3 --out sp.json"],
     "bench tgrpo": ["videor1 bench tgrpo --smoke", "videor1 bench tgrpo --seeds 0,1,2,3,4 --out study",
+                    "videor1 bench tgrpo --seeds 0,1,2,3,4 --out study --resume   # after an interruption",
                     "videor1 bench tgrpo --merge study-a --merge study-b --out study"],
 }
 

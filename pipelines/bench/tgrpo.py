@@ -33,7 +33,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from pipelines.errors import VideoR1Error
-from pipelines.quickstart import SCORING, Stage, _Background, chance_of, prepare_dir, stage_argv, stage_config
+from pipelines.quickstart import (MARKER, SCORING, Stage, _Background, chance_of, prepare_dir, stage_argv,
+                                  stage_config)
 
 REFERENCE = "grpo"  # differences are reported against this arm
 WARMUP_STEPS = 3  # step times of the first steps (allocations, caches) are left out of the medians
@@ -351,12 +352,28 @@ class StudyResult:
     out: Path
 
 
+def stage_complete(st: Stage) -> bool:
+    """The stage's output is there whole: what each command writes last (a world's test.json and world.json, a
+    model's config.json beside its weights, an eval's results.json beside its per-question rows). A stage killed
+    part-way has not written it, so `--resume` runs it again."""
+    o = st.output
+    if st.key == "synth":
+        return (o / "world.json").exists() and (o / "test.json").exists()
+    if st.key.startswith("eval-"):
+        return (o / "results.json").exists() and (o / "synthetic.samples.jsonl").exists()
+    return (o / "config.json").exists() and any(o.glob("*.safetensors"))
+
+
 def run_study(study: Study, cfg, invoke: Callable[[list[str]], None], *, spawn=None, registry: Path, tag: str,
               log: Callable[[str], None] = lambda s: None,
               on_stage: Callable[[int, int, int, Stage, float | None], None] | None = None,
-              n_boot: int = 2000) -> StudyResult:
+              n_boot: int = 2000, resume: bool = False) -> StudyResult:
     """Run every seed's stages (background evals beside the next training stage when spawn is given and nproc > 1),
-    then read the evals and the train-rl runs' metrics back and summarise."""
+    then read the evals and the train-rl runs' metrics back and summarise.
+
+    `resume`: keep what an earlier invocation into the same directory finished (`stage_complete`) and run the rest;
+    the stages are deterministic per seed, so the table is the one an uninterrupted study gives (its train-rl runs
+    must be in the same registry: run with the same VIDEOR1_HOME / run.registry)."""
     from pipelines.registry import Registry
 
     cfg.quickstart.train, cfg.quickstart.sft, cfg.quickstart.test = study.train, study.sft, study.test
@@ -380,7 +397,8 @@ def run_study(study: Study, cfg, invoke: Callable[[list[str]], None], *, spawn=N
     seconds: dict[str, float] = {}
     for si, seed in enumerate(study.seeds):
         sp = plan_seed(study, cfg, seed, out, config_file, tag)
-        prepare_dir(sp.dir)
+        if not (resume and (sp.dir / MARKER).exists()):
+            prepare_dir(sp.dir)
         background = _Background(spawn) if (spawn and study.nproc > 1) else None
         index = {st.key: i for i, st in enumerate(sp.stages)}
 
@@ -392,7 +410,12 @@ def run_study(study: Study, cfg, invoke: Callable[[list[str]], None], *, spawn=N
                 on_stage(si, i, len(sp.stages), st, dt)
 
         try:
+            rerun: list[str] = []  # outputs written again in this invocation: the stages reading them run again too
             for i, st in enumerate(sp.stages):
+                if resume and stage_complete(st) and not any(o in a for o in rerun for a in st.argv):
+                    log(f"seed {seed}: {st.title}: already complete in {st.output}, kept (--resume)")
+                    continue
+                rerun.append(str(st.output))
                 if on_stage:
                     on_stage(si, i, len(sp.stages), st, None)
                 if st.background and background is not None:
