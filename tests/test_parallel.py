@@ -287,3 +287,24 @@ def test_collectives_and_a_text_forward_on_two_gloo_ranks(tmp_path):
         assert res[r]["lp_diff"] < 1e-5  # ... equal to one rank's forward (left padding moved to the right)
         assert res[r]["attn_after"] == "sdpa" and res[r]["kv_groups"] == 2  # ... and a plain forward is untouched
         assert res[r]["plain_diff"] < 1e-5
+
+
+def test_rollout_logprobs_under_sp_take_the_sequence_parallel_path_and_the_sampler_rule(monkeypatch):
+    """Under SP, rollout.completion_logprobs goes through parallel.completion_logprobs (inside the vision plan's
+    context); engine log-probs are compared like for like only where the sampler is the plain temperature softmax
+    (top_p 1, no logit bias): the shards' logits are never gathered, so a nucleus cannot be rebuilt."""
+    from pipelines.errors import VideoR1Error
+    from pipelines.rl import rollout as R
+
+    calls = []
+    logp = torch.tensor([[-0.5, -1.0]], requires_grad=True)
+    monkeypatch.setattr(P, "enabled", lambda model: True)
+    monkeypatch.setattr(P, "completion_logprobs", lambda m, i, c, t: calls.append((sorted(i), t)) or logp)
+    inputs = {"input_ids": torch.zeros(1, 4, dtype=torch.long), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    comp = torch.zeros(1, 2, dtype=torch.long)
+    assert R.completion_logprobs(object(), inputs, comp, temperature=0.7) is logp
+    lp, sampler_lp = R.completion_logprobs(object(), inputs, comp, 0.7, sampler={"top_p": 1.0, "logit_bias": None})
+    assert lp is logp and torch.equal(sampler_lp, logp) and not sampler_lp.requires_grad
+    assert calls == [(["attention_mask", "input_ids"], 0.7)] * 2
+    with pytest.raises(VideoR1Error, match="top_p=1"):
+        R.completion_logprobs(object(), inputs, comp, 0.7, sampler={"top_p": 0.95, "logit_bias": None})
