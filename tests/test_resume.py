@@ -249,3 +249,18 @@ def test_sft_resume_of_every_family(family, synth_world, tmp_path):
     assert run_b["summary"]["resumed_from"].endswith("checkpoint-2")
     assert set(assert_same_tail(m_a, m_b, SFT_KEYS, after=2, last=4).values()) == {0.0}
     assert_same_weights(a / "out", b / "out")
+
+
+def test_another_sequence_parallel_layout_is_refused_and_old_checkpoints_are_not():
+    """A group of SP ranks reads one data shard with one RNG stream: a checkpoint written with another
+    distributed.sequence_parallel holds another data position per rank, so it is refused by name. Checkpoints written
+    before the key existed (no sequence_parallel in their state) were SP 1 and still resume."""
+    from pipelines.errors import CheckpointError
+    from pipelines.rl.checkpoint import _check_identity
+
+    saved = {"world_size": 2, "lora": False, "zero_stage": 0, "sequence_parallel": 2}
+    expect = dict(saved, sequence_parallel=1)
+    with pytest.raises(CheckpointError, match=r"distributed.sequence_parallel=2 \(this run: distributed"):
+        _check_identity(Path("ckpt"), saved, expect, resume_hint="h")
+    old = {k: v for k, v in saved.items() if k != "sequence_parallel"}
+    _check_identity(Path("ckpt"), old, expect, resume_hint="h")

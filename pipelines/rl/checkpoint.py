@@ -63,7 +63,7 @@ SFT_MANIFEST = "videor1_checkpoint.json"
 FORMAT = 2
 ADAPTERS = "adapter_model.safetensors"
 # What a resume must find unchanged; anything else in the config may change (e.g. more max_steps).
-_IDENTITY_KEYS = ("world_size", "lora", "zero_stage")
+_IDENTITY_KEYS = ("world_size", "lora", "zero_stage", "sequence_parallel")
 
 
 def _say(msg: str, warn: bool = False) -> None:
@@ -127,6 +127,8 @@ def _check_identity(path: Path, saved: dict, expect: dict, *, resume_hint: str, 
             return f"{value} rank{'s' if int(value) != 1 else ''}"
         if key == "lora":
             return "LoRA adapters" if value else "full fine-tuning"
+        if key == "sequence_parallel":  # the data shards and RNG streams are per data-parallel rank
+            return f"distributed.sequence_parallel={value}"
         return f"DeepSpeed ZeRO-{value}" if value else "no DeepSpeed"
 
     for key in _IDENTITY_KEYS:
@@ -362,6 +364,7 @@ def rl_expectations(trainer) -> dict[str, Any]:
     from pipelines.launch import deepspeed_zero_stage
 
     return {"world_size": trainer.world, "lora": bool(trainer.lora), "zero_stage": deepspeed_zero_stage(trainer.cfg),
+            "sequence_parallel": int(trainer.cfg.distributed.sequence_parallel),
             "base_model": base_model_identity(trainer.cfg),
             "records": records_identity(trainer.cfg, len(trainer.records))}
 
@@ -576,7 +579,8 @@ def sft_expectations(cfg, world_size: int) -> dict[str, Any]:
     from pipelines.launch import deepspeed_zero_stage
 
     return {"world_size": int(world_size), "lora": bool(cfg.model.lora.enabled),
-            "zero_stage": deepspeed_zero_stage(cfg), "base_model": base_model_identity(cfg)}
+            "zero_stage": deepspeed_zero_stage(cfg), "sequence_parallel": int(cfg.distributed.sequence_parallel),
+            "base_model": base_model_identity(cfg)}
 
 
 def write_sft_manifest(ckpt: str | os.PathLike, expect: dict[str, Any], global_step: int) -> None:
