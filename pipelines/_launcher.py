@@ -24,6 +24,9 @@ class _DropElastic(logging.Filter):
 
 
 def main() -> None:
+    from pipelines.launch import PARENT_PID_ENV, die_with_parent
+
+    die_with_parent(int(os.environ.get(PARENT_PID_ENV) or 0))
     module, args = sys.argv[1], sys.argv[2:]
     sys.argv = [module, *args]
     if os.environ.get("VIDEOR1_DEBUG") == "1":

@@ -315,8 +315,12 @@ def launch(cfg, argv: Sequence[str], run=None, run_dir: str | os.PathLike | None
     quiet = [cmd[0], "-m", "pipelines._launcher", *cmd[2:]] if cmd[1:2] == ["-m"] else cmd
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).resolve().parent.parent),
                                                     env.get("PYTHONPATH", "")) if p)
+    # No preexec_fn: Python code between fork and exec deadlocks when another thread of this process held a lock at
+    # the fork (seen: the launch hung in a pytest process with DataLoader and tokenizer threads). The child arms its
+    # parent-death signal itself, first thing (pipelines._launcher, PARENT_PID_ENV).
+    env[PARENT_PID_ENV] = str(os.getpid())
     proc = subprocess.Popen(
-        quiet, env=env, start_new_session=True, preexec_fn=_die_with_parent,
+        quiet, env=env, start_new_session=True,
         stdout=subprocess.PIPE if pipe else None, stderr=subprocess.STDOUT if pipe else None,
         text=pipe, bufsize=1 if pipe else -1,
     )
@@ -360,16 +364,23 @@ def launch(cfg, argv: Sequence[str], run=None, run_dir: str | os.PathLike | None
     return code
 
 
-def _die_with_parent() -> None:
-    """In the launcher's child (torchrun), before exec: SIGTERM it when the launching process dies (Linux)."""
-    if not sys.platform.startswith("linux"):
+PARENT_PID_ENV = "VIDEOR1_LAUNCHER_PARENT"
+
+
+def die_with_parent(parent_pid: int | None) -> None:
+    """Called first thing in the launched process (torchrun's, in pipelines._launcher): SIGTERM it when the launching
+    process dies (Linux PR_SET_PDEATHSIG), and exit at once if that process is already gone (it died between the fork
+    and this call: the signal would never come)."""
+    if not sys.platform.startswith("linux") or not parent_pid:
         return
     try:
         import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
-        pass
+        return
+    if os.getppid() != parent_pid:
+        os._exit(128 + signal.SIGTERM)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

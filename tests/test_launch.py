@@ -334,3 +334,43 @@ def test_worker_argv_spells_distributed_flags_as_set():
     assert worker_argv(argv) == ["train", "sft", "--set", "distributed.nproc=2", "--set",
                                  "distributed.master_port=29511", "--set", "distributed.nnodes=1", "--data", "x.json"]
     assert worker_argv(worker_argv(argv)) == worker_argv(argv)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie (exited, not yet reaped by init) counts as gone
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_the_launched_process_dies_with_the_launching_one(tmp_path):
+    """The launcher's child arms its parent-death signal itself (no preexec_fn: Python code between fork and exec
+    can deadlock in a threaded parent). Killing the parent with SIGKILL takes the child down; a child whose parent is
+    already gone when it starts exits at once."""
+    import subprocess
+
+    root = str(Path(L.__file__).resolve().parent.parent)
+    pidfile = tmp_path / "child.pid"
+    child = (f"import os, sys, time; sys.path.insert(0, {root!r}); from pipelines.launch import die_with_parent; "
+             f"die_with_parent(os.getppid()); open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(60)")
+    parent = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys, time; "
+                               f"subprocess.Popen([sys.executable, '-c', {child!r}]); time.sleep(60)"])
+    deadline = time.time() + 60
+    while not pidfile.exists() or not pidfile.read_text():
+        assert time.time() < deadline, "the child never started"
+        time.sleep(0.1)
+    pid = int(pidfile.read_text())
+    assert _alive(pid)
+    parent.kill()
+    parent.wait()
+    deadline = time.time() + 20
+    while _alive(pid):
+        assert time.time() < deadline, "the child outlived its parent"
+        time.sleep(0.1)
+    gone = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {root!r}); "
+                           "from pipelines.launch import die_with_parent; die_with_parent(1 << 30); print('ran on')"],
+                          capture_output=True, text=True)
+    assert gone.returncode == 128 + signal.SIGTERM and "ran on" not in gone.stdout
