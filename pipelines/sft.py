@@ -593,6 +593,10 @@ def training_arguments(cfg, output_dir: str | os.PathLike, *, has_eval: bool):
         data_seed=cfg.run.seed,
         train_sampling_strategy="random" if cfg.data.shuffle else "sequential",
         dataloader_num_workers=cfg.data.num_workers,
+        # Workers start from a forkserver, not a fork of this process: a fork copies whatever lock another thread
+        # holds at that moment (pyarrow's jemalloc thread, library pools, a caller's threads when the stage runs
+        # in-process as in `bench tgrpo` or tests) and the worker can hang on it for good (seen on a clean install).
+        dataloader_multiprocessing_context="forkserver" if cfg.data.num_workers > 0 else None,
         dataloader_pin_memory=device.type == "cuda",
         remove_unused_columns=False,
         label_names=["labels"],
