@@ -50,3 +50,21 @@ def test_bench_eval_reports_min_median_and_load(tmp_path):
         assert len(res[side]["seconds"]) == 2 and res[side]["min_s"] <= res[side]["median_s"]
     assert res["method"]["rounds"] == 2 and res["method"]["warmup"] == 1
     assert res["speedup"] > 0 and res["speedup_min"] > 0 and res["machine"]["cpus"]
+
+
+def test_bench_results_are_recorded_in_the_registry_and_as_json(tmp_path):
+    """The tail every bench command shares: metrics + summary in the registry, the results JSON as an artifact."""
+    import json
+
+    from pipelines.config import Config
+    from pipelines.registry import Registry
+    from videor1_cli.bench import _record_results
+
+    reg = Registry(tmp_path / "registry.db")
+    with reg.run("bench-rl", Config(), command="videor1 bench rl") as run:
+        _record_results(run, {"ratio": 1.5}, {"rows": [1, 2]}, tmp_path / "bench-rl.json")
+    assert json.loads((tmp_path / "bench-rl.json").read_text()) == {"rows": [1, 2]}
+    assert reg.metrics(run.id)["ratio"] == [(0, 1.5)]
+    (row,) = reg.list_runs(kind="bench-rl")
+    assert row["summary"] == {"ratio": 1.5}
+    assert [a.kind for a in reg.artifacts_of(run.id)["outputs"]] == ["bench"]

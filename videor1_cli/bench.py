@@ -22,6 +22,19 @@ def _load_line(method: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # frames (pipelines.bench.frames)
+def _record_results(run, metrics: dict, res: dict, path) -> None:
+    """A bench command's record: its metrics and summary in the registry, the full results as a JSON artifact."""
+    import json
+
+    from videor1_cli.common import err_console
+
+    run.log_metrics(0, metrics)
+    run.set_summary(metrics)
+    Path(path).write_text(json.dumps(res, indent=2))
+    run.log_artifact("bench", path, hash_content=True)
+    err_console.print(f"[dim]results: {path}[/dim]")
+
+
 def _default_preset(name: str):
     """Make `name` the preset when the user passes none (bench frames measures Video-R1's training settings)."""
     import functools
@@ -275,8 +288,6 @@ def rl_bench(
 ) -> None:
     """RL step time: ours vs TRL GRPOTrainer (GRPO, image prompts), T-GRPO vs GRPO (video), 4/16/64 frames.
     Tiny model on the CPU (plumbing, not model speed); run it alone."""
-    import json as _json
-
     from rich.table import Table
 
     from pipelines.bench.rl import run_bench
@@ -319,12 +330,7 @@ def rl_bench(
             metrics.update(trl_image_s=gi["trl"]["median_s"], ours_over_trl=gi["ratio"])
         for f, r in res["frames"].items():
             metrics[f"tgrpo_{f}_frames_s"] = r["median_s"]
-        run.log_metrics(0, metrics)
-        run.set_summary(metrics)
-        path = out or run_dir / "bench-rl.json"
-        Path(path).write_text(_json.dumps(res, indent=2))
-        run.log_artifact("bench", path, hash_content=True)
-        err_console.print(f"[dim]results: {path}[/dim]")
+        _record_results(run, metrics, res, out or run_dir / "bench-rl.json")
 
 
 def _rl_encode_once(cfg, steps: int, warmup: int, out, work_dir, frames: tuple[int, ...], threads: int,
@@ -436,8 +442,6 @@ def distributed_bench(
 ) -> None:
     """2-rank step time and peak memory per rank: DDP vs DeepSpeed ZeRO-2 / ZeRO-3 / ZeRO-3 offload, SFT and T-GRPO.
     Each is a real `train --nproc 2` run (gloo on the CPU), the modes in alternating rounds; run it alone."""
-    import json as _json
-
     from rich.table import Table
 
     from pipelines.bench.distributed import run_bench
@@ -468,12 +472,7 @@ def distributed_bench(
         for stage, method in res["method"].items():
             console.print(f"{stage}: {_load_line(method)} (each pass a run whose first {warmup} step(s) are "
                           "untimed)", soft_wrap=True)
-        run.log_metrics(0, metrics)
-        run.set_summary(metrics)
-        path = out or run_dir / "bench-distributed.json"
-        Path(path).write_text(_json.dumps(res, indent=2))
-        run.log_artifact("bench", path, hash_content=True)
-        err_console.print(f"[dim]results: {path}[/dim]")
+        _record_results(run, metrics, res, out or run_dir / "bench-distributed.json")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -492,8 +491,6 @@ def sp_bench(
 ) -> None:
     """Sequence parallelism on 2 ranks: step time and peak activation memory per rank of a T-GRPO policy micro-batch
     (one video prompt), SP 1 (each rank the whole sequence) vs SP 2 (split), at each frame count. Run it alone."""
-    import json as _json
-
     from rich.table import Table
 
     from pipelines.bench.sp import run_bench
@@ -523,12 +520,7 @@ def sp_bench(
         console.print(t)
         la, lb = res["machine"]["load_avg_before"], res["machine"]["load_avg_after"]
         console.print(f"load average {la[0]:.1f} before, {lb[0]:.1f} after; {res['machine']['cpus']} CPUs")
-        run.log_metrics(0, metrics)
-        run.set_summary(metrics)
-        path = out or run_dir / "bench-sp.json"
-        Path(path).write_text(_json.dumps(res, indent=2))
-        run.log_artifact("bench", path, hash_content=True)
-        err_console.print(f"[dim]results: {path}[/dim]")
+        _record_results(run, metrics, res, out or run_dir / "bench-sp.json")
 
 
 # tgrpo (pipelines.bench.tgrpo, issue 25)
