@@ -180,7 +180,16 @@ def stage_config(cfg, out: Path, registry: Path, tag: str, smoke: bool) -> dict[
     data["sft"]["per_device_batch_size"] = per_rank(data["sft"]["per_device_batch_size"], ranks,
                                                     "sft.per_device_batch_size")
     data["rl"]["per_device_prompts"] = per_rank(data["rl"]["per_device_prompts"], ranks, "rl.per_device_prompts")
+    data["rl"]["num_epochs"] = max(data["rl"]["num_epochs"], rl_epochs_needed(
+        cfg.quickstart.rl_steps, cfg.quickstart.train, ranks, data["rl"]["per_device_prompts"]))
     return data
+
+
+def rl_epochs_needed(steps: int, records: int, ranks: int, prompts_per_rank: int) -> int:
+    """Passes over the RL pool that quickstart.rl_steps takes: `train rl` stops at rl.num_epochs, so without this a
+    step count above one pass (4,000 prompts / 32 per step = 125) would be cut short silently."""
+    steps_per_epoch = max(1, math.ceil((records // ranks) / prompts_per_rank))  # as the RL trainer counts them
+    return math.ceil(steps / steps_per_epoch)
 
 
 def family_budgets(data: dict[str, Any], family: str) -> None:

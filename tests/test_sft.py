@@ -302,3 +302,16 @@ def test_sft_lowers_heldout_loss_then_annotate_and_sft_chain(tiny_model_dir, cot
     student_run = reg.list_runs(kind="train-sft")[0]["id"]
     up = json.dumps(reg.lineage(student_run), default=str)
     assert '"kind": "annotate"' in up and up.count('"kind": "train-sft"') >= 3  # student, teacher, first
+
+
+def test_dataloader_workers_start_once_from_a_forkserver(tmp_path):
+    # forkserver: a fork of a threaded process can inherit a held lock and hang; persistent: a forkserver worker
+    # costs seconds of imports, and the quickstart's SFT is 72 epochs of 300 records (new workers every epoch ran it
+    # 3x slower on 2 cores).
+    from pipelines.config import load_config
+    from pipelines.sft import training_arguments
+
+    args = training_arguments(load_config(overrides=["data.num_workers=1"]), tmp_path, has_eval=False)
+    assert args.dataloader_multiprocessing_context == "forkserver" and args.dataloader_persistent_workers
+    inline = training_arguments(load_config(overrides=["data.num_workers=0"]), tmp_path, has_eval=False)
+    assert inline.dataloader_multiprocessing_context is None and not inline.dataloader_persistent_workers

@@ -123,6 +123,19 @@ def test_quickstart_splits_the_global_batch_over_its_ranks(tmp_path):
                        tmp_path / "r.db", "qs", smoke=False)
 
 
+def test_quickstart_rl_steps_run_in_full_past_one_pass_of_the_pool(tmp_path):
+    # 4,000 prompts / 32 per step = 125 steps per pass: 250 steps need 2 passes, 126 need 2, 125 need 1
+    for steps, epochs in ((125, 1), (126, 2), (250, 2), (40, 1)):
+        cfg = load_config(overrides=["quickstart.nproc=2", "rl.per_device_prompts=32", "quickstart.train=4000",
+                                     f"quickstart.rl_steps={steps}", "rl.num_epochs=1"])
+        data = Q.stage_config(cfg, tmp_path, tmp_path / "r.db", "qs", smoke=False)
+        assert data["rl"]["num_epochs"] == epochs, steps
+        spe = -(-(4000 // 2) // data["rl"]["per_device_prompts"])  # the RL trainer's steps per epoch
+        assert int(data["rl"]["num_epochs"] * spe) >= steps
+    more = load_config(overrides=["quickstart.rl_steps=10", "rl.num_epochs=3"])  # a larger setting is kept
+    assert Q.stage_config(more, tmp_path, tmp_path / "r.db", "qs", smoke=False)["rl"]["num_epochs"] == 3
+
+
 def test_quickstart_plan_ranks_and_background_evals(tmp_path):
     sp = Q.plan_seed(load_config(overrides=["quickstart.compare_algos=true"]), 0, tmp_path, tmp_path / "c.yaml", "qs")
     by = {s.key: s for s in sp.stages}
