@@ -315,3 +315,22 @@ def test_dataloader_workers_start_once_from_a_forkserver(tmp_path):
     assert args.dataloader_multiprocessing_context == "forkserver" and args.dataloader_persistent_workers
     inline = training_arguments(load_config(overrides=["data.num_workers=0"]), tmp_path, has_eval=False)
     assert inline.dataloader_multiprocessing_context is None and not inline.dataloader_persistent_workers
+
+
+def test_persistent_forkserver_workers_train_the_same_weights_as_inline_loading(tiny_model_dir, cot_world, tmp_path):
+    # Three epochs of 16 records: the workers outlive each epoch and must hand over the batches loading in the
+    # training process would (the quickstart's SFT, 72 epochs, runs with one worker).
+    from safetensors.torch import load_file
+
+    weights = {}
+    for workers in (0, 1):
+        out = tmp_path / f"w{workers}"
+        run_cli("train", "sft", "--model", tiny_model_dir, "--data", cot_world["train"], "--root", cot_world["root"],
+                "--max-steps", "6", "--out", out, "--set", "data.max_samples=16", "--set", "sft.per_device_batch_size=8",
+                "--set", f"data.num_workers={workers}", "--set", "sft.save_steps=1000",
+                "--set", f"run.output_dir={tmp_path / 'runs'}")
+        weights[workers] = load_file(out / "model.safetensors")
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    tiny = load_file(Path(tiny_model_dir) / "model.safetensors")
+    assert any(not torch.equal(tiny[k], weights[1][k]) for k in tiny)  # it trained
