@@ -9,9 +9,9 @@ produced it):
     eval        -> eval-untrained/results.json        (the untrained model on test.json)
     train sft   -> sft-model/                         (cold start on sft.json)
     eval        -> eval-sft/results.json
-    train rl    -> rl-tgrpo-model/                    (T-GRPO from sft-model on rl.json)
-    eval        -> eval-rl-tgrpo/results.json
-    [train rl --algo grpo, eval]                      (--compare-algos: plain GRPO from the same SFT model)
+    train rl    -> rl-grpo-model/                     (quickstart.algo, GRPO, from sft-model on rl.json)
+    eval        -> eval-rl-grpo/results.json
+    [train rl --algo tgrpo, eval]                     (--compare-algos: T-GRPO from the same SFT model)
 
 Both cores (issue 18; BENCHMARKS.md "Quickstart on both cores"): train sft and train rl run on quickstart.nproc (2)
 data-parallel ranks with the same global batch, one torch thread per process; the untrained and SFT evals run in a
@@ -82,8 +82,8 @@ class SeedPlan:
 
 
 def algos(cfg) -> list[str]:
-    """The RL algorithms trained: rl.algo (T-GRPO by default), plus the other one with compare_algos."""
-    main = cfg.rl.algo
+    """The RL algorithms trained: quickstart.algo (GRPO by default), plus the other one with compare_algos."""
+    main = cfg.quickstart.algo
     if cfg.quickstart.compare_algos:
         return [main] + [a for a in ("tgrpo", "grpo") if a != main]
     return [main]
@@ -169,6 +169,9 @@ def stage_config(cfg, out: Path, registry: Path, tag: str, smoke: bool) -> dict[
     data["run"]["torch_threads"] = cfg.quickstart.torch_threads
     if cfg.quickstart.sft_learning_rate:
         data["sft"]["learning_rate"] = cfg.quickstart.sft_learning_rate
+    if cfg.quickstart.rl_learning_rate:
+        data["rl"]["learning_rate"] = cfg.quickstart.rl_learning_rate
+    data["rl"]["algo"] = cfg.quickstart.algo  # what the config file records is what the RL stage runs
     if smoke:
         for key, value in SMOKE_OVERRIDES.items():
             sec, k = key.split(".")

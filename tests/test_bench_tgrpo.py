@@ -103,12 +103,15 @@ def test_bench_tgrpo_smoke(tmp_path):
     """The --smoke study: 2 seeds x (SFT, GRPO, T-GRPO) on a toy shortcut world, every stage registered and tagged,
     GRPO logging p~ through its probe, the table, the JSON and the plot."""
     from conftest import run_cli
+    from pipelines.config import load_config
     from pipelines.registry import Registry
 
     out = tmp_path / "study"
     res = run_cli("bench", "tgrpo", "--smoke", "--json", "--out", out)
     table = json.loads(res.stdout)
     assert table["config"]["smoke"] and table["config"]["seeds"] == [0, 1]
+    # the study's RL rate is rl.learning_rate (the preset's, as in the 5-seed study), not the quickstart RL stage's
+    assert table["config"]["rl"]["learning_rate"] == 2e-4 != load_config().quickstart.rl_learning_rate
     for cat in ("order_dependent", "order_free"):
         rows = table["accuracy"][cat]
         assert set(rows) >= {"sft", "grpo", "tgrpo"}

@@ -59,11 +59,16 @@ def test_plan_chains_each_stage_on_the_previous_outputs(tmp_path):
     cfg = load_config(overrides=["quickstart.compare_algos=true"])
     sp = Q.plan_seed(cfg, 3, tmp_path, tmp_path / "c.yaml", "qs")
     keys = [s.key for s in sp.stages]
-    assert keys == ["synth", "tiny", "eval-untrained", "sft", "eval-sft", "rl-tgrpo", "eval-rl-tgrpo", "rl-grpo",
-                    "eval-rl-grpo"]
+    assert keys == ["synth", "tiny", "eval-untrained", "sft", "eval-sft", "rl-grpo", "eval-rl-grpo", "rl-tgrpo",
+                    "eval-rl-tgrpo"]  # quickstart.algo (GRPO) first, then the other one
     by = {s.key: s for s in sp.stages}
     assert str(by["tiny"].output) in by["sft"].argv and str(by["sft"].output) in by["rl-grpo"].argv
     assert str(by["rl-tgrpo"].output) in by["eval-rl-tgrpo"].argv
+    assert by["rl-grpo"].argv[by["rl-grpo"].argv.index("--algo") + 1] == "grpo"
+    assert by["rl-tgrpo"].argv[by["rl-tgrpo"].argv.index("--algo") + 1] == "tgrpo"
+    one = [s.key for s in Q.plan_seed(load_config(overrides=["quickstart.algo=tgrpo"]), 3, tmp_path,
+                                      tmp_path / "c.yaml", "qs").stages if s.key.startswith("rl-")]
+    assert one == ["rl-tgrpo"]  # --algo tgrpo: Video-R1's rule alone
     assert all("run.seed=3" in s.argv for s in sp.stages)
     # the stage evals headline the scoring the final table uses (one name per number)
     assert all(f"eval.scoring={Q.SCORING}" in s.argv for s in sp.stages if s.key.startswith("eval-"))
@@ -123,10 +128,12 @@ def test_quickstart_smoke_runs_every_stage_linked_by_lineage(tmp_path):
         return sorted(kind_of[p] for p in reg.parents(rid))
 
     evals = {r["run_dir"].rsplit("/", 1)[-1]: r["id"] for r in runs if r["kind"] == "eval"}
-    assert set(evals) == {"eval-untrained", "eval-sft", "eval-rl-tgrpo"}
+    assert set(evals) == {"eval-untrained", "eval-sft", "eval-rl-grpo"}
+    assert table["rl_algo"] == "grpo" and "after RL (GRPO)" in res.output
     # eval of the RL model <- train-rl <- train-sft <- model-tiny (+ data-synth for the records)
-    assert parents(evals["eval-rl-tgrpo"]) == ["data-synth", "train-rl"]
-    (rl,) = [p for p in reg.parents(evals["eval-rl-tgrpo"]) if kind_of[p] == "train-rl"]
+    assert parents(evals["eval-rl-grpo"]) == ["data-synth", "train-rl"]
+    (rl,) = [p for p in reg.parents(evals["eval-rl-grpo"]) if kind_of[p] == "train-rl"]
+    assert reg.get_run(rl)["summary"]["algo"] == "grpo"
     assert parents(rl) == ["data-synth", "train-sft"]
     (sft,) = [p for p in reg.parents(rl) if kind_of[p] == "train-sft"]
     assert parents(sft) == ["data-synth", "model-tiny"]
@@ -134,7 +141,7 @@ def test_quickstart_smoke_runs_every_stage_linked_by_lineage(tmp_path):
     assert parents(evals["eval-untrained"]) == ["data-synth", "model-tiny"]
     assert sorted(reg.parents(qs["id"])) == sorted(evals.values())
     # each stage eval's headline (its run summary, its table) is the number the quickstart table shows
-    label_of = {"eval-untrained": "untrained", "eval-sft": "sft", "eval-rl-tgrpo": "rl"}
+    label_of = {"eval-untrained": "untrained", "eval-sft": "sft", "eval-rl-grpo": "rl"}
     for name, rid in evals.items():
         s = reg.get_run(rid)["summary"]
         assert s["scoring"] == "official" and round(s["synthetic"], 2) == table["seeds"][0][label_of[name]]

@@ -141,8 +141,8 @@ def test_quickstart_plan_ranks_and_background_evals(tmp_path):
     by = {s.key: s for s in sp.stages}
     for key in ("sft", "rl-tgrpo", "rl-grpo"):
         assert by[key].ranks == 2 and "distributed.nproc=2" in by[key].argv, key
-    assert [s.key for s in sp.stages if s.background] == ["eval-untrained", "eval-sft", "eval-rl-tgrpo"]
-    assert not by["eval-rl-grpo"].background  # the last stage: nothing left to overlap it with
+    assert [s.key for s in sp.stages if s.background] == ["eval-untrained", "eval-sft", "eval-rl-grpo"]
+    assert not by["eval-rl-tgrpo"].background  # the last stage: nothing left to overlap it with
     seq = Q.plan_seed(load_config(overrides=["quickstart.nproc=1", "quickstart.overlap_evals=false"]), 0, tmp_path,
                       tmp_path / "c.yaml", "qs")
     assert not any(s.background or s.ranks > 1 for s in seq.stages)

@@ -1,4 +1,4 @@
-"""`videor1 quickstart`: data synth -> model tiny -> train sft -> train rl (T-GRPO) -> eval, on a CPU, in one command.
+"""`videor1 quickstart`: data synth -> model tiny -> train sft -> train rl (GRPO) -> eval, on a CPU, in one command.
 
 Every stage is invoked in-process as its real command line (`videor1 data synth ...`, `videor1 train sft ...`), with
 the previous stage's output paths, so each is a registered run and lineage links them automatically; the quickstart
@@ -34,9 +34,10 @@ SEEDS = Shortcut("quickstart.seeds", ["--seeds"], Optional[str],
 SFT_STEPS = Shortcut("quickstart.sft_steps", ["--sft-steps"], Optional[int], "SFT optimizer steps "
                      "(quickstart.sft_steps).")
 RL_STEPS = Shortcut("quickstart.rl_steps", ["--rl-steps"], Optional[int], "RL steps (quickstart.rl_steps).")
-ALGO = Shortcut("rl.algo", ["--algo"], Optional[str], "RL algorithm: tgrpo (default) or grpo (rl.algo).")
+ALGO = Shortcut("quickstart.algo", ["--algo"], Optional[str], "RL algorithm of the RL stage: grpo (default) or tgrpo "
+                "(quickstart.algo).")
 COMPARE = Shortcut("quickstart.compare_algos", ["--compare-algos"], Optional[bool],
-                   "Also train GRPO from the same SFT model; report both (quickstart.compare_algos).")
+                   "Also train the other algorithm from the same SFT model; report both (quickstart.compare_algos).")
 FAMILY = Shortcut("quickstart.family", ["--family"], Optional[str], "Model family of the tiny model: "
                   f"{families_help()} (quickstart.family).")
 
@@ -58,7 +59,7 @@ def quickstart(
     """The Video-R1 recipe end to end on the synthetic world and a tiny Qwen2.5-VL, on a CPU.
 
     data synth -> model tiny -> eval (untrained) -> train sft (cold start, gold CoT) -> eval -> train rl
-    (T-GRPO, questions without CoT) -> eval; prints chance, untrained, SFT and RL accuracy overall, per problem type
+    (GRPO, questions without CoT; --algo tgrpo for Video-R1's T-GRPO) -> eval; prints chance, untrained, SFT and RL accuracy overall, per problem type
     and on the order-dependent questions. Every stage is a registered run linked by lineage.
     """
     import torch
@@ -109,7 +110,7 @@ def _run(cfg: Config, out: Path, registry: Path, smoke: bool):
         run.log_artifact("quickstart-table", table_file)
         run.log_metrics(0, _flat_metrics(res.table))
         run.set_summary({"out": str(out), "tag": tag, "seconds": res.table["seconds"], "smoke": smoke,
-                         **{k: res.table.get(k) for k in ("chance", "untrained", "sft", "rl", "grpo",
+                         **{k: res.table.get(k) for k in ("chance", "untrained", "sft", "rl", "grpo", "tgrpo",
                                                             "order_dependent", "per_type", "config")
                             if k in res.table}})
     return res, run
@@ -175,7 +176,7 @@ def _spawn(argv: list[str], log_file: Path):
 
 def _flat_metrics(table: dict[str, Any]) -> dict[str, float]:
     out: dict[str, float] = {}
-    for k in ("chance", "untrained", "sft", "rl", "grpo", "seconds"):
+    for k in ("chance", "untrained", "sft", "rl", "grpo", "tgrpo", "seconds"):
         if isinstance(table.get(k), (int, float)):
             out[k] = table[k]
     for k, v in (table.get("order_dependent") or {}).items():
@@ -193,11 +194,12 @@ def _f(v: Any) -> str:
 
 
 def _cols(table: dict[str, Any]) -> list[tuple[str, str]]:
-    algo = table.get("rl_algo") or "tgrpo"
+    algo = table.get("rl_algo") or "grpo"
     cols = [("chance", "chance"), ("untrained", "untrained"), ("sft", "after SFT"),
             ("rl", f"after RL ({'T-GRPO' if algo == 'tgrpo' else 'GRPO'})")]
-    if "grpo" in table:
-        cols.append(("grpo", "after RL (GRPO)"))
+    for other, title in (("grpo", "GRPO"), ("tgrpo", "T-GRPO")):
+        if other in table:
+            cols.append((other, f"after RL ({title})"))
     return cols
 
 

@@ -378,6 +378,10 @@ def run_study(study: Study, cfg, invoke: Callable[[list[str]], None], *, spawn=N
 
     cfg.quickstart.train, cfg.quickstart.sft, cfg.quickstart.test = study.train, study.sft, study.test
     cfg.quickstart.nproc = study.nproc
+    # The study's RL settings are rl.* (the preset's lr 2e-4, the 5-seed study's setting), not the quickstart's RL
+    # stage's (quickstart.rl_learning_rate, .algo): each arm names its algorithm, and --set rl.learning_rate=... or
+    # an arm override changes the rate.
+    cfg.quickstart.rl_learning_rate, cfg.quickstart.rl_steps = None, study.rl_steps
     out = Path(cfg.quickstart.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     config_file = out / "bench-tgrpo-config.yaml"
