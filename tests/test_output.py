@@ -141,3 +141,10 @@ def test_scoring_columns_name_the_headline_and_the_quickstart_table_names_its_sc
     buf = io.StringIO()
     Console(file=buf, width=300).print(final_tables({**table, "smoke": True})[0])
     assert "[smoke: no accuracy claim]" in buf.getvalue()  # was eaten as a rich style tag
+    # the RL column names the algorithm that ran (GRPO by default; --compare-algos adds the other one)
+    buf = io.StringIO()
+    Console(file=buf, width=300).print(final_tables({**table, "rl_algo": "grpo", "tgrpo": 62.0})[0])
+    assert "after RL (GRPO)" in buf.getvalue() and "after RL (T-GRPO)" in buf.getvalue()
+    buf = io.StringIO()
+    Console(file=buf, width=300).print(final_tables({**table, "rl_algo": "tgrpo"})[0])
+    assert "after RL (T-GRPO)" in buf.getvalue() and "(GRPO)" not in buf.getvalue()
