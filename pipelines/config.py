@@ -466,7 +466,7 @@ class QuickstartConfig(Section):
         description="RL algorithm of the quickstart's RL stage (sets `train rl --algo`; `train rl` itself defaults to "
         "T-GRPO). Shortcut: --algo. GRPO because the T-GRPO study (BENCHMARKS.md, `videor1 bench tgrpo`, 5 seeds) "
         "found no temporal variant above GRPO on this world (T-GRPO +0.6 [-0.6, +1.9] on order-dependent "
-        "questions), and a GRPO step samples no shuffled-frame rollouts (~0.6x the time of a T-GRPO step here), so "
+        "questions), and a GRPO step samples no shuffled-frame rollouts (~0.7x the time of a T-GRPO step here), so "
         "the same time buys about twice the steps. --algo tgrpo runs Video-R1's rule; --compare-algos runs both.",
     )
     rl_steps: int = Field(
