@@ -62,9 +62,10 @@ def main() -> int:
             info["attached_dir"] = str(run_dir)
             if L.is_main_process():
                 run.log_metrics(0, {"probe_sum": t.item()})
-    (out / f"rank{L.rank()}.json").write_text(json.dumps(info))
-    dist.barrier()
-    L.cleanup()
+    r = L.rank()
+    L.end_worker()  # what `videor1` does on a worker's success (videor1_cli.app.main)
+    info["initialized_after_end"] = dist.is_initialized()
+    (out / f"rank{r}.json").write_text(json.dumps(info))
     return 0
 
 

@@ -241,6 +241,35 @@ def test_launch_refuses_inside_worker(monkeypatch):
         L.launch(cfg_with(nproc=2), [])
 
 
+@pytest.mark.parametrize("argv, code, ends", [
+    (["config", "keys"], 0, True),                    # success: the process groups are destroyed before exit
+    (["config", "show", "--set", "no.such=1"], 2, False),  # failure: another rank may sit in a collective; no barrier
+])
+def test_a_worker_ends_its_process_group_on_success_only(monkeypatch, capsys, argv, code, ends):
+    """The CI failure this guards: a finished 2-rank ZeRO-3 `train sft` (model saved) aborted at exit, "terminate
+    called without an active exception" (signal 6), because its gloo process group was still alive when the
+    interpreter was torn down. `videor1` now calls `end_worker` (barrier, destroy) when a launched rank succeeds.
+    Its real effect on two gloo ranks is in test_launch_torchrun_two_ranks_all_reduce_and_registry."""
+    from videor1_cli import app as A
+
+    calls: list[int] = []
+    monkeypatch.setattr(L, "end_worker", lambda: calls.append(1))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.delenv(L.ERROR_DIR_ENV, raising=False)
+    monkeypatch.setattr(sys, "argv", ["videor1", *argv])
+    with pytest.raises(SystemExit) as e:
+        A.main()
+    assert (e.value.code or 0) == code
+    assert calls == ([1] if ends else [])
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("LOCAL_RANK")
+    calls.clear()
+    with pytest.raises(SystemExit):
+        A.main()
+    assert calls == []  # not a launched rank: nothing to end
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Real 2-process gloo runs on the CPU
 def test_launch_torchrun_two_ranks_all_reduce_and_registry(probe_env, monkeypatch):
@@ -262,6 +291,7 @@ def test_launch_torchrun_two_ranks_all_reduce_and_registry(probe_env, monkeypatc
         assert r["launched"] == "1"
         assert r["run_id"] == run.id and r["attached_run"] == run.id  # workers attach to the launcher's run
         assert r["attached_dir"] == str(Path(run_dir).resolve())
+        assert r["initialized_after_end"] is False  # end_worker destroyed the process group on both ranks
     reg = Registry(cfg.registry_path())
     assert [x["id"] for x in reg.list_runs()] == [run.id]  # no run per worker
     assert reg.metrics(run.id)["probe_sum"] == [(0, 3.0)]

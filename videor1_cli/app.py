@@ -97,6 +97,20 @@ def main() -> None:
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/yellow]")
         sys.exit(130)
+    except SystemExit as e:  # click ends every command with SystemExit, 0 on success
+        if e.code in (0, None):
+            _end_worker()
+        raise
+    _end_worker()
+
+
+def _end_worker() -> None:
+    """A launched rank that succeeded destroys its process groups before the interpreter exits (or gloo can abort
+    it at exit: `pipelines.launch.end_worker`)."""
+    from pipelines.launch import end_worker, is_distributed_worker
+
+    if is_distributed_worker():
+        end_worker()
 
 
 def _fail(e: BaseException, code: int, hint: str | None) -> None:
