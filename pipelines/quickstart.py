@@ -184,15 +184,22 @@ def stage_config(cfg, out: Path, registry: Path, tag: str, smoke: bool) -> dict[
                                                     "sft.per_device_batch_size")
     data["rl"]["per_device_prompts"] = per_rank(data["rl"]["per_device_prompts"], ranks, "rl.per_device_prompts")
     data["rl"]["num_epochs"] = max(data["rl"]["num_epochs"], rl_epochs_needed(
-        cfg.quickstart.rl_steps, cfg.quickstart.train, ranks, data["rl"]["per_device_prompts"]))
+        data, cfg.quickstart.rl_steps, cfg.quickstart.train, ranks))
     return data
 
 
-def rl_epochs_needed(steps: int, records: int, ranks: int, prompts_per_rank: int) -> int:
+def rl_epochs_needed(data: dict[str, Any], steps: int, records: int, ranks: int) -> int:
     """Passes over the RL pool that quickstart.rl_steps takes: `train rl` stops at rl.num_epochs, so without this a
-    step count above one pass (4,000 prompts / 32 per step = 125) would be cut short silently."""
-    steps_per_epoch = max(1, math.ceil((records // ranks) / prompts_per_rank))  # as the RL trainer counts them
-    return math.ceil(steps / steps_per_epoch)
+    step count above one pass (4,000 prompts / 32 per step = 125) would be cut short silently. Counted by the RL
+    trainer's own arithmetic (`pipelines.rl.schedule`), from the stage config it will run with."""
+    from pipelines.rl.schedule import epochs_for, steps_per_epoch
+
+    rl = data["rl"]
+    if data["data"].get("max_samples"):
+        records = min(records, data["data"]["max_samples"])
+    data_ranks = max(1, ranks // max(1, data["distributed"].get("sequence_parallel") or 1))
+    per_epoch = steps_per_epoch(records, data_ranks, rl["per_device_prompts"], rl["gradient_accumulation_steps"])
+    return epochs_for(steps, per_epoch)
 
 
 def family_budgets(data: dict[str, Any], family: str) -> None:

@@ -325,3 +325,19 @@ def test_new_loss_is_one_decorated_function():
         L.AGGREGATIONS.pop("sum_test")
     with pytest.raises(ValueError):
         _loss("nope")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# How many steps a run takes (pipelines.rl.schedule: shared by the trainer and the quickstart)
+def test_rl_schedule_by_hand():
+    from pipelines.rl.schedule import epochs_for, steps_per_epoch, total_steps
+
+    assert steps_per_epoch(4000, 2, 16) == 125           # 2,000 per shard / 16
+    assert steps_per_epoch(4001, 2, 16) == 125           # the odd record is dropped (2,000 per shard)
+    assert steps_per_epoch(4000, 2, 16, grad_accum=2) == 63  # 2,000 / 32, the short last step counts
+    assert steps_per_epoch(10, 1, 4) == 3
+    assert total_steps(1000, 1.0, 125) == 125             # the epochs cut max_steps short
+    assert total_steps(100, 2.0, 125) == 100
+    assert total_steps(1000, 0.5, 125) == 62
+    assert total_steps(1000, 0.001, 125) == 1             # at least one step
+    assert [epochs_for(s, 125) for s in (1, 125, 126, 250, 251)] == [1, 1, 2, 2, 3]

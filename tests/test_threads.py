@@ -132,6 +132,21 @@ def test_quickstart_rl_steps_run_in_full_past_one_pass_of_the_pool(tmp_path):
         assert data["rl"]["num_epochs"] == epochs, steps
         spe = -(-(4000 // 2) // data["rl"]["per_device_prompts"])  # the RL trainer's steps per epoch
         assert int(data["rl"]["num_epochs"] * spe) >= steps
+    # what else changes a pass (the first copy of this arithmetic ignored them and cut the run short):
+    # gradient accumulation (2 x 16 prompts per rank per step: 63 steps a pass), data.max_samples (1,000 records:
+    # 32 steps a pass), sequence parallelism (2 ranks, one data-parallel rank: 4,000 / 16 = 250 steps a pass)
+    from pipelines.rl.schedule import steps_per_epoch, total_steps
+
+    for extra, epochs in ((["rl.gradient_accumulation_steps=2"], 2), (["data.max_samples=1000"], 4),
+                          (["distributed.sequence_parallel=2", "distributed.nproc=2"], 1)):
+        cfg = load_config(overrides=["quickstart.nproc=2", "rl.per_device_prompts=32", "quickstart.train=4000",
+                                     "quickstart.rl_steps=125", "rl.num_epochs=1", *extra])
+        data = Q.stage_config(cfg, tmp_path, tmp_path / "r.db", "qs", smoke=False)
+        assert data["rl"]["num_epochs"] == epochs, extra
+        dp = 2 // data["distributed"]["sequence_parallel"]
+        per_epoch = steps_per_epoch(min(4000, data["data"]["max_samples"] or 4000), dp,
+                                    data["rl"]["per_device_prompts"], data["rl"]["gradient_accumulation_steps"])
+        assert total_steps(125, data["rl"]["num_epochs"], per_epoch) == 125, extra  # the trainer's count
     more = load_config(overrides=["quickstart.rl_steps=10", "rl.num_epochs=3"])  # a larger setting is kept
     assert Q.stage_config(more, tmp_path, tmp_path / "r.db", "qs", smoke=False)["rl"]["num_epochs"] == 3
 

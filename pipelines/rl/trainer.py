@@ -174,8 +174,11 @@ class RLTrainer:
                             if self.data_world == self.world else
                             f"run on at most {max(1, len(pool))} data-parallel rank(s) (--nproc divided by "
                             "distributed.sequence_parallel), or give more records")
-        self.steps_per_epoch = math.ceil(self.shard_len / self.prompts_per_step)
-        self.total_steps = max(1, min(rl.max_steps, int(rl.num_epochs * self.steps_per_epoch)))
+        from pipelines.rl.schedule import steps_per_epoch, total_steps
+
+        self.steps_per_epoch = steps_per_epoch(len(pool), self.data_world, rl.per_device_prompts,
+                                               rl.gradient_accumulation_steps)
+        self.total_steps = total_steps(rl.max_steps, rl.num_epochs, self.steps_per_epoch)
 
         # resume point (the policy starts from its weights; the reference from the original model)
         self.lora = cfg.model.lora.enabled
