@@ -575,7 +575,7 @@ def end_worker() -> None:
     threads still hold finished work whose tensors reference Python objects, and releasing them during interpreter
     finalisation takes a GIL that is gone (pytorch#190489; torch registers no exit hook of its own, pytorch#179291).
     That turned finished 2-rank `train sft` runs, model saved, into failed ones at random: twice in the slow suite
-    (DDP, then ZeRO-3 in CI), never in 41 launches made to reproduce it (a race with the exit, rare when quiet).
+    (DDP, then ZeRO-3 in CI), never in 32 launches made to reproduce it (a race with the exit, rare when quiet).
     Called on success only, as torchtitan does: after a failure another rank may be inside a collective, and a barrier
     or destroy would wait on it; the failed rank exits with its error and torchrun stops the rest.
 
