@@ -312,7 +312,9 @@ class RlConfig(Section):
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
     adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
     max_grad_norm: float = Field(5.0, gt=0, description="Gradient clipping norm.")
-    max_steps: int = Field(1000, ge=1, description="Optimizer steps to run.")
+    max_steps: int = Field(1000, ge=1, description="Optimizer steps to run, within rl.num_epochs passes over the "
+                           "records (unlike HF's max_steps, it does not override the epochs; a warning says when they "
+                           "cut it short).")
     num_epochs: float = Field(1.0, gt=0, description="Upper bound on passes over the RL records.")
     save_steps: int = Field(100, ge=1, description="Checkpoint every N steps (resumable with --resume).")
     save_total_limit: int | None = Field(2, ge=1, description="Keep at most this many checkpoints.")

@@ -46,10 +46,11 @@ def length_reward():
     rewards.REWARDS.pop("test_length", None)
 
 
-def test_train_rl_tgrpo_cli(tiny_model_dir, synth_world, tmp_path, length_reward):
+def test_train_rl_tgrpo_cli(tiny_model_dir, synth_world, tmp_path, length_reward, capfd):
     res = run_cli(*rl_args(tiny_model_dir, synth_world["rl"], tmp_path, "--algo", "tgrpo", "--max-steps", "2",
                            "--set", "rl.rewards=[accuracy,format,test_length]"))
     assert "train rl" in res.output
+    assert "is cut to" not in res.output + capfd.readouterr().err  # 2 steps fit in one pass
     run = only_run()
     assert run["status"] == "finished"
     reg = registry()
@@ -71,6 +72,15 @@ def test_train_rl_tgrpo_cli(tiny_model_dir, synth_world, tmp_path, length_reward
     assert str(Path(tiny_model_dir).resolve()) in inputs
     assert str(Path(synth_world["rl"]).resolve()) in inputs
     assert run["summary"]["steps"] == 2 and run["summary"]["algo"] == "tgrpo"
+
+
+def test_rl_says_when_the_epochs_cut_max_steps_short(tiny_model_dir, synth_world, tmp_path, capfd, length_reward):
+    # 2 records at 2 prompts a step: one step per pass, so rl.num_epochs=1 runs 1 of the 3 steps asked for
+    res = run_cli(*rl_args(tiny_model_dir, synth_world["rl"], tmp_path, "--algo", "grpo", "--max-steps", "3",
+                           "--set", "data.max_samples=2", "--set", "rl.rewards=[format,test_length]"))
+    said = res.output + capfd.readouterr().err
+    assert "rl.max_steps=3 is cut to 1 step(s) by rl.num_epochs=1 (1 step(s) per pass over 2 records)" in said
+    assert only_run()["summary"]["steps"] == 1
 
 
 def test_train_rl_grpo_cli_changes_weights(tiny_model_dir, synth_world, tmp_path, length_reward):

@@ -179,6 +179,11 @@ class RLTrainer:
         self.steps_per_epoch = steps_per_epoch(len(pool), self.data_world, rl.per_device_prompts,
                                                rl.gradient_accumulation_steps)
         self.total_steps = total_steps(rl.max_steps, rl.num_epochs, self.steps_per_epoch)
+        if self.total_steps < rl.max_steps and cfg.origin("rl.max_steps") != "default" and self.is_main:
+            # HF's Trainer lets max_steps override the epochs; here rl.num_epochs bounds it, so say so when it bites
+            _warn(f"rl.max_steps={rl.max_steps} is cut to {self.total_steps} step(s) by rl.num_epochs="
+                  f"{rl.num_epochs:g} ({self.steps_per_epoch} step(s) per pass over {len(pool)} records); "
+                  f"raise rl.num_epochs to run them all")
 
         # resume point (the policy starts from its weights; the reference from the original model)
         self.lora = cfg.model.lora.enabled
