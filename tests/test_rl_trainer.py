@@ -83,6 +83,19 @@ def test_rl_says_when_the_epochs_cut_max_steps_short(tiny_model_dir, synth_world
     assert only_run()["summary"]["steps"] == 1
 
 
+def test_a_warning_is_printed_once_when_logging_is_not_configured():
+    # the CLI configures no logging: a log.warning beside the print went out a second time through logging's
+    # last-resort handler ("warning: X" then "X" on every RL warning)
+    import subprocess
+    import sys
+
+    code = ("from pipelines.rl.trainer import _warn; from pipelines.models import _warn_once; "
+            "_warn('cut short'); _warn_once('no GPU')")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert p.stderr.count("cut short") == 1 and p.stderr.count("no GPU") == 1, p.stderr
+
+
 def test_train_rl_grpo_cli_changes_weights(tiny_model_dir, synth_world, tmp_path, length_reward):
     run_cli(*rl_args(tiny_model_dir, synth_world["rl"], tmp_path, "--algo", "grpo", "--max-steps", "2",
                      "--set", "rl.rewards=[format,test_length]", "--set", "rl.loss_type=dapo",

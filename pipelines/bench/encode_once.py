@@ -182,7 +182,7 @@ def _config(model_dir: str, data: Path, root: Path, work: Path, frames: int, enc
         "rl.loss_type=grpo", "rl.length_bonus=false", f"rl.rewards=[accuracy,format,{__name__}:length_reward]",
         "rl.learning_rate=1e-5", "rl.lr_scheduler=constant",
         "rl.warmup_steps=0", "rl.max_grad_norm=1.0", "rl.top_p=1.0", "rl.temperature=1.0", "rl.save_steps=100000",
-        "rl.max_steps=100000", "rl.backend=hf", f"rl.encode_once={str(encode_once).lower()}",
+        "rl.max_steps=100000", "rl.num_epochs=100000", "rl.backend=hf", f"rl.encode_once={str(encode_once).lower()}",
         f"video.min_pixels={px}", f"video.max_pixels={px}", "video.fps=8.0", f"video.min_frames={frames}",
         f"video.max_frames={frames}",
     ])

@@ -436,7 +436,7 @@ def probe_config(model_dir: Path, data: Path, root: Path, work: Path, device: st
         "distributed.deepspeed=null", "distributed.nproc=1", "rl.backend=hf", "rl.algo=tgrpo",
         "rl.num_generations=8", "rl.num_shuffled=4", "rl.per_device_prompts=1",
         f"rl.max_completion_length={completion}",
-        "rl.save_steps=100000", "rl.max_steps=100000", "rl.num_epochs=1000", f"video.max_frames={frames}",
+        "rl.save_steps=100000", "rl.max_steps=100000", "rl.num_epochs=100000", f"video.max_frames={frames}",
         f"video.cache_dir={work / 'frame-cache'}", "run.torch_threads=null",
         f"model.lora.enabled={'true' if lora else 'false'}",
     ]

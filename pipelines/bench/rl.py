@@ -77,6 +77,7 @@ def _our_config(model_dir: str, data: Path, root: Path, work: Path, algo: str, f
         "rl.loss_type=grpo", "rl.length_bonus=false", f"rl.learning_rate={c['lr']}", "rl.lr_scheduler=constant",
         "rl.warmup_steps=0", f"rl.max_grad_norm={c['max_grad_norm']}", f"rl.top_p={c['top_p']}",
         f"rl.temperature={c['temperature']}", "rl.save_steps=100000", "rl.max_steps=100000",
+        "rl.num_epochs=100000",  # the bench drives the steps: neither key may stop it
         "video.fps=8.0", "video.min_frames=4", f"video.max_frames={frames}",
     ])
 

@@ -84,7 +84,9 @@ def _warn_once(msg: str) -> None:
     if msg in _WARNED:
         return
     _WARNED.add(msg)
-    logging.getLogger("videor1.models").warning(msg)
+    log = logging.getLogger("videor1.models")
+    if log.hasHandlers():  # unconfigured, logging's last-resort handler would print it a second time
+        log.warning(msg)
     print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 

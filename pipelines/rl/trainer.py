@@ -55,7 +55,8 @@ DYNAMIC_SAMPLING_EPS = 1e-6
 
 
 def _warn(msg: str) -> None:
-    log.warning(msg)
+    if log.hasHandlers():  # unconfigured, logging's last-resort handler would print it a second time
+        log.warning(msg)
     print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
