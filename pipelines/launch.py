@@ -561,12 +561,6 @@ def barrier() -> None:
         d.barrier()
 
 
-def cleanup() -> None:
-    d = _dist()
-    if d is not None:
-        d.destroy_process_group()
-
-
 def end_worker() -> None:
     """A rank that finished its command, on its way out: meet the other ranks, then destroy the process groups while
     the interpreter is still whole.
